@@ -1,0 +1,219 @@
+"""Meta-layout checkpoints: `params.json` + `consolidated.NN.pth`, one shard per model-parallel rank.
+
+Loading at a model-parallel size other than the shard count reshards in memory: shards are concatenated along the
+dimension their layer splits, then cut into the new number of pieces. Every load uses `weights_only=True`.
+Errors are `CheckpointError` with one sentence naming the file and the problem.
+"""
+
+import glob
+import json
+import os
+import re
+from typing import Optional
+
+import torch
+
+from llama_mp.model import ModelArgs, Transformer
+
+SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
+IGNORED_KEYS = {"rope.freqs"}  # Meta's checkpoints carry the RoPE table; it is recomputed here
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def split_dim(key: str, args: ModelArgs) -> Optional[int]:
+    """The dimension along which a weight is sharded across model-parallel ranks (None: replicated)."""
+    if key == "tok_embeddings.weight":
+        return 0 if args.tie_embeddings else 1  # VocabParallelEmbedding vs ParallelEmbedding
+    if key == "output.weight" or key.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                                                "feed_forward.w1.weight", "feed_forward.w3.weight")):
+        return 0  # column parallel: output features
+    if key.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1  # row parallel: input features
+    if key == "norm.weight" or key.endswith(("attention_norm.weight", "ffn_norm.weight")):
+        return None
+    raise CheckpointError(f"unknown key {key!r}")
+
+
+def read_params(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "params.json")
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing (a Meta-layout checkpoint needs params.json)")
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    return params
+
+
+def shard_paths(ckpt_dir: str) -> list[str]:
+    """consolidated.00.pth .. consolidated.{N-1}.pth, checked to be complete."""
+    paths = sorted(glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth shards")
+    numbers = sorted(int(SHARD_RE.search(p).group(1)) for p in paths if SHARD_RE.search(p))
+    missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: shard consolidated.{missing[0]:02d}.pth is missing "
+                              f"(found {len(numbers)} of {max(numbers) + 1})")
+    return [os.path.join(ckpt_dir, f"consolidated.{n:02d}.pth") for n in numbers]
+
+
+def load_shard(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file "
+                              f"({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors")
+    return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
+
+
+def model_args(params: dict, first_shard: dict, n_shards: int, ckpt_dir: str,
+               max_seq_len: Optional[int] = None) -> ModelArgs:
+    """ModelArgs from params.json, with vocab_size -1 resolved from the embedding and max_seq_len overridden."""
+    params = dict(params)
+    if max_seq_len is not None:
+        params["max_seq_len"] = max_seq_len
+    try:
+        args = ModelArgs.from_dict(params)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, 'params.json')}: {err}") from None
+    if args.vocab_size <= 0:
+        emb = first_shard.get("tok_embeddings.weight")
+        if emb is None:
+            raise CheckpointError(f"{ckpt_dir}: vocab_size is {args.vocab_size} and there is no tok_embeddings.weight")
+        args.vocab_size = emb.shape[0] * (n_shards if args.tie_embeddings else 1)
+    return args
+
+
+def merge_shards(shards: list[dict], args: ModelArgs, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    keys = set(shards[0])
+    for i, shard in enumerate(shards[1:], start=1):
+        if set(shard) != keys:
+            diff = sorted(keys.symmetric_difference(shard))[:3]
+            raise CheckpointError(f"{where}: shard {i:02d} has different keys from shard 00 (e.g. {diff})")
+    merged = {}
+    for key in sorted(keys):
+        dim = split_dim(key, args)
+        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+    return merged
+
+
+def split_state(state: dict[str, torch.Tensor], args: ModelArgs, n: int) -> list[dict[str, torch.Tensor]]:
+    args.check(n)
+    out = [{} for _ in range(n)]
+    for key, tensor in state.items():
+        dim = split_dim(key, args)
+        pieces = [tensor] * n if dim is None else torch.chunk(tensor, n, dim=dim)
+        for shard, piece in zip(out, pieces):
+            shard[key] = piece.clone()  # own storage: torch.save would otherwise write the whole tensor per shard
+    return out
+
+
+def load_state(ckpt_dir: str, model_parallel_size: int, model_parallel_rank: int,
+               max_seq_len: Optional[int] = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """(args, this rank's weights) from a checkpoint with any number of shards."""
+    params = read_params(ckpt_dir)
+    paths = shard_paths(ckpt_dir)
+    if len(paths) == model_parallel_size:
+        shard = load_shard(paths[model_parallel_rank])
+        return model_args(params, shard, len(paths), ckpt_dir, max_seq_len), shard
+    shards = [load_shard(p) for p in paths]
+    args = model_args(params, shards[0], len(paths), ckpt_dir, max_seq_len)
+    try:
+        args.check(model_parallel_size)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt_dir}: cannot reshard {len(paths)} shards to {model_parallel_size}: {err}") from None
+    return args, split_state(merge_shards(shards, args, ckpt_dir), args, model_parallel_size)[model_parallel_rank]
+
+
+def load_into(model: Transformer, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy `state` into `model`, refusing unknown, missing or mis-shaped weights (no silent strict=False)."""
+    expected = {k: v for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        expected.pop("output.weight", None)
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    unknown = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    if missing:
+        raise CheckpointError(f"{where}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for key, target in expected.items():
+        if tuple(state[key].shape) != tuple(target.shape):
+            raise CheckpointError(f"{where}: {key} has shape {tuple(state[key].shape)} but params.json and the "
+                                  f"model-parallel size imply {tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+
+
+def load_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank: int = 0,
+               max_seq_len: Optional[int] = None, device="cpu", dtype=torch.float32) -> Transformer:
+    """Build the Transformer for this rank and fill it from a Meta-layout checkpoint of any shard count."""
+    args, state = load_state(ckpt_dir, model_parallel_size, model_parallel_rank, max_seq_len)
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+    except ValueError as err:
+        raise CheckpointError(f"{os.path.join(ckpt_dir, 'params.json')}: {err}") from None
+    load_into(model, state, ckpt_dir)
+    return model.to(dtype=dtype)
+
+
+def model_params(args: ModelArgs) -> dict:
+    """params.json content for `args`: Meta's keys, plus hidden_dim / tie_embeddings only when they matter."""
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len}
+    if args.ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+    if args.hidden_dim is not None:
+        params["hidden_dim"] = args.hidden_dim
+    if args.tie_embeddings:
+        params["tie_embeddings"] = True
+    return params
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_params(out_dir: str, args: ModelArgs) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(model_params(args), f, indent=2)
+            f.write("\n")
+
+    _atomic_write(os.path.join(out_dir, "params.json"), write)
+
+
+def save_shard(out_dir: str, model_parallel_rank: int, state: dict[str, torch.Tensor], args: ModelArgs) -> None:
+    """Write one rank's shard atomically (tied checkpoints store the shared matrix once, as tok_embeddings)."""
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
+             if not (args.tie_embeddings and k == "output.weight")}
+    _atomic_write(os.path.join(out_dir, f"consolidated.{model_parallel_rank:02d}.pth"),
+                  lambda tmp: torch.save(state, tmp))
+
+
+def save_checkpoint(out_dir: str, args: ModelArgs, shards: list[dict[str, torch.Tensor]]) -> None:
+    """Write a whole checkpoint from one process (the converters); trainers call save_shard per rank instead."""
+    for stale in glob.glob(os.path.join(out_dir, "consolidated.*.pth")):
+        os.remove(stale)  # a smaller shard count must not leave old shards behind
+    for rank, shard in enumerate(shards):
+        save_shard(out_dir, rank, shard, args)
+    save_params(out_dir, args)
