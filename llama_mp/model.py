@@ -14,13 +14,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
 from torch import nn
 
 
@@ -84,6 +79,44 @@ class ModelArgs:
                                  f"choose a model-parallel size that divides {size}")
 
 
+# fairscale's tensor-parallel layers. At model-parallel size 1 their region mappings are identities; these subclasses
+# skip the autograd wrappers around them then (a fifth of a decode step on a small model) and are fairscale otherwise.
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.single = get_model_parallel_world_size() == 1
+
+    def forward(self, x):
+        return F.linear(x, self.weight) if self.single else super().forward(x)
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.single = get_model_parallel_world_size() == 1
+
+    def forward(self, x):
+        return F.linear(x, self.weight) if self.single else super().forward(x)
+
+
+class ParallelEmbedding(fs_layers.ParallelEmbedding):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.single = get_model_parallel_world_size() == 1
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight) if self.single else super().forward(tokens)
+
+
+class VocabParallelEmbedding(fs_layers.VocabParallelEmbedding):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.single = get_model_parallel_world_size() == 1
+
+    def forward(self, tokens):
+        return F.embedding(tokens, self.weight) if self.single else super().forward(tokens)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -91,35 +124,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps), computed in float32, then scaled by the weight in the input's dtype
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of angle t * theta^(-2i/head_dim), each [max_len, head_dim // 2]."""
+def precompute_rope(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
+    """freqs_cis[t, i] = exp(1j * t * theta^(-2i/head_dim)), [max_len, head_dim // 2] complex64."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by position; cos/sin are [T, D/2] (Meta convention)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x_even, x_odd = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] as complex numbers by freqs_cis [T, D/2] (Meta)."""
+    x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x_complex * freqs_cis[:, None, :]).flatten(-2).type_as(x)
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [batch, local kv heads, max_len, head_dim] each."""
+    """Preallocated keys and values for every layer.
+
+    keys are stored transposed, [batch, local kv heads, head_dim, max_len], so that a decode step's q @ k^T reads them
+    contiguously; values are [batch, local kv heads, max_len, head_dim]."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         local_kv_heads = args.kv_heads // get_model_parallel_world_size()
-        shape = (batch_size, local_kv_heads, max_len, args.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        k_shape = (batch_size, local_kv_heads, args.head_dim, max_len)
+        v_shape = (batch_size, local_kv_heads, max_len, args.head_dim)
+        self.keys = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.values = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.batch_size, self.max_len = batch_size, max_len
 
 
@@ -137,22 +170,39 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=init_method)
 
-    def forward(self, x, cos, sin, start_pos: int, cache: Optional[KVCache], layer: int, mask):
+    def forward(self, x, freqs_cis, start_pos: int, cache: Optional[KVCache], layer: int, mask):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if cache is not None:
+        if cache is None:
+            out = self.attend(q, k, v, mask)
+        else:
             end = start_pos + seqlen
-            cache.keys[layer][:bsz, :, start_pos:end] = k
+            cache.keys[layer][:bsz, :, :, start_pos:end] = k.transpose(2, 3)
             cache.values[layer][:bsz, :, start_pos:end] = v
-            k, v = cache.keys[layer][:bsz, :, :end], cache.values[layer][:bsz, :, :end]
-        # Grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seqlen > 1,
-                                             enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+            keys_t, values = cache.keys[layer][:bsz, :, :, :end], cache.values[layer][:bsz, :, :end]
+            if seqlen == 1:
+                out = self.attend_one(q, keys_t, values)
+            else:
+                out = self.attend(q, keys_t.transpose(2, 3), values, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(d) + causal mask) v; query head h reads kv head h // (n_heads / n_kv_heads)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=self.n_local_heads != self.n_local_kv_heads)
+
+    def attend_one(self, q, keys_t, values):
+        """attend() for a single new query per row (a decode step): the query heads that share a kv head are grouped
+        into one small matmul against the cache, which beats the fused CPU kernel at this shape."""
+        bsz, _, _, head_dim = q.shape
+        q_grouped = q.view(bsz, self.n_local_kv_heads, -1, head_dim) * head_dim ** -0.5  # [B, kv heads, group, D]
+        scores = torch.matmul(q_grouped, keys_t)
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+        return out.view(bsz, self.n_local_heads, 1, head_dim)
 
 
 class FeedForward(nn.Module):
@@ -177,8 +227,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos, cache, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, self.layer_id, mask)
+    def forward(self, x, freqs_cis, start_pos, cache, mask):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache, self.layer_id, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -203,9 +253,8 @@ class Transformer(nn.Module):
                                            init_method=init_method)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # A plain attribute, not a buffer: model.to(bfloat16) would drop the imaginary part of a complex buffer.
+        self.freqs_cis = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
                 return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
@@ -219,13 +268,15 @@ class Transformer(nn.Module):
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence end {end} exceeds max_seq_len {self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        if self.freqs_cis.device != tokens.device:
+            self.freqs_cis = self.freqs_cis.to(tokens.device)
+        freqs_cis = self.freqs_cis[start_pos:end]
         mask = None  # plain causal (or a single query, which sees the whole cache)
         if cache is not None and start_pos > 0 and seqlen > 1:
             # New queries see every cached position and the causal part of the new block.
             mask = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, cache, mask)
+            h = layer(h, freqs_cis, start_pos, cache, mask)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -1,0 +1,248 @@
+"""The KV-cache sampler every step uses: batched generation, teacher-forced scoring, next-token logits.
+
+All ranks of a model-parallel group must make the same calls with the same arguments: their logits are gathered, so
+they sample identical tokens from identically seeded generators. Data parallelism (which prompts a group gets) is the
+caller's business.
+
+Prompts are strings (encoded with BOS) or lists of token ids (used as given). Prompt lists of any size are processed in
+micro-batches of at most `max_batch_size`, sorted by length, with a progress line on rank 0; results come back in the
+input order.
+
+Generation follows Meta's scheme: decoding starts at the shortest prompt's end; positions still inside a longer prompt
+are teacher-forced, so a ragged batch computes exactly what each prompt alone would. Each row finishes on its own:
+  - "eos": the model produced EOS;
+  - "stop": the generated text contains one of `stop` (the text is cut before it);
+  - "length": max_gen_len new tokens.
+`tokens` and `logprobs` hold everything the model produced, including a final EOS or the tokens of a stop string;
+`text` is the decoded generation without them. Log-probs are log_softmax(logits / T) of the chosen token (T = 1 for
+greedy), before any top-p/top-k truncation, so `score(..., temperature=T)` reproduces them.
+
+Prompt too long for `max_seq_len - max_gen_len`: truncate="error" raises PromptTooLongError; truncate="left" keeps BOS
+and the last tokens that fit.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from llama_mp.model import KVCache, Transformer
+from llama_mp.progress import Progress
+from llama_mp.tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int = 0
+    truncated_prompt: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row from softmax(logits / T) restricted to top-k and the top-p nucleus; argmax when T == 0."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = None
+    if top_k > 0 or top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        if top_k > 0:
+            probs[:, top_k:] = 0.0
+        if top_p < 1.0:
+            mass_before = probs.cumsum(dim=-1) - probs
+            probs[mass_before > top_p] = 0.0
+    # Inverse-CDF sampling: one uniform number per row (torch.multinomial is an order of magnitude slower here).
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+    return choice if order is None else order.gather(-1, choice[:, None])[:, 0]
+
+
+class Sampler:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 32,
+                 max_seq_len: Optional[int] = None, progress_every: float = 10.0):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        self.progress_every = progress_every
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._cache: Optional[KVCache] = None
+        if tokenizer.n_words != model.args.vocab_size:
+            raise ValueError(f"{tokenizer.path}: tokenizer has {tokenizer.n_words} pieces but the model's vocabulary "
+                             f"is {model.args.vocab_size}")
+
+    # ---- inputs -------------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer.encode(prompt, bos=True, eos=False) if isinstance(prompt, str) else list(prompt)
+
+    def _fit(self, index: int, ids: list[int], limit: int, truncate: str) -> tuple[list[int], bool]:
+        if len(ids) <= limit:
+            return ids, False
+        if truncate == "left" and limit >= 2:
+            head = ids[:1] if ids[0] == self.tokenizer.bos_id else []
+            return head + ids[len(ids) - (limit - len(head)):], True
+        raise PromptTooLongError(f"prompt {index} has {len(ids)} tokens, more than the {limit} that fit "
+                                 f"(max_seq_len {self.max_seq_len}); shorten it or truncate='left'")
+
+    def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[i:i + self.max_batch_size] for i in range(0, len(order), self.max_batch_size)]
+
+    def _kv_cache(self, batch_size: int) -> KVCache:
+        if self._cache is None:  # allocated once, reused by every call (stale entries are never attended)
+            self._cache = KVCache(self.model.args, self.max_batch_size, self.max_seq_len, self.device, self.dtype)
+        assert batch_size <= self._cache.batch_size
+        return self._cache
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt], max_gen_len: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop: Sequence[str] = (), seed: Optional[int] = None, truncate: str = "error",
+                 eos: bool = True, desc: str = "generate") -> list[Completion]:
+        """Complete every prompt; `eos=False` keeps going past EOS (benchmarks that need fixed lengths)."""
+        if max_gen_len < 1 or max_gen_len >= self.max_seq_len:
+            raise ValueError(f"max_gen_len {max_gen_len} must be in [1, max_seq_len {self.max_seq_len})")
+        encoded = [self.encode(p) for p in prompts]
+        fitted = [self._fit(i, ids, self.max_seq_len - max_gen_len, truncate) for i, ids in enumerate(encoded)]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        results: list[Optional[Completion]] = [None] * len(prompts)
+        progress = Progress(len(prompts), desc, "prompts", self.progress_every)
+        for batch in self._micro_batches([len(ids) for ids, _ in fitted]):
+            completions = self._generate_batch([fitted[i][0] for i in batch], max_gen_len, temperature, top_p, top_k,
+                                               list(stop), generator, eos)
+            for i, completion in zip(batch, completions):
+                completion.truncated_prompt = fitted[i][1]
+                results[i] = completion
+            progress.update(len(batch), tokens=sum(len(c.tokens) for c in completions))
+        return results
+
+    def _generate_batch(self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float,
+                        top_k: int, stop: list[str], generator, eos: bool) -> list[Completion]:
+        bsz = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        min_len, max_len = int(lengths.min()), int(lengths.max())
+        total_len = max_len + max_gen_len  # <= max_seq_len: prompts were fitted to leave room
+        tokens = torch.zeros(bsz, total_len, dtype=torch.long, device=self.device)
+        for row, ids in enumerate(prompts):
+            tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logprobs = torch.zeros(bsz, total_len, device=self.device)
+        end = lengths + max_gen_len  # exclusive end of each row's output
+        finish, out_end = [""] * bsz, [0] * bsz
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        cache = self._kv_cache(bsz)
+        eos_id = self.tokenizer.eos_id if eos else -1
+        window = max((len(s.encode()) for s in stop), default=0) + 2  # tokens to decode for a stop-string check
+        prev = 0
+        for cur in range(min_len, total_len):
+            logits = self.model(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
+            next_token = sample_next(logits, temperature, top_p, top_k, generator)
+            if cur < max_len:  # rows still inside their prompt are teacher-forced
+                in_prompt = lengths > cur
+                next_token = torch.where(in_prompt, tokens[:, cur], next_token)
+                generating = ~in_prompt & ~done
+            else:
+                generating = ~done
+            tokens[:, cur] = next_token
+            scaled = logits / temperature if temperature > 0 else logits
+            logprobs[:, cur] = torch.log_softmax(scaled, dim=-1).gather(-1, next_token[:, None])[:, 0]
+            prev = cur
+            hit_eos = generating & (next_token == eos_id)
+            hit_length = generating & (cur + 1 >= end)
+            newly = hit_eos | hit_length
+            if stop:
+                for row in (generating & ~hit_eos).nonzero()[:, 0].tolist():
+                    start = max(int(lengths[row]), cur + 1 - window)
+                    tail = self.tokenizer.decode(tokens[row, start:cur + 1].tolist())
+                    if any(s in tail for s in stop):
+                        finish[row], newly[row] = "stop", True
+            if newly.any():
+                for row in newly.nonzero()[:, 0].tolist():
+                    finish[row] = finish[row] or ("eos" if hit_eos[row] else "length")
+                    out_end[row] = cur + 1
+            done |= newly
+            if bool(done.all()):
+                break
+
+        completions = []
+        for row, ids in enumerate(prompts):
+            start, stop_end = len(ids), out_end[row]
+            out = tokens[row, start:stop_end].tolist()
+            text = self.tokenizer.decode(out[:-1] if finish[row] == "eos" else out)
+            if finish[row] == "stop":
+                text = text[:min(text.find(s) for s in stop if s in text)]
+            completions.append(Completion(text=text, tokens=out, logprobs=logprobs[row, start:stop_end].tolist(),
+                                          finish_reason=finish[row], prompt_tokens=start))
+        return completions
+
+    # ---- teacher forcing ----------------------------------------------------------------------------------------
+    def _hidden_batches(self, seqs: list[list[int]], desc: str):
+        """Per micro-batch: (indices into seqs, final hidden states [B, T, dim]) of the right-padded sequences.
+
+        Right padding is exact under causal attention: a real token never attends to the pads after it."""
+        progress = Progress(len(seqs), desc, "sequences", self.progress_every)
+        for batch in self._micro_batches([len(s) for s in seqs]):
+            width = max(len(seqs[i]) for i in batch)
+            tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
+            for row, i in enumerate(batch):
+                tokens[row, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            yield batch, self.model(tokens, return_hidden=True)
+            progress.update(len(batch), tokens=sum(len(seqs[i]) for i in batch))
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Prompt], continuations: Sequence[Prompt], temperature: float = 1.0,
+              truncate: str = "error", desc: str = "score") -> list[list[float]]:
+        """log p(token | all before) / temperature-scaled, for each token of each continuation given its prompt.
+
+        A string continuation is encoded without BOS/EOS; token-id lists are used as given. Too long: truncate="left"
+        drops prompt tokens after BOS; a continuation that alone exceeds max_seq_len is always an error."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        seqs, starts = [], []
+        for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
+            cont_ids = self.tokenizer.encode(cont, bos=False, eos=False) if isinstance(cont, str) else list(cont)
+            if not cont_ids:
+                raise ValueError(f"continuation {i} is empty")
+            prompt_ids, _ = self._fit(i, self.encode(prompt), self.max_seq_len - len(cont_ids), truncate)
+            if not prompt_ids:
+                raise ValueError(f"prompt {i} is empty: the first continuation token needs a context (use BOS)")
+            seqs.append(prompt_ids + cont_ids)
+            starts.append(len(prompt_ids))
+        results: list[Optional[list[float]]] = [None] * len(seqs)
+        for batch, hidden in self._hidden_batches(seqs, desc):
+            logits = self.model.output(hidden).float()
+            if temperature > 0:
+                logits = logits / temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, i in enumerate(batch):
+                targets = torch.tensor(seqs[i][starts[i]:], device=self.device)
+                positions = torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=self.device)
+                results[i] = logp[row, positions].gather(-1, targets[:, None])[:, 0].tolist()
+        return results
+
+    @torch.inference_mode()
+    def next_token_logits(self, prompts: Sequence[Prompt], truncate: str = "error",
+                          desc: str = "next-token logits") -> torch.Tensor:
+        """Logits [N, vocab] (float32, CPU) of the token after each prompt: what a self-judging step compares."""
+        seqs = [self._fit(i, self.encode(p), self.max_seq_len, truncate)[0] for i, p in enumerate(prompts)]
+        out = torch.empty(len(seqs), self.model.args.vocab_size)
+        for batch, hidden in self._hidden_batches(seqs, desc):
+            last = torch.tensor([len(seqs[i]) - 1 for i in batch], device=self.device)
+            h_last = hidden[torch.arange(len(batch), device=self.device), last]
+            out[torch.tensor(batch)] = self.model.output(h_last).float().cpu()
+        return out

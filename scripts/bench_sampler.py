@@ -1,0 +1,161 @@
+"""Sampler throughput: the KV-cache sampler vs a no-cache baseline vs Hugging Face `generate`, same weights, one run.
+
+  python scripts/bench_sampler.py [--ckpt_dir D --tokenizer_path T] [--batch_sizes 1 16 64] [--new_tokens 256]
+
+Prints one JSON object:
+  kv_cache / no_cache / hf: {batch size: new tokens per second}  (sampling, T 0.7, top-p 1, top-k off, EOS ignored so
+      that every row makes exactly --new_tokens tokens; best of --repeats after a warm-up)
+  hf_ratio: kv_cache / hf per batch size
+  ms_per_step: {batch size: {"step": ms per decode step, "forward": ms of the model forward alone, "overhead": the rest}}
+`hf` is null when transformers is not installed (it is optional; not in requirements.txt).
+Defaults: stories260K converted from data/llama2c on the fly, 2 threads.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llama_mp import distributed  # noqa: E402
+from llama_mp.checkpoint import load_model, save_checkpoint, split_state  # noqa: E402
+from llama_mp.convert import read_llama2c  # noqa: E402
+from llama_mp.model import KVCache  # noqa: E402
+from llama_mp.sampler import Sampler, sample_next  # noqa: E402
+from llama_mp.tokenizer import Tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "Once upon a time"
+TEMPERATURE = 0.7
+
+
+def best_of(repeats: int, fn) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def no_cache_generate(model, prompt_ids: list[int], batch: int, new_tokens: int, generator) -> None:
+    """The baseline: recompute the whole sequence every step (no KV cache), same sampling."""
+    tokens = torch.tensor([prompt_ids] * batch)
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            logits = model(tokens, last_only=True)[:, -1]
+            tokens = torch.cat([tokens, sample_next(logits, TEMPERATURE, 1.0, 0, generator)[:, None]], dim=1)
+
+
+def forward_ms(model, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Mean ms of the bare decode-step forward over the positions a generation visits."""
+    cache = KVCache(model.args, batch, prompt_len + new_tokens)
+    token = torch.ones(batch, 1, dtype=torch.long)
+    with torch.inference_mode():
+        def run():
+            for pos in range(prompt_len, prompt_len + new_tokens):
+                model(token, pos, cache, last_only=True)
+        return best_of(2, run) / new_tokens * 1e3
+
+
+def hf_model(model):
+    """The same weights as a transformers LlamaForCausalLM (q/k rows permuted to its rotate-half RoPE layout)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    a = model.args
+    config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim,
+                         num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads,
+                         max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+                         tie_word_embeddings=a.tie_embeddings, hidden_act="silu", attention_bias=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf = LlamaForCausalLM(config).eval()
+
+    def permute(w, heads):  # interleaved pairs -> first half / second half per head
+        return w.view(heads, a.head_dim // 2, 2, a.dim).transpose(1, 2).reshape(heads * a.head_dim, a.dim)
+
+    sd = model.state_dict()
+    new = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd["output.weight"]}
+    for i in range(a.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        new[q + "self_attn.q_proj.weight"] = permute(sd[p + "attention.wq.weight"], a.n_heads)
+        new[q + "self_attn.k_proj.weight"] = permute(sd[p + "attention.wk.weight"], a.kv_heads)
+        new[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
+        new[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
+        new[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
+        new[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
+        new[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
+        new[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
+        new[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+    hf.load_state_dict(new, strict=False)
+    return hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", default=None, help="Meta-layout checkpoint (default: stories260K converted)")
+    parser.add_argument("--tokenizer_path", default=os.path.join(ROOT, "data/llama2c/tok512.model"))
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no_hf", action="store_true")
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+    distributed.init(1)
+    ckpt_dir = opts.ckpt_dir
+    if ckpt_dir is None:
+        ckpt_dir = tempfile.mkdtemp(prefix="bench_sampler_")
+        args, state = read_llama2c(os.path.join(ROOT, "data/llama2c/stories260K.bin"))
+        save_checkpoint(ckpt_dir, args, split_state(state, args, 1))
+    model = load_model(ckpt_dir)
+    tokenizer = Tokenizer(opts.tokenizer_path)
+    sampler = Sampler(model, tokenizer, max_batch_size=max(opts.batch_sizes), progress_every=1e9)
+    prompt_ids = tokenizer.encode(PROMPT, bos=True, eos=False)
+    hf = None if opts.no_hf else hf_model(model)
+    if hf is not None:  # the comparison is only fair if both compute the same function
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids])
+            diff = (hf(ids).logits - model(ids)).abs().max().item()
+        assert diff < 1e-4, f"Hugging Face model disagrees with llama_mp by {diff}"
+
+    result = {"kv_cache": {}, "no_cache": {}, "hf": {} if hf is not None else None, "hf_ratio": {},
+              "ms_per_step": {}, "threads": opts.threads, "new_tokens": opts.new_tokens,
+              "model": {"dim": model.args.dim, "n_layers": model.args.n_layers, "vocab": model.args.vocab_size}}
+    n = opts.new_tokens
+    for batch in opts.batch_sizes:
+        key = str(batch)
+        prompts = [PROMPT] * batch
+        seconds = best_of(opts.repeats, lambda: sampler.generate(prompts, n, temperature=TEMPERATURE, seed=0,
+                                                                 eos=False))
+        result["kv_cache"][key] = round(batch * n / seconds, 1)
+        step_ms = seconds / n * 1e3
+        fwd_ms = forward_ms(model, batch, len(prompt_ids), n)
+        result["ms_per_step"][key] = {"step": round(step_ms, 3), "forward": round(fwd_ms, 3),
+                                      "overhead": round(step_ms - fwd_ms, 3)}
+        gen = torch.Generator().manual_seed(0)
+        seconds = best_of(1, lambda: no_cache_generate(model, prompt_ids, batch, n, gen))
+        result["no_cache"][key] = round(batch * n / seconds, 1)
+        if hf is not None:
+            ids = torch.tensor([prompt_ids] * batch)
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                seconds = best_of(opts.repeats, lambda: hf.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE, top_p=1.0,
+                    top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0))
+            result["hf"][key] = round(batch * n / seconds, 1)
+            result["hf_ratio"][key] = round(result["kv_cache"][key] / result["hf"][key], 2)
+    print(json.dumps(result))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
