@@ -1,12 +1,17 @@
-"""What every command-line entry point shares: one-line errors for bad input, and rank-0 printing."""
+"""What every command-line entry point shares: one-line errors for bad input, rank-0 printing, model flags."""
 
+import argparse
 import os
 import sys
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from llama_mp import distributed
+from llama_mp.checkpoint import load_model
+from llama_mp.sampler import Sampler
+from llama_mp.tokenizer import Tokenizer
 
 
 def run(main: Callable[[], None]) -> None:
@@ -30,3 +35,27 @@ def log(*args, **kwargs) -> None:
     """print on global rank 0 only, flushed (so that srun/torchrun logs interleave sensibly)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every model-loading command shares (names as in Meta's llama examples)."""
+    parser.add_argument("--ckpt_dir", required=True, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")
+    parser.add_argument("--tokenizer_path", required=True, help="SentencePiece model, e.g. data/llama2c/tok512.model")
+    parser.add_argument("--max_seq_len", type=int, default=None, help="context length (default: params.json's)")
+    parser.add_argument("--max_batch_size", type=int, default=32)
+    parser.add_argument("--model_parallel_size", type=int, default=None, help="default: the world size")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, else float32")
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def build(opts: argparse.Namespace) -> tuple[distributed.DistInfo, Sampler]:
+    """Join the process group and load the model shard and tokenizer for this rank."""
+    info = distributed.init(opts.model_parallel_size, seed=opts.seed)
+    tokenizer = Tokenizer(opts.tokenizer_path)
+    dtype = DTYPES.get(opts.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
+                       device=info.device, dtype=dtype)
+    return info, Sampler(model, tokenizer, max_batch_size=opts.max_batch_size)

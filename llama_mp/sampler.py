@@ -183,7 +183,7 @@ class Sampler:
         for row, ids in enumerate(prompts):
             start, stop_end = len(ids), out_end[row]
             out = tokens[row, start:stop_end].tolist()
-            text = self.tokenizer.decode(out[:-1] if finish[row] == "eos" else out)
+            text = self.tokenizer.decode_continuation(out[:-1] if finish[row] == "eos" else out)
             if finish[row] == "stop":
                 text = text[:min(text.find(s) for s in stop if s in text)]
             completions.append(Completion(text=text, tokens=out, logprobs=logprobs[row, start:stop_end].tolist(),

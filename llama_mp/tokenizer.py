@@ -27,5 +27,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(list(ids))
 
+    def decode_continuation(self, ids: list[int]) -> str:
+        """Decode tokens that continue a text: SentencePiece drops the space of a leading "▁" piece, which is only right
+        at the start of a text, so it is put back here (prompt + continuation then reads as the whole sequence)."""
+        text = self.sp.DecodeIds(list(ids))
+        if ids and self.sp.IdToPiece(ids[0]).startswith("\u2581"):
+            text = " " + text
+        return text
+
     def piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(token_id)

@@ -1,0 +1,74 @@
+"""Complete prompts with the KV-cache sampler.
+
+  python -m llama_mp.generate --ckpt_dir D --tokenizer_path T --prompt "Once upon a time" [--prompt ...]
+  python -m llama_mp.generate --ckpt_dir D --tokenizer_path T --prompts_file IN.jsonl --output_file OUT.jsonl
+
+A prompts file has one JSON object per line with a "prompt" string; other fields are copied to the output, which adds
+"generation", "finish_reason" (eos | stop | length), "tokens" and "logprobs". Runs unchanged under python, torchrun and
+srun: prompts are split across data-parallel replicas and rank 0 writes the output file (atomically, in input order).
+"""
+
+import argparse
+import os
+
+import torch.distributed as dist
+
+from llama_mp import cli
+from llama_mp.jsonl import read_jsonl, write_jsonl_atomic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama_mp.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
+    source.add_argument("--prompts_file", help='JSONL with a "prompt" field per line')
+    parser.add_argument("--output_file", help="JSONL output (required with --prompts_file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
+    parser.add_argument("--max_gen_len", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--top_k", type=int, default=0, help="0: off")
+    parser.add_argument("--stop", action="append", default=[], help='stop string, e.g. "\\n\\n### User" (repeatable)')
+    parser.add_argument("--truncate", choices=["error", "left"], default="error",
+                        help="a prompt too long for max_seq_len - max_gen_len: refuse it, or keep BOS + its end")
+    opts = parser.parse_args()
+    opts.stop = [s.encode().decode("unicode_escape") for s in opts.stop]  # let the shell pass "\n"
+
+    if opts.prompts_file:
+        if not opts.output_file:
+            parser.error("--prompts_file needs --output_file")
+        if os.path.exists(opts.output_file) and not opts.overwrite:
+            raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
+        records = read_jsonl(opts.prompts_file)
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{opts.prompts_file}: record {number} has no \"prompt\" string")
+    else:
+        records = [{"prompt": p} for p in opts.prompt]
+
+    info, sampler = cli.build(opts)
+    mine = list(range(info.data_parallel_rank, len(records), info.data_parallel_size))
+    completions = sampler.generate([records[i]["prompt"] for i in mine], opts.max_gen_len, opts.temperature,
+                                   opts.top_p, opts.top_k, opts.stop, seed=opts.seed + info.data_parallel_rank,
+                                   truncate=opts.truncate)
+    results = [(i, {**records[i], "generation": c.text, "finish_reason": c.finish_reason, "tokens": c.tokens,
+                    "logprobs": c.logprobs}) for i, c in zip(mine, completions)]
+    if info.world_size > 1:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, results if info.model_parallel_rank == 0 else [])
+        results = [r for part in gathered for r in part]
+    if not info.is_main:
+        return
+    results = [record for _, record in sorted(results, key=lambda pair: pair[0])]
+    if opts.output_file:
+        write_jsonl_atomic(opts.output_file, results)
+        cli.log(f"wrote {len(results)} completions to {opts.output_file}")
+    else:
+        for record in results:
+            print(f"{record['prompt']}{record['generation']}\n[{record['finish_reason']}]\n", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)

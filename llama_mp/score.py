@@ -1,0 +1,34 @@
+"""Teacher-forced log-probabilities of texts.
+
+  python -m llama_mp.score --ckpt_dir D --tokenizer_path T --text "Once upon a time" [--text ...]
+
+Prints one JSON list with, per text: "text", "tokens" (without BOS), "token_logprobs" (the log-prob of each token after
+BOS given everything before it) and "mean_nll" (minus their mean). Runs unchanged under python, torchrun and srun.
+"""
+
+import argparse
+import json
+
+from llama_mp import cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m llama_mp.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    parser.add_argument("--text", action="append", required=True, help="a text to score (repeatable)")
+    opts = parser.parse_args()
+    _, sampler = cli.build(opts)
+    bos = sampler.tokenizer.bos_id
+    token_lists = [sampler.tokenizer.encode(t, bos=False, eos=False) for t in opts.text]
+    for text, tokens in zip(opts.text, token_lists):
+        if not tokens:
+            raise ValueError(f"--text {text!r} encodes to no tokens")
+    scores = sampler.score([[bos]] * len(token_lists), token_lists)
+    out = [{"text": t, "tokens": toks, "token_logprobs": lp, "mean_nll": -sum(lp) / len(lp)}
+           for t, toks, lp in zip(opts.text, token_lists, scores)]
+    cli.log(json.dumps(out))
+
+
+if __name__ == "__main__":
+    cli.run(main)
