@@ -1,0 +1,97 @@
+"""The command-line tools as a user runs them: results, and one-line errors for bad input."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from conftest import STORIES_BIN, STORIES_REFERENCE, TOK512, run_cli
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cli") / "stories_mp2")
+    result = run_cli("-m", "llama_mp.convert", "llama2c", "--input", STORIES_BIN, "--output_dir", out,
+                     "--model_parallel_size", "2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    return out
+
+
+def test_generate_from_a_two_shard_checkpoint_in_one_process(converted):
+    result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path", TOK512,
+                     "--prompt", "Once upon a time", "--max_gen_len", "60", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(STORIES_REFERENCE + "\n[length]")
+
+
+def test_generate_prompts_file_writes_records_in_order(converted, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Once upon a time"}\n{"id": "b", "prompt": "Tom"}\n')
+    out = tmp_path / "out.jsonl"
+    argv = ["-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path", TOK512, "--prompts_file",
+            str(prompts), "--output_file", str(out), "--max_gen_len", "60", "--temperature", "0",
+            "--stop", "\\n"]
+    assert run_cli(*argv).returncode == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a", "b"]
+    assert records[0]["generation"] == STORIES_REFERENCE[len("Once upon a time"):].split("\n")[0]
+    assert records[0]["finish_reason"] == "stop" and len(records[0]["logprobs"]) == len(records[0]["tokens"])
+    assert_one_line_error(run_cli(*argv), "out.jsonl: already exists")
+
+
+def test_score_prints_token_logprobs_and_mean_nll(converted):
+    result = run_cli("-m", "llama_mp.score", "--ckpt_dir", converted, "--tokenizer_path", TOK512,
+                     "--text", STORIES_REFERENCE, "--text", "Tom")
+    assert result.returncode == 0, result.stderr
+    story, tom = json.loads(result.stdout)
+    assert len(story["token_logprobs"]) == len(story["tokens"]) > 40
+    assert story["mean_nll"] == pytest.approx(-sum(story["token_logprobs"]) / len(story["tokens"]))
+    assert story["mean_nll"] < 0.6  # the model's own greedy story is likely under it
+    assert tom["tokens"] and tom["mean_nll"] > 0
+
+
+def test_reshard_cli_refuses_to_overwrite(converted, tmp_path):
+    out = str(tmp_path / "mp1")
+    assert run_cli("-m", "llama_mp.convert", "reshard", "--input_dir", converted, "--output_dir", out,
+                   "--model_parallel_size", "1").returncode == 0
+    again = run_cli("-m", "llama_mp.convert", "reshard", "--input_dir", converted, "--output_dir", out,
+                    "--model_parallel_size", "1")
+    assert_one_line_error(again, "already holds a checkpoint", "--overwrite")
+
+
+def test_bad_inputs_give_one_line_errors(converted, tmp_path):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(converted, broken)
+    os.remove(os.path.join(broken, "consolidated.00.pth"))
+    generate = ["-m", "llama_mp.generate", "--tokenizer_path", TOK512, "--prompt", "Hi", "--ckpt_dir"]
+    assert_one_line_error(run_cli(*generate, broken), "consolidated.00.pth is missing")
+
+    shutil.copy(os.path.join(converted, "consolidated.00.pth"), broken)
+    with open(os.path.join(broken, "params.json"), "w") as f:
+        f.write('{"dim": 64, "n_layers": ')
+    assert_one_line_error(run_cli(*generate, broken), "params.json: not valid JSON")
+
+    truncated = tmp_path / "cut.bin"
+    truncated.write_bytes(open(STORIES_BIN, "rb").read()[:5000])
+    result = run_cli("-m", "llama_mp.convert", "llama2c", "--input", str(truncated), "--output_dir",
+                     str(tmp_path / "x"))
+    assert_one_line_error(result, "cut.bin: truncated")
+
+    result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
+                     str(tmp_path / "nope.model"), "--prompt", "Hi")
+    assert_one_line_error(result, "nope.model: tokenizer model not found")
+
+    result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
+                     os.path.join(os.path.dirname(TOK512), "tokenizer.model"), "--prompt", "Hi")
+    assert_one_line_error(result, "tokenizer has 32000 pieces but the model's vocabulary is 512")

@@ -1,0 +1,113 @@
+"""The transformer against independent expectations: a naive re-implementation, hand-computed sizes, llama2.c's text."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import GQA_ARGS, STORIES_REFERENCE, random_state
+from llama_mp.checkpoint import load_into, load_model
+from llama_mp.model import KVCache, ModelArgs, Transformer
+from llama_mp.sampler import Sampler
+
+
+def naive_forward(state: dict, args: ModelArgs, tokens: list[int]) -> torch.Tensor:
+    """LLaMA written out by hand, one position and one head at a time (float64): logits [T, V]."""
+    s = {k: v.double() for k, v in state.items()}
+    hd, kvh, nh = args.dim // args.n_heads, args.n_kv_heads or args.n_heads, args.n_heads
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean() + args.norm_eps) * w
+
+    def rope(vec, pos):  # rotate pairs (2i, 2i+1) by pos * theta^(-2i/hd)
+        out = vec.clone()
+        for i in range(hd // 2):
+            angle = pos * args.rope_theta ** (-2 * i / hd)
+            a, b = vec[2 * i], vec[2 * i + 1]
+            out[2 * i], out[2 * i + 1] = a * math.cos(angle) - b * math.sin(angle), a * math.sin(angle) + b * math.cos(angle)
+        return out
+
+    x = [s["tok_embeddings.weight"][t] for t in tokens]
+    for layer in range(args.n_layers):
+        p = f"layers.{layer}."
+        normed = [rms(v, s[p + "attention_norm.weight"]) for v in x]
+        q = [s[p + "attention.wq.weight"] @ v for v in normed]
+        k = [s[p + "attention.wk.weight"] @ v for v in normed]
+        v_ = [s[p + "attention.wv.weight"] @ v for v in normed]
+        new_x = []
+        for t in range(len(tokens)):
+            heads = []
+            for h in range(nh):
+                g = h // (nh // kvh)  # the kv head this query head reads
+                qh = rope(q[t][h * hd:(h + 1) * hd], t)
+                scores = torch.stack([qh @ rope(k[j][g * hd:(g + 1) * hd], j) for j in range(t + 1)]) / math.sqrt(hd)
+                weights = torch.softmax(scores, dim=0)
+                heads.append(sum(weights[j] * v_[j][g * hd:(g + 1) * hd] for j in range(t + 1)))
+            h_t = x[t] + s[p + "attention.wo.weight"] @ torch.cat(heads)
+            f = rms(h_t, s[p + "ffn_norm.weight"])
+            gate = s[p + "feed_forward.w1.weight"] @ f
+            ffn = s[p + "feed_forward.w2.weight"] @ (gate * torch.sigmoid(gate) * (s[p + "feed_forward.w3.weight"] @ f))
+            new_x.append(h_t + ffn)
+        x = new_x
+    out_w = s["tok_embeddings.weight"] if args.tie_embeddings else s["output.weight"]
+    return torch.stack([out_w @ rms(v, s["norm.weight"]) for v in x])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_matches_naive_implementation(world1, tied):
+    args = ModelArgs(**GQA_ARGS, tie_embeddings=tied)
+    state = random_state(args, seed=3)
+    model = Transformer(args)
+    load_into(model, state, "random")
+    tokens = [1, 5, 9, 33, 2, 60, 7]
+    expected = naive_forward(state, args, tokens)
+    with torch.no_grad():
+        got = model(torch.tensor([tokens]))[0]
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ffn_hidden_dim_formula():
+    # Llama-2-70B: 2/3 * 4 * 8192 = 21845 -> * 1.3 = 28398 -> rounded up to a multiple of 4096 = 28672
+    assert ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672
+    # Llama-2-7B: 2/3 * 4 * 4096 = 10922 -> multiple of 256 = 11008
+    assert ModelArgs(dim=4096, multiple_of=256).ffn_hidden_dim == 11008
+    assert ModelArgs(dim=64, multiple_of=4).ffn_hidden_dim == 172  # stories260K
+    assert ModelArgs(dim=64, hidden_dim=100).ffn_hidden_dim == 100
+
+
+def test_model_parallel_size_must_divide_kv_heads():
+    with pytest.raises(ValueError, match=r"model-parallel size 3 must divide n_kv_heads \(2\)"):
+        ModelArgs(**GQA_ARGS).check(3)
+
+
+def test_stories260k_greedy_reproduces_llama2c(world1, stories_dir, tokenizer):
+    model = load_model(stories_dir)
+    completion = Sampler(model, tokenizer).generate(["Once upon a time"], 60, temperature=0.0)[0]
+    assert "Once upon a time" + completion.text == STORIES_REFERENCE
+    assert completion.finish_reason == "length" and len(completion.tokens) == 60
+
+
+@pytest.mark.parametrize("which", ["gqa", "stories"])
+def test_kv_cache_decoding_equals_full_recomputation(world1, gqa_dir, stories_dir, which):
+    model = load_model(gqa_dir if which == "gqa" else stories_dir)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, model.args.vocab_size, (3, 20), generator=gen)
+    cache = KVCache(model.args, 3, 32)
+    with torch.no_grad():
+        full = model(tokens)
+        prefill = model(tokens[:, :7], 0, cache)  # a multi-token block, then one token at a time
+        steps = [model(tokens[:, t:t + 1], t, cache) for t in range(7, 12)]
+        block = model(tokens[:, 12:20], 12, cache)  # a multi-token block on top of a filled cache
+    torch.testing.assert_close(torch.cat([prefill, *steps, block], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_training_forward_has_gradients_and_hidden_states(world1, gqa_dir):
+    model = load_model(gqa_dir).train()
+    tokens = torch.randint(0, 64, (2, 10))
+    logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    hidden = model(tokens, return_hidden=True)
+    assert hidden.shape == (2, 10, 32)
+    torch.testing.assert_close(model.output(hidden), logits)

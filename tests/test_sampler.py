@@ -1,0 +1,116 @@
+"""The KV-cache sampler: ragged batches, stopping, log-probs, scoring, truncation, sampling distribution."""
+
+import pytest
+import torch
+
+from conftest import STORIES_REFERENCE
+from llama_mp.checkpoint import load_model
+from llama_mp.sampler import PromptTooLongError, Sampler, sample_next
+
+PROMPTS = ["Once upon a time", "Tom had a big red", "The", "Lily and her mom went to the park to play. They saw"]
+
+
+@pytest.fixture
+def sampler(world1, stories_dir, tokenizer):
+    return Sampler(load_model(stories_dir), tokenizer, max_batch_size=8)
+
+
+def test_ragged_batch_equals_each_prompt_alone(sampler):
+    batched = sampler.generate(PROMPTS, 40, temperature=0.0)
+    for prompt, together in zip(PROMPTS, batched):
+        alone = sampler.generate([prompt], 40, temperature=0.0)[0]
+        assert together.tokens == alone.tokens and together.text == alone.text
+        torch.testing.assert_close(torch.tensor(together.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+
+
+def test_micro_batches_keep_input_order(sampler, world1):
+    small = Sampler(sampler.model, sampler.tokenizer, max_batch_size=2)
+    many = PROMPTS + ["A cat", "Sam"]
+    assert [c.tokens for c in small.generate(many, 12)] == [c.tokens for c in sampler.generate(many, 12)]
+
+
+def test_stop_string_ends_its_row_only(sampler):
+    # The greedy story says "...a little girl named Lily."; only the first prompt reaches "Lily" within 20 tokens.
+    first, second = sampler.generate(["Once upon a time", "The sun"], 20, temperature=0.0, stop=["Lily"])
+    assert first.finish_reason == "stop"
+    assert first.text == ", there was a little girl named "
+    assert sampler.tokenizer.decode_continuation(first.tokens).endswith("Lily")  # the stop's tokens are kept
+    assert len(first.logprobs) == len(first.tokens)
+    assert second.finish_reason == "length" and len(second.tokens) == 20 and "Lily" not in second.text
+
+
+def test_eos_ends_its_row_and_all_finished_exits_early(sampler):
+    reference = sampler.generate(["Once upon a time"], 60, temperature=0.0)[0]
+    eos_token = reference.tokens[9]  # pretend the 10th greedy token is EOS
+    assert eos_token not in reference.tokens[:9]
+    sampler.tokenizer.eos_id = eos_token
+    calls = []
+    forward = sampler.model.forward
+    sampler.model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        out = sampler.generate(["Once upon a time", "Once upon a time"], 60, temperature=0.0)
+    finally:
+        sampler.tokenizer.eos_id = 2
+        del sampler.model.forward
+    for c in out:
+        assert c.finish_reason == "eos" and c.tokens == reference.tokens[:10]
+        assert c.text == sampler.tokenizer.decode_continuation(reference.tokens[:9])
+    assert len(calls) == 10  # stopped when both rows finished, not after 60 steps
+
+
+def test_teacher_forced_scores_equal_sampling_logprobs(sampler):
+    samples = sampler.generate(PROMPTS, 30, temperature=0.7, top_p=0.9, seed=5)
+    scores = sampler.score(PROMPTS, [c.tokens for c in samples], temperature=0.7)
+    for c, s in zip(samples, scores):
+        torch.testing.assert_close(torch.tensor(s), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
+
+
+def test_score_and_next_token_logits_match_a_full_forward(sampler):
+    ids = sampler.tokenizer.encode(STORIES_REFERENCE, bos=True, eos=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(sampler.model(torch.tensor([ids]))[0], dim=-1)
+    expected = [logp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+    got = sampler.score([[ids[0]]], [ids[1:]])[0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
+    prefixes = [ids[:5], ids[:17], ids[:9]]  # ragged: right padding must not leak into any row
+    logits = sampler.next_token_logits(prefixes)
+    for row, prefix in enumerate(prefixes):
+        with torch.no_grad():
+            alone = sampler.model(torch.tensor([prefix]))[0, -1]
+        torch.testing.assert_close(logits[row], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_seed(sampler):
+    a = sampler.generate(PROMPTS, 20, temperature=1.0, seed=11)
+    b = sampler.generate(PROMPTS, 20, temperature=1.0, seed=11)
+    c = sampler.generate(PROMPTS, 20, temperature=1.0, seed=12)
+    assert [x.tokens for x in a] == [x.tokens for x in b]
+    assert [x.tokens for x in a] != [x.tokens for x in c]
+
+
+def test_too_long_prompt_is_refused_or_left_truncated(world1, stories_dir, tokenizer):
+    sampler = Sampler(load_model(stories_dir, max_seq_len=32), tokenizer)
+    long_prompt = list(range(3, 40))  # 37 tokens, no BOS
+    with pytest.raises(PromptTooLongError, match="prompt 0 has 37 tokens, more than the 22"):
+        sampler.generate([long_prompt], 10)
+    ids = [1] + long_prompt
+    out = sampler.generate([ids], 10, truncate="left")[0]
+    assert out.truncated_prompt and out.prompt_tokens == 22
+    expected = sampler.generate([[1] + ids[-21:]], 10)[0]  # BOS kept, then the last tokens that fit
+    assert out.tokens == expected.tokens
+
+
+def test_sample_next_follows_the_distribution_and_truncations():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    logits = probs.log().repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, 1.0, 0, gen), minlength=4) / 20000
+    torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
+    # T = 0.5 squares and renormalises: [.25, .0625, .0225, .01] / .345
+    counts = torch.bincount(sample_next(logits, 0.5, 1.0, 0, gen), minlength=4) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.7246, 0.1812, 0.0652, 0.0290]), atol=0.015, rtol=0)
+    # top-k 2 keeps {0, 1} -> [2/3, 1/3]; top-p 0.6 keeps {0, 1} too (mass before token 2 is 0.75 > 0.6)
+    for k, p in [(2, 1.0), (0, 0.6)]:
+        counts = torch.bincount(sample_next(logits, 1.0, p, k, gen), minlength=4) / 20000
+        torch.testing.assert_close(counts, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
+    assert sample_next(logits[:3], 0.0, 1.0, 0, gen).tolist() == [0, 0, 0]
