@@ -204,10 +204,17 @@ def save_params(out_dir: str, args: ModelArgs) -> None:
 def save_shard(out_dir: str, model_parallel_rank: int, state: dict[str, torch.Tensor], args: ModelArgs) -> None:
     """Write one rank's shard atomically (tied checkpoints store the shared matrix once, as tok_embeddings)."""
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()
+    state = {k: _own_storage(v.detach().to("cpu")) for k, v in state.items()
              if not (args.tie_embeddings and k == "output.weight")}
     _atomic_write(os.path.join(out_dir, f"consolidated.{model_parallel_rank:02d}.pth"),
                   lambda tmp: torch.save(state, tmp))
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """torch.save writes a view's whole storage: copy views (e.g. fused projections) to tensors of their own."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
 
 
 def save_checkpoint(out_dir: str, args: ModelArgs, shards: list[dict[str, torch.Tensor]]) -> None:

@@ -169,12 +169,18 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.kv_heads * self.head_dim, **column)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=init_method)
+        self.wqkv: Optional[torch.Tensor] = None  # wq|wk|wv in one buffer, see Transformer.fuse_projections
 
     def forward(self, x, freqs_cis, start_pos: int, cache: Optional[KVCache], layer: int, mask):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul; same as the column-parallel layers
+            q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is None:
@@ -213,8 +219,12 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
+        self.w13: Optional[torch.Tensor] = None  # w1|w3 in one buffer, see Transformer.fuse_projections
 
     def forward(self, x):
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -256,6 +266,17 @@ class Transformer(nn.Module):
         # A plain attribute, not a buffer: model.to(bfloat16) would drop the imaginary part of a complex buffer.
         self.freqs_cis = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
 
+    def fuse_projections(self) -> None:
+        """Store each layer's wq|wk|wv and w1|w3 weights in one buffer and make the weights views of it.
+
+        Inference then runs one matmul where it ran three (or two), with no extra memory; in-place updates of the
+        weights (loading, optimizer steps) write into the buffer, so both stay in sync. Call it after the model has its
+        final device and dtype (`.to()` makes new tensors and would break the link)."""
+        for layer in self.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            attention.wqkv = _share_storage([attention.wq, attention.wk, attention.wv])
+            ffn.w13 = _share_storage([ffn.w1, ffn.w3])
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
                 return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start_pos.. -> logits [B, T, V] (or [B, 1, V] with last_only), float32.
@@ -283,3 +304,13 @@ class Transformer(nn.Module):
         if return_hidden:
             return h
         return self.output(h).float()
+
+
+def _share_storage(linears: list[nn.Module]) -> torch.Tensor:
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = fused[start:start + rows]
+        start += rows
+    return fused

@@ -74,6 +74,7 @@ class Sampler:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 32,
                  max_seq_len: Optional[int] = None, progress_every: float = 10.0):
         self.model = model.eval()
+        model.fuse_projections()  # one matmul for q/k/v and one for w1/w3 at inference
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)

@@ -107,3 +107,14 @@ def test_truncated_llama2c_file_is_refused(tmp_path):
     (tmp_path / "tiny.bin").write_bytes(struct.pack("<3i", 1, 2, 3))
     with pytest.raises(CheckpointError, match="shorter than its header"):
         read_llama2c(str(tmp_path / "tiny.bin"))
+
+
+def test_saving_fused_weights_writes_each_tensor_alone(tmp_path, world1, gqa_dir):
+    from llama_mp.checkpoint import save_shard
+    model = load_model(gqa_dir)
+    model.fuse_projections()
+    save_shard(str(tmp_path), 0, model.state_dict(), model.args)
+    saved = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    wq = saved["layers.0.attention.wq.weight"]
+    assert wq.untyped_storage().nbytes() == wq.numel() * 4  # not the whole wq|wk|wv buffer
+    assert torch.equal(wq, load_shard(os.path.join(gqa_dir, "consolidated.00.pth"))["layers.0.attention.wq.weight"])

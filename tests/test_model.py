@@ -111,3 +111,22 @@ def test_training_forward_has_gradients_and_hidden_states(world1, gqa_dir):
     hidden = model(tokens, return_hidden=True)
     assert hidden.shape == (2, 10, 32)
     torch.testing.assert_close(model.output(hidden), logits)
+
+
+def test_fused_projections_compute_the_same_and_follow_in_place_updates(world1, gqa_dir):
+    model = load_model(gqa_dir)
+    tokens = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        before = model(tokens)
+        model.fuse_projections()
+        assert model.layers[0].attention.wqkv is not None
+        torch.testing.assert_close(model(tokens), before, atol=1e-6, rtol=1e-6)
+        model.layers[1].feed_forward.w3.weight.mul_(0.5)  # e.g. an optimizer step
+        model.layers[0].attention.wk.weight.add_(0.1)
+        fused = model(tokens)
+    for layer in model.layers:
+        layer.attention.wqkv = layer.feed_forward.w13 = None
+    with torch.no_grad():
+        torch.testing.assert_close(fused, model(tokens), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(fused, before)
+    assert model(tokens).requires_grad  # training takes the unfused, autograd path
