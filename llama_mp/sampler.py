@@ -113,8 +113,8 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_gen_len: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop: Sequence[str] = (), seed: Optional[int] = None, truncate: str = "error",
-                 eos: bool = True, desc: str = "generate") -> list[Completion]:
-        """Complete every prompt; `eos=False` keeps going past EOS (benchmarks that need fixed lengths)."""
+                 stop_at_eos: bool = True, desc: str = "generate") -> list[Completion]:
+        """Complete every prompt; `stop_at_eos=False` goes on past EOS (benchmarks that need fixed lengths)."""
         if max_gen_len < 1 or max_gen_len >= self.max_seq_len:
             raise ValueError(f"max_gen_len {max_gen_len} must be in [1, max_seq_len {self.max_seq_len})")
         encoded = [self.encode(p) for p in prompts]
@@ -126,7 +126,7 @@ class Sampler:
         progress = Progress(len(prompts), desc, "prompts", self.progress_every)
         for batch in self._micro_batches([len(ids) for ids, _ in fitted]):
             completions = self._generate_batch([fitted[i][0] for i in batch], max_gen_len, temperature, top_p, top_k,
-                                               list(stop), generator, eos)
+                                               list(stop), generator, stop_at_eos)
             for i, completion in zip(batch, completions):
                 completion.truncated_prompt = fitted[i][1]
                 results[i] = completion
@@ -134,7 +134,7 @@ class Sampler:
         return results
 
     def _generate_batch(self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float,
-                        top_k: int, stop: list[str], generator, eos: bool) -> list[Completion]:
+                        top_k: int, stop: list[str], generator, stop_at_eos: bool) -> list[Completion]:
         bsz = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         min_len, max_len = int(lengths.min()), int(lengths.max())
@@ -147,7 +147,7 @@ class Sampler:
         finish, out_end = [""] * bsz, [0] * bsz
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         cache = self._kv_cache(bsz)
-        eos_id = self.tokenizer.eos_id if eos else -1
+        eos_id = self.tokenizer.eos_id if stop_at_eos else -1
         window = max((len(s.encode()) for s in stop), default=0) + 2  # tokens to decode for a stop-string check
         prev = 0
         for cur in range(min_len, total_len):
@@ -185,8 +185,9 @@ class Sampler:
             start, stop_end = len(ids), out_end[row]
             out = tokens[row, start:stop_end].tolist()
             text = self.tokenizer.decode_continuation(out[:-1] if finish[row] == "eos" else out)
-            if finish[row] == "stop":
-                text = text[:min(text.find(s) for s in stop if s in text)]
+            hits = [text.find(s) for s in stop if s in text] if finish[row] == "stop" else []
+            if hits:
+                text = text[:min(hits)]
             completions.append(Completion(text=text, tokens=out, logprobs=logprobs[row, start:stop_end].tolist(),
                                           finish_reason=finish[row], prompt_tokens=start))
         return completions
