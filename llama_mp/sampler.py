@@ -50,8 +50,11 @@ class Completion:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row from softmax(logits / T) restricted to top-k and the top-p nucleus; argmax when T == 0."""
+                uniform: Optional[torch.Tensor]) -> torch.Tensor:
+    """One token per row from softmax(logits / T) restricted to top-k and the top-p nucleus; argmax when T == 0.
+
+    `uniform` [B] holds one U(0, 1) number per row: the draw is the inverse CDF at it (torch.multinomial is an order of
+    magnitude slower here), so a row's token depends only on its logits and its own number."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -63,11 +66,31 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
         if top_p < 1.0:
             mass_before = probs.cumsum(dim=-1) - probs
             probs[mass_before > top_p] = 0.0
-    # Inverse-CDF sampling: one uniform number per row (torch.multinomial is an order of magnitude slower here).
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
     return choice if order is None else order.gather(-1, choice[:, None])[:, 0]
+
+
+class RowRandom:
+    """The uniform numbers a batch draws per step: from one generator for the whole call (fast), or from one generator
+    per prompt, drawn only once the row generates, so that a prompt's sample does not depend on its batch-mates."""
+
+    def __init__(self, seed, n: int, device):
+        self.device = device
+        self.shared, self.per_row = None, None  # seed None: torch's global generator (seeded by distributed.init)
+        if isinstance(seed, int):
+            self.shared = torch.Generator(device=device).manual_seed(seed)
+        elif seed is not None:
+            if len(seed) != n:
+                raise ValueError(f"{len(seed)} seeds for {n} prompts")
+            self.per_row = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+
+    def draw(self, rows: list[int], generating: list[bool]) -> torch.Tensor:
+        if self.per_row is None:
+            return torch.rand(len(rows), generator=self.shared, device=self.device)
+        return torch.tensor([float(torch.rand(1, generator=self.per_row[r], device=self.device)) if g else 0.0
+                             for r, g in zip(rows, generating)], device=self.device)
 
 
 class Sampler:
@@ -112,29 +135,29 @@ class Sampler:
     # ---- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_gen_len: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, stop: Sequence[str] = (), seed: Optional[int] = None, truncate: str = "error",
+                 top_k: int = 0, stop: Sequence[str] = (), seed: Union[None, int, Sequence[int]] = None,
+                 truncate: str = "error",
                  stop_at_eos: bool = True, desc: str = "generate") -> list[Completion]:
-        """Complete every prompt; `stop_at_eos=False` goes on past EOS (benchmarks that need fixed lengths)."""
+        """Complete every prompt. `seed`: one int for the call, or one per prompt (a prompt's sample is then the same in
+        any batch: resumable jobs use this); `stop_at_eos=False` goes on past EOS (benchmarks need fixed lengths)."""
         if max_gen_len < 1 or max_gen_len >= self.max_seq_len:
             raise ValueError(f"max_gen_len {max_gen_len} must be in [1, max_seq_len {self.max_seq_len})")
         encoded = [self.encode(p) for p in prompts]
         fitted = [self._fit(i, ids, self.max_seq_len - max_gen_len, truncate) for i, ids in enumerate(encoded)]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+        rng = RowRandom(seed, len(prompts), self.device)
         results: list[Optional[Completion]] = [None] * len(prompts)
         progress = Progress(len(prompts), desc, "prompts", self.progress_every)
         for batch in self._micro_batches([len(ids) for ids, _ in fitted]):
-            completions = self._generate_batch([fitted[i][0] for i in batch], max_gen_len, temperature, top_p, top_k,
-                                               list(stop), generator, stop_at_eos)
+            completions = self._generate_batch([fitted[i][0] for i in batch], batch, max_gen_len, temperature, top_p,
+                                               top_k, list(stop), rng, stop_at_eos)
             for i, completion in zip(batch, completions):
                 completion.truncated_prompt = fitted[i][1]
                 results[i] = completion
             progress.update(len(batch), tokens=sum(len(c.tokens) for c in completions))
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], max_gen_len: int, temperature: float, top_p: float,
-                        top_k: int, stop: list[str], generator, stop_at_eos: bool) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], rows: list[int], max_gen_len: int, temperature: float,
+                        top_p: float, top_k: int, stop: list[str], rng: RowRandom, stop_at_eos: bool) -> list[Completion]:
         bsz = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         min_len, max_len = int(lengths.min()), int(lengths.max())
@@ -152,7 +175,8 @@ class Sampler:
         prev = 0
         for cur in range(min_len, total_len):
             logits = self.model(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
-            next_token = sample_next(logits, temperature, top_p, top_k, generator)
+            uniform = rng.draw(rows, [len(p) <= cur for p in prompts]) if temperature > 0 else None
+            next_token = sample_next(logits, temperature, top_p, top_k, uniform)
             if cur < max_len:  # rows still inside their prompt are teacher-forced
                 in_prompt = lengths > cur
                 next_token = torch.where(in_prompt, tokens[:, cur], next_token)
@@ -248,3 +272,45 @@ class Sampler:
             h_last = hidden[torch.arange(len(batch), device=self.device), last]
             out[torch.tensor(batch)] = self.model.output(h_last).float().cpu()
         return out
+
+    @torch.inference_mode()
+    def next_token_logits_shared(self, prefix: Sequence[int],
+                                 branches: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]) -> list[torch.Tensor]:
+        """Next-token logits after prefix + middle + suffix, for every suffix of every (middle, suffixes) branch.
+
+        Each shared part is computed once: the prefix, then each branch's middle on top of its cached keys/values,
+        then the branch's suffixes as one batch whose cache rows are copies of that prefix + middle. Equals
+        next_token_logits on the concatenated sequences (what a self-judge reading many principles for one pair
+        needs). Returns one [len(suffixes), vocab] float32 CPU tensor per branch."""
+        prefix = list(prefix)
+        if not prefix:
+            raise ValueError("the shared prefix is empty (it should at least hold BOS)")
+        longest = max((len(m) + max((len(s) for s in sfx), default=0) for m, sfx in branches), default=0)
+        if len(prefix) + longest > self.max_seq_len:
+            raise PromptTooLongError(f"shared prefix of {len(prefix)} tokens plus a branch of {longest} exceeds "
+                                     f"max_seq_len {self.max_seq_len}")
+        cache = self._kv_cache(1)
+        self.model(torch.tensor([prefix], device=self.device), 0, cache, last_only=True)
+        results = []
+        for middle, suffixes in branches:
+            if any(len(s) == 0 for s in suffixes):
+                raise ValueError("every suffix needs at least one token")
+            start = len(prefix) + len(middle)
+            if middle:  # row 0 of the cache now holds prefix + this middle
+                self.model(torch.tensor([list(middle)], device=self.device), len(prefix), cache, last_only=True)
+            out = torch.empty(len(suffixes), self.model.args.vocab_size)
+            for first in range(0, len(suffixes), self.max_batch_size):
+                chunk = suffixes[first:first + self.max_batch_size]
+                for keys, values in zip(cache.keys, cache.values):  # copy row 0's shared part to the chunk's rows
+                    keys[1:len(chunk), :, :, :start] = keys[:1, :, :, :start]
+                    values[1:len(chunk), :, :start] = values[:1, :, :start]
+                width = max(len(s) for s in chunk)
+                tokens = torch.zeros(len(chunk), width, dtype=torch.long, device=self.device)
+                for row, suffix in enumerate(chunk):
+                    tokens[row, :len(suffix)] = torch.tensor(list(suffix), dtype=torch.long)
+                hidden = self.model(tokens, start, cache, return_hidden=True)
+                last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
+                h_last = hidden[torch.arange(len(chunk), device=self.device), last]
+                out[first:first + len(chunk)] = self.model.output(h_last).float().cpu()
+            results.append(out)
+        return results

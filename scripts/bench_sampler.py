@@ -50,7 +50,7 @@ def no_cache_generate(model, prompt_ids: list[int], batch: int, new_tokens: int,
     with torch.inference_mode():
         for _ in range(new_tokens):
             logits = model(tokens, last_only=True)[:, -1]
-            tokens = torch.cat([tokens, sample_next(logits, TEMPERATURE, 1.0, 0, generator)[:, None]], dim=1)
+            tokens = torch.cat([tokens, sample_next(logits, TEMPERATURE, 1.0, 0, torch.rand(batch, generator=generator))[:, None]], dim=1)
 
 
 def forward_ms(model, batch: int, prompt_len: int, new_tokens: int) -> float:

@@ -104,13 +104,36 @@ def test_sample_next_follows_the_distribution_and_truncations():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
     logits = probs.log().repeat(20000, 1)
     gen = torch.Generator().manual_seed(0)
-    counts = torch.bincount(sample_next(logits, 1.0, 1.0, 0, gen), minlength=4) / 20000
+    counts = torch.bincount(sample_next(logits, 1.0, 1.0, 0, torch.rand(20000, generator=gen)), minlength=4) / 20000
     torch.testing.assert_close(counts, probs, atol=0.015, rtol=0)
     # T = 0.5 squares and renormalises: [.25, .0625, .0225, .01] / .345
-    counts = torch.bincount(sample_next(logits, 0.5, 1.0, 0, gen), minlength=4) / 20000
+    counts = torch.bincount(sample_next(logits, 0.5, 1.0, 0, torch.rand(20000, generator=gen)), minlength=4) / 20000
     torch.testing.assert_close(counts, torch.tensor([0.7246, 0.1812, 0.0652, 0.0290]), atol=0.015, rtol=0)
     # top-k 2 keeps {0, 1} -> [2/3, 1/3]; top-p 0.6 keeps {0, 1} too (mass before token 2 is 0.75 > 0.6)
     for k, p in [(2, 1.0), (0, 0.6)]:
-        counts = torch.bincount(sample_next(logits, 1.0, p, k, gen), minlength=4) / 20000
+        counts = torch.bincount(sample_next(logits, 1.0, p, k, torch.rand(20000, generator=gen)), minlength=4) / 20000
         torch.testing.assert_close(counts, torch.tensor([2 / 3, 1 / 3, 0, 0]), atol=0.015, rtol=0)
-    assert sample_next(logits[:3], 0.0, 1.0, 0, gen).tolist() == [0, 0, 0]
+    assert sample_next(logits[:3], 0.0, 1.0, 0, None).tolist() == [0, 0, 0]
+
+
+def test_per_prompt_seeds_make_samples_independent_of_the_batch(sampler, world1):
+    seeds = [101, 202, 303, 404]
+    together = sampler.generate(PROMPTS, 25, temperature=1.0, seed=seeds)
+    small = Sampler(sampler.model, sampler.tokenizer, max_batch_size=1)
+    alone = [small.generate([p], 25, temperature=1.0, seed=[s])[0] for p, s in zip(PROMPTS, seeds)]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    reordered = sampler.generate(PROMPTS[::-1], 25, temperature=1.0, seed=seeds[::-1])
+    assert [c.tokens for c in reordered[::-1]] == [c.tokens for c in together]
+
+
+def test_shared_prefix_logits_equal_full_sequences(world1, stories_dir, tokenizer):
+    sampler = Sampler(load_model(stories_dir), tokenizer, max_batch_size=2)  # 3 suffixes: two chunks per branch
+    enc = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731
+    prefix = [1] + enc("Once upon a time, there was a dog.")
+    branches = [(enc(" The dog liked"), [enc(" to run"), enc(" cake and milk"), enc("!")]),
+                ([], [enc(" A cat came by and said"), enc(" Tom")]),
+                (enc(" Then it rained and the dog was very sad. It"), [enc(" cried")])]
+    shared = sampler.next_token_logits_shared(prefix, branches)
+    full = [prefix + middle + suffix for middle, suffixes in branches for suffix in suffixes]
+    expected = sampler.next_token_logits(full)
+    torch.testing.assert_close(torch.cat(shared), expected, atol=1e-5, rtol=1e-5)
