@@ -7,6 +7,7 @@ so a test can build several groups in one process.
 """
 
 import contextlib
+import datetime
 import io
 import os
 import re
@@ -67,10 +68,12 @@ def init(model_parallel_size: Optional[int] = None, seed: int = 1, backend: Opti
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        # Long jobs wait at barriers while slower replicas finish: allow hours, not the default 30 minutes.
+        timeout = datetime.timedelta(minutes=float(os.environ.get("LLAMA_MP_TIMEOUT_MINUTES", "360")))
         if init_method is None:  # a plain python process: a world of one, no port
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     mp = model_parallel_size or world
     if mp < 1 or world % mp:
         raise ValueError(f"model-parallel size {mp} must divide the world size {world}")

@@ -5,11 +5,11 @@ import os
 from typing import Iterable
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Every record of a JSONL file; a torn last line (a crash mid-append) is an error only if it is not the last."""
+def iter_jsonl(path: str):
+    """(line number, record) for every object line of a JSONL file. A torn last line (a writer killed mid-line, so
+    no final newline) is skipped; anything else that is not a JSON object is an error naming the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
-    records = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     for number, line in enumerate(lines, start=1):
@@ -18,13 +18,41 @@ def read_jsonl(path: str) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(lines):  # no trailing newline: the writer died mid-line; that record never finished
-                break
+            if number == len(lines):
+                return
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+        yield number, record
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [record for _, record in iter_jsonl(path)]
+
+
+def read_records(path: str) -> list[tuple[int, dict]]:
+    """(position, record) from a JSON list (position = 1-based index) or a JSONL file (position = line number)."""
+    if path.endswith(".json"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"{path}: expected a JSON list of objects")
+        return list(enumerate(data, start=1))
+    return list(iter_jsonl(path))
+
+
+def write_json_atomic(path: str, data) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def append_jsonl(path: str, records: Iterable[dict]) -> None:

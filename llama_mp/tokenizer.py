@@ -35,5 +35,8 @@ class Tokenizer:
             text = " " + text
         return text
 
+    def piece_id(self, piece: str) -> int:
+        return self.sp.PieceToId(piece)
+
     def piece(self, token_id: int) -> str:
         return self.sp.IdToPiece(token_id)
