@@ -18,14 +18,16 @@ class Progress:
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.done, self.extra = 0, 0  # extra: a second counter (tokens) reported as a rate only
         self.start = self.last = time.perf_counter()
+        self.printed = False
         self.enabled = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
 
     def update(self, n: int = 1, tokens: int = 0) -> None:
         self.done += n
         self.extra += tokens
         now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
+        # A closing line only for jobs that already reported: short calls inside a longer job stay quiet.
+        if self.enabled and (now - self.last >= self.every or (self.done >= self.total and self.printed)):
+            self.last, self.printed = now, True
             self.print(now)
 
     def print(self, now: float) -> None:

@@ -1,0 +1,94 @@
+"""What the step-1 commands share: prompt records and ids, the Dromedary query, principles, the judge prompt."""
+
+import hashlib
+import json
+import os
+
+from llama_mp.jsonl import read_records
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DEFAULT_PROMPTS = os.path.join(DATA, "oasst1/oasst1_prompts.json")
+DEFAULT_META_PROMPT = os.path.join(DATA, "salmon/dromedary_inference_prompt.txt")
+DEFAULT_JUDGE_PROMPT = os.path.join(DATA, "salmon/synthetic_preference_prompt.txt")
+DEFAULT_PRINCIPLES = os.path.join(DATA, "salmon/principle_collection_rm.json")
+STOP = "\n\n### User"
+
+
+def prompt_id(instruction: str, input_text: str = "") -> str:
+    """A stable id: the same instruction and input get the same id in any file, order or export."""
+    return hashlib.sha1(f"{instruction}\x00{input_text}".encode()).hexdigest()[:16]
+
+
+def load_prompts(path: str) -> list[dict]:
+    """Prompt records {"id", "instruction", "input", ...} from a JSON list or JSONL; ids are added where missing.
+
+    Exact duplicates (same instruction and input) are kept once."""
+    prompts, seen = [], set()
+    for position, record in read_records(path):
+        instruction = record.get("instruction")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"{path}:{position}: record has no \"instruction\" string")
+        input_text = record.get("input") or ""
+        if not isinstance(input_text, str):
+            raise ValueError(f"{path}:{position}: \"input\" must be a string")
+        pid = record.get("id") or prompt_id(instruction, input_text)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        prompts.append({**record, "id": pid, "instruction": instruction, "input": input_text})
+    return prompts
+
+
+def read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def dromedary_query(meta_prompt: str, instruction: str, input_text: str = "") -> str:
+    """`{meta}\\n{instruction}\\n\\n### Dromedary`, with `\\n\\n{input}` after the instruction when there is one."""
+    body = f"{instruction}\n\n{input_text}" if input_text else instruction
+    return f"{meta_prompt}\n{body}\n\n### Dromedary"
+
+
+def load_principles(path: str, fields: tuple[str, ...] = ("dimension", "definition")) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            principles = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(principles, list) or not principles:
+        raise ValueError(f"{path}: expected a non-empty JSON list of principles")
+    for number, principle in enumerate(principles, start=1):
+        missing = [k for k in fields if not isinstance(principle, dict) or not isinstance(principle.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}: principle {number} has no {missing[0]!r} string")
+    return principles
+
+
+def instruction_text(record: dict) -> str:
+    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+
+
+def judge_prompt(template: str, instruction: str, output_a: str, output_b: str, dimension: str,
+                 definition: str) -> str:
+    """The judge prompt filled in (plain replacement: texts may contain braces)."""
+    for placeholder in ("{UserInstruction}", "{OutputA}", "{OutputB}", "{Dimension}", "{Definition}"):
+        if placeholder not in template:
+            raise ValueError(f"judge prompt template lacks {placeholder}")
+    # Fill the placeholders in template order so that a response containing "{Dimension}" is left alone.
+    text = template.replace("{Dimension}", dimension).replace("{Definition}", definition)
+    head, rest = text.split("{UserInstruction}", 1)
+    middle, tail = rest.split("{OutputA}", 1)
+    between, end = tail.split("{OutputB}", 1)
+    return head + instruction + middle + output_a + between + output_b + end
+
+
+def clean_response(text) -> str:
+    """The reference's pairing clean-up: cut at the first "###" and strip."""
+    if not isinstance(text, str):
+        return ""
+    return text.split("###", 1)[0].strip()

@@ -1,0 +1,81 @@
+"""Sample one response per prompt in the Dromedary format (SALMON step 1, run once per seed).
+
+  python -m step1_synthetic_preference.generate_responses --ckpt_dir D --tokenizer_path T \
+      --output_file runs/step1/oasst1_response0.jsonl --seed 42 [--prompt_file data/oasst1/oasst1_prompts.json]
+
+Query: `{meta prompt}\\n{instruction}\\n\\n### Dromedary`, stop at "\\n\\n### User", temperature 0.7, top-p 1.0.
+Prompts are split across data-parallel replicas; finished records are appended as they go to
+`<output>.parts/part-<replica>.jsonl`, a rerun of the same command resumes (nothing lost after a kill -9, no
+duplicates), and the end writes <output> atomically, one record per prompt ordered by prompt id:
+  {"id", "instruction", "input", "output", "finish_reason", "seed"}
+A prompt whose query does not fit max_seq_len - max_gen_len gets "output": null, "finish_reason": "prompt_too_long".
+Each prompt is sampled with its own seed (derived from --seed and its id), so its response does not depend on the
+batch it ran in or on the number of processes.
+"""
+
+import argparse
+import hashlib
+
+from llama_mp import cli, jobs
+from step1_synthetic_preference.common import (DEFAULT_META_PROMPT, DEFAULT_PROMPTS, STOP, dromedary_query,
+                                               load_prompts, read_text)
+
+
+def prompt_seed(seed: int, pid: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:15], 16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.generate_responses",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    parser.add_argument("--prompt_file", default=DEFAULT_PROMPTS, help="JSON list or JSONL with instruction/input")
+    parser.add_argument("--meta_prompt_file", default=DEFAULT_META_PROMPT)
+    parser.add_argument("--output_file", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run")
+    parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of the file")
+    parser.add_argument("--max_gen_len", type=int, default=768)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--stop", default=STOP)
+    parser.set_defaults(seed=42)
+    opts = parser.parse_args()
+
+    prompts = load_prompts(opts.prompt_file)[:opts.max_prompts]
+    meta_prompt = read_text(opts.meta_prompt_file)
+    info, sampler = cli.build(opts)
+    settings = {k: getattr(opts, k) for k in ("ckpt_dir", "prompt_file", "meta_prompt_file", "max_prompts",
+                                              "max_gen_len", "temperature", "top_p", "stop", "seed", "max_seq_len",
+                                              "max_batch_size")}
+    jobs.prepare(opts.output_file, settings, opts.overwrite, info)
+
+    queries = {p["id"]: sampler.encode(dromedary_query(meta_prompt, p["instruction"], p["input"])) for p in prompts}
+    limit = sampler.max_seq_len - opts.max_gen_len
+    # Chunks of similar length (one micro-batch each): fixed by the prompt set, so a resumed run redoes a chunk
+    # exactly as the interrupted one would have.
+    ordered = sorted(prompts, key=lambda p: (-len(queries[p["id"]]), p["id"]))
+
+    def process(chunk: list[dict]) -> list[dict]:
+        fits = [p for p in chunk if len(queries[p["id"]]) <= limit]
+        completions = sampler.generate([queries[p["id"]] for p in fits], opts.max_gen_len, opts.temperature,
+                                       opts.top_p, stop=[opts.stop], seed=[prompt_seed(opts.seed, p["id"]) for p in fits],
+                                       desc="responses")
+        by_id = {p["id"]: c for p, c in zip(fits, completions)}
+        records = []
+        for p in chunk:
+            c = by_id.get(p["id"])
+            records.append({"id": p["id"], "instruction": p["instruction"], "input": p["input"],
+                            "output": c.text if c else None,
+                            "finish_reason": c.finish_reason if c else "prompt_too_long", "seed": opts.seed})
+        return records
+
+    jobs.run(opts.output_file, ordered, lambda p: p["id"], sampler.max_batch_size, process, info, "responses")
+    records = jobs.merge(opts.output_file, lambda r: r["id"], info)
+    if info.is_main:
+        too_long = sum(r["finish_reason"] == "prompt_too_long" for r in records)
+        print(f"wrote {len(records)} responses to {opts.output_file}" +
+              (f" ({too_long} prompts too long for max_seq_len, output null)" if too_long else ""), flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
