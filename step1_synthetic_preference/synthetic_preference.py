@@ -18,14 +18,13 @@ over data-parallel replicas and resumable like generate_responses.
 """
 
 import argparse
-import glob
 import os
 
 from llama_mp import cli, jobs
-from llama_mp.jsonl import iter_jsonl
 from llama_mp.tokenizer import Tokenizer
-from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, clean_response,
-                                               instruction_text, judge_prompt, load_principles, read_text)
+from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, instruction_text,
+                                               judge_prompt, load_pairs, load_principles, read_text,
+                                               response_files)
 
 ANSWER_CONTEXT = "I think the more Concise output is Output ("
 
@@ -52,39 +51,6 @@ def order_label(r12: float, r21: float) -> int:
     if r12 < 0 and r21 < 0:
         return 2
     return 0
-
-
-def load_pairs(files: list[str], min_chars: int) -> tuple[list[dict], int]:
-    """Pairs joined by prompt id; (pairs in id order, number dropped for empty/short responses)."""
-    by_file = []
-    for path in files:
-        records = {}
-        for line, record in iter_jsonl(path):
-            for key in ("id", "instruction"):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{path}:{line}: response record has no {key!r} string")
-            if record["id"] in records:
-                raise ValueError(f"{path}:{line}: prompt id {record['id']} appears twice")
-            records[record["id"]] = (line, record)
-        by_file.append(records)
-    first, second = by_file
-    for (path, records), other_path, other in [((files[0], first), files[1], second),
-                                               ((files[1], second), files[0], first)]:
-        for pid, (line, _) in records.items():
-            if pid not in other:
-                raise ValueError(f"{path}:{line}: prompt id {pid} has no response in {other_path}")
-    pairs, dropped = [], 0
-    for pid in sorted(first):
-        record = first[pid][1]
-        out1, out2 = clean_response(record.get("output")), clean_response(second[pid][1].get("output"))
-        if len(out1) < min_chars or len(out2) < min_chars:
-            dropped += 1
-            continue
-        pairs.append({"id": pid, "instruction": record["instruction"], "input": record.get("input") or "",
-                      "output_1": out1, "output_2": out2})
-    for index, pair in enumerate(pairs):
-        pair["example_idx"] = index
-    return pairs, dropped
 
 
 def common_prefix_length(seqs: list[list[int]]) -> int:
@@ -132,9 +98,7 @@ def main() -> None:
     parser.add_argument("--no_prefix_reuse", action="store_true", help="recompute every judge prompt in full")
     opts = parser.parse_args()
 
-    files = opts.response_files or sorted(glob.glob(opts.response_pattern))
-    if len(files) != 2:
-        raise ValueError(f"--response_pattern {opts.response_pattern!r} matches {len(files)} files, not 2")
+    files = response_files(opts.response_files, opts.response_pattern)
     pairs, dropped = load_pairs(files, opts.min_response_chars)
     principles = load_principles(opts.principle_file)
     template = read_text(opts.prompt_template)
