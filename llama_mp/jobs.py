@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch.distributed as dist
 
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl, read_jsonl, write_json_atomic, write_jsonl_atomic
+from llama_mp.jsonl import append_jsonl, drop_torn_tail, read_jsonl, write_json_atomic, write_jsonl_atomic
 from llama_mp.progress import Progress
 
 DONE = "_chunk_done"
@@ -81,7 +81,12 @@ def run(output_file: str, items: Sequence, item_key: Callable, chunk_size: int,
     progress = Progress(todo_items, f"{desc} (replica {info.data_parallel_rank})", "items")
     if info.is_main and done:
         print(f"[{desc}] resuming: {len(done)} of {len(chunks)} chunks already done", flush=True)
-    for c in mine:
+    if info.model_parallel_rank == 0:
+        drop_torn_tail(part_file)
+    crash_after = int(os.environ.get("LLAMA_MP_CRASH_AFTER_CHUNKS", "-1"))  # crash tests: die like kill -9
+    for n, c in enumerate(mine):
+        if n == crash_after:
+            os._exit(137)
         records = process(chunks[c])
         if info.model_parallel_rank == 0:
             append_jsonl(part_file, [*records, {DONE: c, "items": [item_key(x) for x in chunks[c]]}])
@@ -99,7 +104,7 @@ def read_parts(parts: str) -> list[dict]:
     records = []
     for name in sorted(os.listdir(parts)):
         if name.startswith("part-") and name.endswith(".jsonl"):
-            records.extend(read_jsonl(os.path.join(parts, name)))
+            records.extend(read_jsonl(os.path.join(parts, name), torn_tail_ok=True))
     return records
 
 

@@ -5,9 +5,9 @@ import os
 from typing import Iterable
 
 
-def iter_jsonl(path: str):
-    """(line number, record) for every object line of a JSONL file. A torn last line (a writer killed mid-line, so
-    no final newline) is skipped; anything else that is not a JSON object is an error naming the file and line."""
+def iter_jsonl(path: str, torn_tail_ok: bool = False):
+    """(line number, record) for every object line of a JSONL file; anything that is not a JSON object is an error
+    naming the file and line. With torn_tail_ok, an unterminated last line (an appender killed mid-line) is skipped."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
@@ -18,7 +18,7 @@ def iter_jsonl(path: str):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(lines):
+            if torn_tail_ok and number == len(lines):
                 return
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
@@ -26,8 +26,18 @@ def iter_jsonl(path: str):
         yield number, record
 
 
-def read_jsonl(path: str) -> list[dict]:
-    return [record for _, record in iter_jsonl(path)]
+def read_jsonl(path: str, torn_tail_ok: bool = False) -> list[dict]:
+    return [record for _, record in iter_jsonl(path, torn_tail_ok)]
+
+
+def drop_torn_tail(path: str) -> None:
+    """Cut an unterminated last line (left by a kill during an append) so that the next append starts clean."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_records(path: str) -> list[tuple[int, dict]]:
