@@ -95,14 +95,18 @@ def model_args(params: dict, first_shard: dict, n_shards: int, ckpt_dir: str,
     return args
 
 
-def merge_shards(shards: list[dict], args: ModelArgs, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+def check_same_keys(shards: list[dict], where: str) -> None:
     keys = set(shards[0])
     for i, shard in enumerate(shards[1:], start=1):
         if set(shard) != keys:
             diff = sorted(keys.symmetric_difference(shard))[:3]
             raise CheckpointError(f"{where}: shard {i:02d} has different keys from shard 00 (e.g. {diff})")
+
+
+def merge_shards(shards: list[dict], args: ModelArgs, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    check_same_keys(shards, where)
     merged = {}
-    for key in sorted(keys):
+    for key in sorted(shards[0]):
         dim = split_dim(key, args)
         merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
     return merged
@@ -121,7 +125,10 @@ def split_state(state: dict[str, torch.Tensor], args: ModelArgs, n: int) -> list
 
 def load_state(ckpt_dir: str, model_parallel_size: int, model_parallel_rank: int,
                max_seq_len: Optional[int] = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """(args, this rank's weights) from a checkpoint with any number of shards."""
+    """(args, this rank's weights) from a checkpoint with any number of shards.
+
+    With another shard count, each weight's slice for this rank is cut from the shards that overlap it; the shards
+    are memory-mapped, so a rank reads only the parts it keeps."""
     params = read_params(ckpt_dir)
     paths = shard_paths(ckpt_dir)
     if len(paths) == model_parallel_size:
@@ -133,7 +140,24 @@ def load_state(ckpt_dir: str, model_parallel_size: int, model_parallel_rank: int
         args.check(model_parallel_size)
     except ValueError as err:
         raise CheckpointError(f"{ckpt_dir}: cannot reshard {len(paths)} shards to {model_parallel_size}: {err}") from None
-    return args, split_state(merge_shards(shards, args, ckpt_dir), args, model_parallel_size)[model_parallel_rank]
+    check_same_keys(shards, ckpt_dir)
+    state = {}
+    for key in shards[0]:
+        dim = split_dim(key, args)
+        if dim is None:
+            state[key] = shards[0][key].clone()
+            continue
+        sizes = [s[key].shape[dim] for s in shards]
+        per_rank = sum(sizes) // model_parallel_size
+        lo, hi = model_parallel_rank * per_rank, (model_parallel_rank + 1) * per_rank
+        pieces, offset = [], 0
+        for shard, size in zip(shards, sizes):
+            start, stop = max(lo, offset), min(hi, offset + size)
+            if start < stop:
+                pieces.append(shard[key].narrow(dim, start - offset, stop - start))
+            offset += size
+        state[key] = torch.cat(pieces, dim=dim)
+    return args, state
 
 
 def load_into(model: Transformer, state: dict[str, torch.Tensor], where: str) -> None:
@@ -161,13 +185,17 @@ def load_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank:
                max_seq_len: Optional[int] = None, device="cpu", dtype=torch.float32) -> Transformer:
     """Build the Transformer for this rank and fill it from a Meta-layout checkpoint of any shard count."""
     args, state = load_state(ckpt_dir, model_parallel_size, model_parallel_rank, max_seq_len)
-    try:
+    default_dtype = torch.get_default_dtype()
+    try:  # built directly in the target dtype and device: no float32 copy of a bf16 model on the way
+        torch.set_default_dtype(dtype)
         with torch.device(device):
             model = Transformer(args)
     except ValueError as err:
         raise CheckpointError(f"{os.path.join(ckpt_dir, 'params.json')}: {err}") from None
+    finally:
+        torch.set_default_dtype(default_dtype)
     load_into(model, state, ckpt_dir)
-    return model.to(dtype=dtype)
+    return model
 
 
 def model_params(args: ModelArgs) -> dict:

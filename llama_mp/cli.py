@@ -37,6 +37,13 @@ def log(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,9 +51,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The flags every model-loading command shares (names as in Meta's llama examples)."""
     parser.add_argument("--ckpt_dir", required=True, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")
     parser.add_argument("--tokenizer_path", required=True, help="SentencePiece model, e.g. data/llama2c/tok512.model")
-    parser.add_argument("--max_seq_len", type=int, default=None, help="context length (default: params.json's)")
-    parser.add_argument("--max_batch_size", type=int, default=32)
-    parser.add_argument("--model_parallel_size", type=int, default=None, help="default: the world size")
+    parser.add_argument("--max_seq_len", type=positive_int, default=None, help="context length (default: params.json's)")
+    parser.add_argument("--max_batch_size", type=positive_int, default=32)
+    parser.add_argument("--model_parallel_size", type=positive_int, default=None, help="default: the world size")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, else float32")
     parser.add_argument("--seed", type=int, default=1)
 

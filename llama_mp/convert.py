@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from llama_mp import cli
+from llama_mp.distributed import global_rank
 from llama_mp.checkpoint import (CheckpointError, load_shard, merge_shards, model_args, read_params, save_checkpoint,
                                  shard_paths, split_state)
 from llama_mp.model import ModelArgs
@@ -104,14 +105,16 @@ def main() -> None:
     p = sub.add_parser("llama2c", help="llama2.c version-0 .bin -> Meta layout")
     p.add_argument("--input", required=True)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=int, default=1)
+    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("reshard", help="N shards -> M shards")
     p.add_argument("--input_dir", required=True)
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=int, required=True)
+    p.add_argument("--model_parallel_size", type=cli.positive_int, required=True)
     p.add_argument("--overwrite", action="store_true")
     a = parser.parse_args()
+    if global_rank() != 0:  # launched under torchrun/srun: one process converts, the others have nothing to do
+        return
     refuse_existing(a.output_dir, a.overwrite)
     if a.command == "llama2c":
         args, state = read_llama2c(a.input)

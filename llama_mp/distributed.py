@@ -36,14 +36,18 @@ class DistInfo:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what `scontrol show hostnames` prints first)."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a SLURM node list, as `scontrol show hostnames` prints it first:
+    'gpu[07-09,12],cpu1' -> 'gpu07'; 'rack[1-2]-node[01-04]' -> 'rack1-node01'."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first top-level item (commas inside brackets do not count)
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    item = nodelist[:end].strip()
+    if not item or item.count("[") != item.count("]"):
         raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], item)
 
 
 def _environment() -> tuple[int, int, int, Optional[str]]:
@@ -51,12 +55,20 @@ def _environment() -> tuple[int, int, int, Optional[str]]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or anything that sets the env:// variables)
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://"
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:  # srun with one task per process
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        master = env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"])
-        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
-        return rank, world, int(env.get("SLURM_LOCALID", 0)), f"tcp://{master}:{port}"
+    # srun with one task per process. Only srun sets SLURM_STEP_NUM_TASKS; an sbatch script (SLURM_PROCID=0 and
+    # SLURM_NTASKS=N, but a single process) must not wait for peers that never come.
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "SLURM_PROCID" in env and tasks > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+        master = env.get("MASTER_ADDR") or first_host(nodelist)
+        port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+        return int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0)), f"tcp://{master}:{port}"
     return 0, 1, 0, None
+
+
+def global_rank() -> int:
+    """This process's rank before any process group exists (0 for a plain python process)."""
+    return _environment()[0]
 
 
 def init(model_parallel_size: Optional[int] = None, seed: int = 1, backend: Optional[str] = None) -> DistInfo:
@@ -64,7 +76,8 @@ def init(model_parallel_size: Optional[int] = None, seed: int = 1, backend: Opti
     rank, world, local_rank, init_method = _environment()
     use_cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    # local_rank modulo the visible devices: under srun's per-task GPU binding each task sees only its own GPU
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():

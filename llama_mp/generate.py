@@ -6,9 +6,12 @@
 A prompts file has one JSON object per line with a "prompt" string; other fields are copied to the output, which adds
 "generation", "finish_reason" (eos | stop | length), "tokens" and "logprobs". Runs unchanged under python, torchrun and
 srun: prompts are split across data-parallel replicas and rank 0 writes the output file (atomically, in input order).
+Each prompt is sampled with its own seed (from --seed and its position), so results do not depend on the number of
+processes or the batching.
 """
 
 import argparse
+import codecs
 import os
 
 import torch.distributed as dist
@@ -34,7 +37,7 @@ def main() -> None:
     parser.add_argument("--truncate", choices=["error", "left"], default="error",
                         help="a prompt too long for max_seq_len - max_gen_len: refuse it, or keep BOS + its end")
     opts = parser.parse_args()
-    opts.stop = [s.encode().decode("unicode_escape") for s in opts.stop]  # let the shell pass "\n"
+    opts.stop = [codecs.escape_decode(s.encode())[0].decode() for s in opts.stop]  # the shell passes "\n" as 2 chars
 
     if opts.prompts_file:
         if not opts.output_file:
@@ -51,7 +54,7 @@ def main() -> None:
     info, sampler = cli.build(opts)
     mine = list(range(info.data_parallel_rank, len(records), info.data_parallel_size))
     completions = sampler.generate([records[i]["prompt"] for i in mine], opts.max_gen_len, opts.temperature,
-                                   opts.top_p, opts.top_k, opts.stop, seed=opts.seed + info.data_parallel_rank,
+                                   opts.top_p, opts.top_k, opts.stop, seed=[opts.seed * 1_000_003 + i for i in mine],
                                    truncate=opts.truncate)
     results = [(i, {**records[i], "generation": c.text, "finish_reason": c.finish_reason, "tokens": c.tokens,
                     "logprobs": c.logprobs}) for i, c in zip(mine, completions)]

@@ -38,11 +38,31 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
+        """Validated ModelArgs: the architecture keys are required, every value must have the right type and range."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown keys {unknown}")
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+        if missing:
+            raise ValueError(f"missing key {missing[0]!r}")
+        for key, value in params.items():
+            kind = cls._KINDS[key]
+            optional = key in ("n_kv_heads", "ffn_dim_multiplier", "hidden_dim")
+            if value is None and optional:
+                continue
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                  isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{key} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
+            if kind is not bool and value <= 0 and not (key == "vocab_size" and value == -1):
+                raise ValueError(f"{key} must be positive, got {value!r}")
         return cls(**params)
+
+    _KINDS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "multiple_of": int,
+              "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "max_seq_len": int,
+              "hidden_dim": int, "tie_embeddings": bool}
 
     @property
     def kv_heads(self) -> int:

@@ -21,6 +21,7 @@ Prompt too long for `max_seq_len - max_gen_len`: truncate="error" raises PromptT
 and the last tokens that fit.
 """
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -79,7 +80,7 @@ class RowRandom:
     def __init__(self, seed, n: int, device):
         self.device = device
         self.shared, self.per_row = None, None  # seed None: torch's global generator (seeded by distributed.init)
-        if isinstance(seed, int):
+        if isinstance(seed, numbers.Integral):
             self.shared = torch.Generator(device=device).manual_seed(seed)
         elif seed is not None:
             if len(seed) != n:
@@ -111,7 +112,10 @@ class Sampler:
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer.encode(prompt, bos=True, eos=False) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt, bos=True, eos=False) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("an empty prompt: give at least one token (e.g. BOS)")
+        return ids
 
     def _fit(self, index: int, ids: list[int], limit: int, truncate: str) -> tuple[list[int], bool]:
         if len(ids) <= limit:
@@ -193,7 +197,7 @@ class Sampler:
             if stop:
                 for row in (generating & ~hit_eos).nonzero()[:, 0].tolist():
                     start = max(int(lengths[row]), cur + 1 - window)
-                    tail = self.tokenizer.decode(tokens[row, start:cur + 1].tolist())
+                    tail = self.tokenizer.decode_continuation(tokens[row, start:cur + 1].tolist())
                     if any(s in tail for s in stop):
                         finish[row], newly[row] = "stop", True
             if newly.any():
@@ -244,6 +248,9 @@ class Sampler:
             cont_ids = self.tokenizer.encode(cont, bos=False, eos=False) if isinstance(cont, str) else list(cont)
             if not cont_ids:
                 raise ValueError(f"continuation {i} is empty")
+            if len(cont_ids) >= self.max_seq_len:
+                raise PromptTooLongError(f"continuation {i} has {len(cont_ids)} tokens; with its prompt it cannot fit "
+                                         f"max_seq_len {self.max_seq_len}")
             prompt_ids, _ = self._fit(i, self.encode(prompt), self.max_seq_len - len(cont_ids), truncate)
             if not prompt_ids:
                 raise ValueError(f"prompt {i} is empty: the first continuation token needs a context (use BOS)")

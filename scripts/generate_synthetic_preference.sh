@@ -19,7 +19,7 @@ bash "$REPO_ROOT/scripts/launch.sh" step1_synthetic_preference.synthetic_prefere
   ${MODEL_PARALLEL_SIZE:+--model_parallel_size "$MODEL_PARALLEL_SIZE"} "$@"
 # The aggregation is a single CPU process: only the first task of an allocation runs it.
 if [ "${SLURM_PROCID:-0}" = "0" ]; then
-  "${PYTHON:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}" \
+  "${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}" \
     -m step1_synthetic_preference.aggregate_synthetic_preference \
     --response_files "$OUT_DIR/oasst1_response0.jsonl" "$OUT_DIR/oasst1_response1.jsonl" \
     --preference_file "$OUT_DIR/oasst1_preference.jsonl" --output_file "$OUT_DIR/synthetic_preference.json" \

@@ -8,7 +8,8 @@
 #                                                                  one task per process: python directly (llama_mp
 #                                                                  reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)
 # Environment: NPROC_PER_NODE (default: the GPU count, else 1), MASTER_PORT (default: 29500 + job id % 1000),
-# PYTHON (default: the project's .venv if present, else python3), OMP_NUM_THREADS (default: cores / processes).
+# PYTHON_BIN (default: $VENV/bin/python, VENV defaulting to the project's .venv, else python3),
+# OMP_NUM_THREADS (default: cores / processes).
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: bash scripts/launch.sh MODULE [ARGS...]   e.g. bash scripts/launch.sh llama_mp.generate --help" >&2
@@ -16,27 +17,31 @@ if [ $# -lt 1 ]; then
 fi
 MODULE="$1"; shift
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
+VENV="${VENV:-$REPO_ROOT/.venv}"
+if [ -z "${PYTHON_BIN:-}" ]; then
+  if [ -x "$VENV/bin/python" ]; then PYTHON_BIN="$VENV/bin/python"; else PYTHON_BIN=python3; fi
 fi
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-gpus=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | wc -l || echo 0)
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+gpus="${gpus:-0}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / NPROC_PER_NODE > 0 ? $(nproc) / NPROC_PER_NODE : 1 ))}"
 MASTER_PORT="${MASTER_PORT:-$(( 29500 + ${SLURM_JOB_ID:-0} % 1000 ))}"
 
-if [ -n "${SLURM_PROCID:-}" ]; then
+# Inside an srun step (only srun sets SLURM_STEP_NUM_TASKS; an sbatch script itself is one process and runs below).
+if [ -n "${SLURM_PROCID:-}" ] && [ -n "${SLURM_STEP_NUM_TASKS:-}" ]; then
   nodes="${SLURM_STEP_NUM_NODES:-${SLURM_NNODES:-1}}"
-  tasks="${SLURM_STEP_NUM_TASKS:-${SLURM_NTASKS:-1}}"
+  tasks="$SLURM_STEP_NUM_TASKS"
   nodelist="${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-localhost}}"
   master="$(scontrol show hostnames "$nodelist" 2>/dev/null | head -n 1 || true)"
-  [ -n "$master" ] || master="$("$PYTHON" -m llama_mp.distributed "$nodelist")"
+  [ -n "$master" ] || master="$("$PYTHON_BIN" -m llama_mp.distributed "$nodelist")"
   export MASTER_ADDR="${MASTER_ADDR:-$master}" MASTER_PORT
   if [ "$tasks" -gt "$nodes" ]; then  # several tasks per node: each task is one process
-    exec "$PYTHON" -m "$MODULE" "$@"
+    exec "$PYTHON_BIN" -m "$MODULE" "$@"
   fi
-  exec "$PYTHON" -m torch.distributed.run --nnodes "$nodes" --node_rank "${SLURM_NODEID:-$SLURM_PROCID}" \
+  # one task per node here, so the task's rank is the node's rank within this step
+  exec "$PYTHON_BIN" -m torch.distributed.run --nnodes "$nodes" --node_rank "$SLURM_PROCID" \
     --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m "$MODULE" "$@"
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m "$MODULE" "$@"
+exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m "$MODULE" "$@"

@@ -1,13 +1,13 @@
 # Sourced by the entry scripts: create or reuse ./.venv and install requirements.txt into it.
 # Reinstalls only when requirements.txt changed (its hash is stamped into the venv).
-# Override the interpreter with PYTHON=/path/to/python3.11, the venv location with VENV=dir.
+# Override the interpreter that creates the venv with BASE_PYTHON=/path/to/python3.11, the venv location with VENV=dir.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$REPO_ROOT/.venv}"
-PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+BASE_PYTHON="${BASE_PYTHON:-$(command -v python3.11 || command -v python3)}"
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating virtualenv $VENV with $PYTHON"
-  "$PYTHON" -m venv "$VENV"
+  echo "[setup] creating virtualenv $VENV with $BASE_PYTHON"
+  "$BASE_PYTHON" -m venv "$VENV"
 fi
 want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
 have="$(cat "$VENV/.requirements.sha256" 2>/dev/null || true)"

@@ -88,6 +88,18 @@ def test_bad_inputs_give_one_line_errors(converted, tmp_path):
                      str(tmp_path / "x"))
     assert_one_line_error(result, "cut.bin: truncated")
 
+    for bad, message in [({"dim": "64"}, "dim must be int, got '64'"), ({"n_heads": 0}, "n_heads must be positive"),
+                         ({"vocab_size": None}, "vocab_size must be int, got None")]:
+        params = json.load(open(os.path.join(converted, "params.json")))
+        with open(os.path.join(broken, "params.json"), "w") as f:
+            json.dump({**params, **bad}, f)
+        assert_one_line_error(run_cli(*generate, broken), "params.json: " + message)
+    params = json.load(open(os.path.join(converted, "params.json")))
+    del params["dim"]
+    with open(os.path.join(broken, "params.json"), "w") as f:
+        json.dump(params, f)
+    assert_one_line_error(run_cli(*generate, broken), "params.json: missing key 'dim'")
+
     result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
                      str(tmp_path / "nope.model"), "--prompt", "Hi")
     assert_one_line_error(result, "nope.model: tokenizer model not found")
@@ -95,3 +107,11 @@ def test_bad_inputs_give_one_line_errors(converted, tmp_path):
     result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
                      os.path.join(os.path.dirname(TOK512), "tokenizer.model"), "--prompt", "Hi")
     assert_one_line_error(result, "tokenizer has 32000 pieces but the model's vocabulary is 512")
+
+
+def test_convert_under_torchrun_writes_once(tmp_path):
+    out = str(tmp_path / "mp2")
+    result = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "llama_mp.convert",
+                     "llama2c", "--input", STORIES_BIN, "--output_dir", out, "--model_parallel_size", "2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]

@@ -68,6 +68,22 @@ def test_first_host_parses_slurm_node_lists():
     assert first_host("gpu[07-09,12],cpu1") == "gpu07"
     assert first_host("node001") == "node001"
     assert first_host("a-b[3,5]") == "a-b3"
+    assert first_host("rack[1-2]-node[01-04],x") == "rack1-node01"
+    assert first_host("n[1-2]x") == "n1x"
+
+
+def test_an_sbatch_script_is_a_world_of_one(monkeypatch):
+    # sbatch sets SLURM_PROCID=0 and SLURM_NTASKS=N in the batch script, which is still one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
+    for var in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    info = distributed.init()
+    try:
+        assert (info.world_size, info.rank, info.model_parallel_size) == (1, 0, 1)
+    finally:
+        distributed.teardown()
 
 
 def test_launch_as_srun_tasks_and_as_torchrun_per_node(tmp_path, stories_dir):
@@ -80,12 +96,15 @@ def test_launch_as_srun_tasks_and_as_torchrun_per_node(tmp_path, stories_dir):
     port = str(free_port())
     tasks = [subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": "2",
-                                   "SLURM_JOB_ID": "1", "MASTER_PORT": port}) for r in range(2)]
+                                   "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1",
+                                   "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "1", "MASTER_PORT": port})
+             for r in range(2)]
     outs = [t.communicate(timeout=120) for t in tasks]
     assert [t.returncode for t in tasks] == [0, 0], outs
     assert "Once upon a time, there was a little girl\n" in outs[0][0]
     torchrun = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=120,
-                              env={**base, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "NPROC_PER_NODE": "2",
-                                   "SLURM_JOB_ID": "2", "MASTER_PORT": str(free_port())})
+                              env={**base, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1",
+                                   "SLURM_STEP_NUM_NODES": "1", "NPROC_PER_NODE": "2", "SLURM_JOB_ID": "2",
+                                   "MASTER_PORT": str(free_port())})
     assert torchrun.returncode == 0, torchrun.stderr
     assert "Once upon a time, there was a little girl\n" in torchrun.stdout

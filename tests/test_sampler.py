@@ -39,6 +39,26 @@ def test_stop_string_ends_its_row_only(sampler):
     assert second.finish_reason == "length" and len(second.tokens) == 20 and "Lily" not in second.text
 
 
+def test_stop_string_with_a_leading_space_right_at_the_start(sampler):
+    # greedy after "Once upon a time," the story goes on " there was a little girl"
+    out = sampler.generate(["Once upon a time,"], 20, temperature=0.0, stop=[" there"])[0]
+    assert out.finish_reason == "stop" and out.text == ""
+
+
+def test_eos_rows_finish_independently(sampler):
+    prompts = ["Once upon a time", "Tom had a big red"]
+    references = sampler.generate(prompts, 30, temperature=0.0)
+    eos_token = references[0].tokens[5]  # pretend this token is EOS: row 0 meets it at step 6
+    assert eos_token not in references[1].tokens
+    sampler.tokenizer.eos_id = eos_token
+    try:
+        out = sampler.generate(prompts, 30, temperature=0.0)
+    finally:
+        sampler.tokenizer.eos_id = 2
+    assert out[0].finish_reason == "eos" and out[0].tokens == references[0].tokens[:6]
+    assert out[1].finish_reason == "length" and out[1].tokens == references[1].tokens
+
+
 def test_eos_ends_its_row_and_all_finished_exits_early(sampler):
     reference = sampler.generate(["Once upon a time"], 60, temperature=0.0)[0]
     eos_token = reference.tokens[9]  # pretend the 10th greedy token is EOS
