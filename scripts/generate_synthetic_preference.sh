@@ -10,6 +10,9 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/default_model.sh"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/runs/step1}"
+if [ -f "$OUT_DIR/oasst1_preference.jsonl" ] && [[ " $* " != *" --overwrite "* ]]; then
+  echo "[judge] $OUT_DIR/oasst1_preference.jsonl exists: judging skipped (pass --overwrite to redo it)"
+else
 bash "$REPO_ROOT/scripts/launch.sh" step1_synthetic_preference.synthetic_preference \
   --ckpt_dir "$CKPT_DIR" --tokenizer_path "$TOKENIZER" \
   --response_files "$OUT_DIR/oasst1_response0.jsonl" "$OUT_DIR/oasst1_response1.jsonl" \
@@ -17,11 +20,12 @@ bash "$REPO_ROOT/scripts/launch.sh" step1_synthetic_preference.synthetic_prefere
   --max_batch_size "${MAX_BATCH_SIZE:-32}" --max_response_tokens "${MAX_RESPONSE_TOKENS:-640}" \
   --max_instruction_tokens "${MAX_INSTRUCTION_TOKENS:-256}" ${PRINCIPLE_FILE:+--principle_file "$PRINCIPLE_FILE"} \
   ${MODEL_PARALLEL_SIZE:+--model_parallel_size "$MODEL_PARALLEL_SIZE"} "$@"
+fi
 # The aggregation is a single CPU process: only the first task of an allocation runs it.
 if [ "${SLURM_PROCID:-0}" = "0" ]; then
   "${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}" \
     -m step1_synthetic_preference.aggregate_synthetic_preference \
     --response_files "$OUT_DIR/oasst1_response0.jsonl" "$OUT_DIR/oasst1_response1.jsonl" \
     --preference_file "$OUT_DIR/oasst1_preference.jsonl" --output_file "$OUT_DIR/synthetic_preference.json" \
-    ${AGGREGATE_FLAGS:-}
+    ${AGGREGATE_FLAGS:-} $([[ " $* " == *" --overwrite "* ]] && echo --overwrite)
 fi

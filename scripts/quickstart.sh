@@ -6,6 +6,7 @@
 #   1. convert data/llama2c/stories260K.bin to the Meta layout, 1 shard and 2 shards
 #   2. sample completions for data/prompts/stories_prompts.jsonl with 2 processes: 2-way tensor parallel
 #   3. score the completions (teacher-forced log-probs) in one process
+#   4. SALMON step 1 on 32 OASST1 prompts: two responses each, self-judging under 11 principles, aggregation
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 RUN=runs/quickstart
 if [ "${1:-}" = "--fresh" ]; then rm -rf "$RUN"; fi
@@ -13,7 +14,7 @@ mkdir -p "$RUN"
 TOKENIZER=data/llama2c/tok512.model
 stage() { echo "[quickstart] $(date +%H:%M:%S) $*"; }
 
-stage "1/3 convert stories260K to the Meta layout"
+stage "1/4 convert stories260K to the Meta layout"
 for mp in 1 2; do
   if [ ! -f "$RUN/stories260K_mp$mp/params.json" ]; then
     python -m llama_mp.convert llama2c --input data/llama2c/stories260K.bin --output_dir "$RUN/stories260K_mp$mp" \
@@ -23,7 +24,7 @@ for mp in 1 2; do
   fi
 done
 
-stage "2/3 sample with torchrun, 2 processes, model-parallel 2"
+stage "2/4 sample with torchrun, 2 processes, model-parallel 2"
 if [ ! -f "$RUN/samples.jsonl" ]; then
   NPROC_PER_NODE=2 OMP_NUM_THREADS=1 bash scripts/launch.sh llama_mp.generate --ckpt_dir "$RUN/stories260K_mp2" \
     --tokenizer_path "$TOKENIZER" --prompts_file data/prompts/stories_prompts.jsonl --output_file "$RUN/samples.jsonl" \
@@ -32,7 +33,7 @@ else
   echo "  $RUN/samples.jsonl exists, skipped"
 fi
 
-stage "3/3 score the samples with the 1-shard checkpoint"
+stage "3/4 score the samples with the 1-shard checkpoint"
 python - "$RUN" <<'PY'
 import json, sys
 from llama_mp import distributed
@@ -52,4 +53,19 @@ for r, s in zip(records, scores):
           f"mean log-prob {sum(s) / len(s):.3f}, |sampled - rescored| <= {drift:.1e}]")
 distributed.teardown()
 PY
+stage "4/4 SALMON step 1: responses (seeds 42, 43), self-judging, aggregation (2 data-parallel processes)"
+STEP1="$RUN/step1"
+export CKPT_DIR="$RUN/stories260K_mp1" TOKENIZER OUT_DIR="$STEP1" NPROC_PER_NODE=2 MODEL_PARALLEL_SIZE=1 OMP_NUM_THREADS=1
+for i in 0 1; do
+  if [ ! -f "$STEP1/oasst1_response$i.jsonl" ]; then  # a killed run resumes: same command, same flags
+    MAX_PROMPTS=32 MAX_GEN_LEN=128 bash scripts/generate_oasst1_response$i.sh
+  else
+    echo "  $STEP1/oasst1_response$i.jsonl exists, skipped"
+  fi
+done
+if [ ! -f "$STEP1/synthetic_preference.json" ]; then
+  MAX_RESPONSE_TOKENS=128 MAX_INSTRUCTION_TOKENS=64 bash scripts/generate_synthetic_preference.sh
+else
+  echo "  $STEP1/synthetic_preference.json exists, skipped"
+fi
 stage "done: outputs in $RUN"
