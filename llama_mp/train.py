@@ -1,0 +1,319 @@
+"""The one training loop that SFT, reward-model, DPO and PPO updates share.
+
+A task supplies the trainable module (the LLaMA backbone plus any heads), a list of examples, `collate(examples)`
+that makes one micro-batch, and `loss(module, batch) -> (loss, metrics)`. The loop owns everything else:
+  - data order: a seeded permutation per epoch; each optimizer step takes micro_batch_size x grad_accum examples per
+    data-parallel replica, replicas taking disjoint slices (the last partial step of an epoch is kept);
+  - AdamW, linear warmup then cosine decay to min_lr_ratio x lr, gradient clipping on the global norm (tensor-parallel
+    shards counted once), gradients averaged over the data-parallel group;
+  - checkpoints in the Meta layout (one shard per model-parallel rank) plus the heads and the trainer state (optimizer,
+    schedule, step, data position, RNG), written to `checkpoint-N.tmp` and renamed when complete; `resume=True`
+    continues from the latest complete one and ends with the same weights as an uninterrupted run;
+  - metrics as JSONL on rank 0 (`metrics.jsonl`) with a progress line.
+"""
+
+import glob
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+from llama_mp.checkpoint import load_into, load_state, save_params, save_shard, split_dim
+from llama_mp.distributed import DistInfo, barrier
+from llama_mp.jsonl import append_jsonl
+from llama_mp.model import Transformer
+from llama_mp.progress import Progress
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    seed: int = 42
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    eval_every: int = 0
+    keep_checkpoints: int = 2
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown training options {unknown}")
+        config = cls()
+        for key, value in values.items():
+            default = getattr(config, key)
+            try:
+                setattr(config, key, type(default)(value) if default is not None else value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {key} must be {type(default).__name__}, got {value!r}") from None
+        return config
+
+
+def _shard_flags(module: torch.nn.Module, backbone: Transformer) -> dict[str, bool]:
+    """name -> whether the parameter is split across model-parallel ranks (False: replicated on every rank)."""
+    flags = {}
+    for name, _ in module.named_parameters():
+        key = name.split(".", 1)[1] if name.startswith("model.") else None
+        try:
+            flags[name] = key is not None and split_dim(key, backbone.args) is not None
+        except ValueError:
+            flags[name] = False
+    return flags
+
+
+def add_config_flags(parser, *config_classes) -> None:
+    """One flag per field of each config dataclass (default None: the YAML file's or the class's value stands)."""
+    for cls in config_classes:
+        for f in fields(cls):
+            kind = {bool: lambda v: str(v).lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
+            parser.add_argument(f"--{f.name}", type=kind if f.default is not None else str, default=None)
+
+
+def check_config_keys(yaml_path: Optional[str], *config_classes) -> None:
+    """A key of the YAML file that no config class knows is a typo, not something to ignore."""
+    if yaml_path:
+        known = {f.name for cls in config_classes for f in fields(cls)}
+        unknown = sorted(set(_read_yaml(yaml_path)) - known)
+        if unknown:
+            raise ValueError(f"{yaml_path}: unknown options {unknown}")
+
+
+def _read_yaml(yaml_path: str) -> dict:
+    import yaml
+    try:
+        with open(yaml_path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{yaml_path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{yaml_path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{yaml_path}: expected a mapping of options")
+    return loaded
+
+
+def load_config(cls, opts, yaml_path: Optional[str]):
+    """cls from the YAML file (if any), then from the flags that were given."""
+    values = {}
+    if yaml_path:
+        loaded = _read_yaml(yaml_path)
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in loaded.items() if k in names}
+    values.update({f.name: getattr(opts, f.name) for f in fields(cls) if getattr(opts, f.name, None) is not None})
+    return cls.from_dict(values, yaml_path or "flags")
+
+
+class Trainer:
+    def __init__(self, module: torch.nn.Module, backbone: Transformer, examples: list, collate: Callable,
+                 loss: Callable, config: TrainConfig, info: DistInfo,
+                 evaluate: Optional[Callable[[], dict]] = None, task: str = "train"):
+        self.module, self.backbone, self.examples, self.collate, self.loss_fn = module, backbone, examples, collate, loss
+        self.cfg, self.info, self.evaluate, self.task = config, info, evaluate, task
+        params = [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        per_step = config.micro_batch_size * config.grad_accum * info.data_parallel_size
+        self.steps_per_epoch = max(1, math.ceil(len(examples) / per_step))
+        total = math.ceil(self.steps_per_epoch * config.epochs)
+        self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
+        self.warmup_steps = int(config.warmup_ratio * self.total_steps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.step = 0
+        self.sharded = _shard_flags(module, backbone)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.cfg.min_lr_ratio + (1 - self.cfg.min_lr_ratio) * cosine
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def step_examples(self, step: int) -> list[list]:
+        """This replica's micro-batches for optimizer step `step` (a pure function of the step: resume needs no
+        iterator state)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng(self.cfg.seed + epoch).permutation(len(self.examples))
+        per_step = self.cfg.micro_batch_size * self.cfg.grad_accum * self.info.data_parallel_size
+        chunk = order[index * per_step:(index + 1) * per_step]
+        mine = chunk[self.info.data_parallel_rank::self.info.data_parallel_size]
+        mb = self.cfg.micro_batch_size
+        return [[self.examples[i] for i in mine[j:j + mb]] for j in range(0, len(mine), mb)]
+
+    # ---- one optimizer step ---------------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        self.module.train()
+        micro_batches = self.step_examples(self.step)
+        n_local = sum(len(b) for b in micro_batches)
+        n_global = self._all_sum(float(n_local))
+        totals: dict[str, float] = {}
+        tokens = 0
+        for examples in micro_batches:
+            batch = self.collate(examples)
+            loss, metrics = self.loss_fn(self.module, batch)
+            # each example weighs the same however the step is split into replicas and micro-batches
+            (loss * len(examples) * self.info.data_parallel_size / n_global).backward()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * len(examples)
+            tokens += int(batch.get("num_tokens", 0)) if isinstance(batch, dict) else 0
+        self._average_gradients()
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        out = {key: self._all_sum(value) / n_global for key, value in totals.items()}
+        out.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                   tokens=self._all_sum(float(tokens)) / max(1, self.info.model_parallel_size))
+        return out
+
+    def _all_sum(self, value: float) -> float:
+        if self.info.data_parallel_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, group=fs_init.get_data_parallel_group())
+        return float(t)
+
+    def _average_gradients(self) -> None:
+        if self.info.data_parallel_size == 1:
+            return
+        group = fs_init.get_data_parallel_group()
+        for param in self.module.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, group=group)  # losses were pre-scaled: the sum is the average
+
+    def _clip_gradients(self) -> float:
+        """Clip to cfg.grad_clip on the norm of the whole (unsharded) gradient; returns that norm."""
+        sharded_sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        replicated_sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for name, param in self.module.named_parameters():
+            if param.grad is not None:
+                sq = param.grad.detach().double().pow(2).sum()
+                if self.sharded[name]:
+                    sharded_sq += sq
+                else:
+                    replicated_sq += sq
+        if self.info.model_parallel_size > 1:
+            dist.all_reduce(sharded_sq, group=fs_init.get_model_parallel_group())
+        norm = float((sharded_sq + replicated_sq).sqrt())
+        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+            scale = self.cfg.grad_clip / (norm + 1e-6)
+            for param in self.module.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        return norm
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            self.load_latest()
+        os.makedirs(self.cfg.output_dir, exist_ok=True)
+        metrics_file = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        progress = Progress(self.total_steps - self.step, self.task, "steps", every=10.0)
+        last = {}
+        window_tokens, window_start = 0.0, time.perf_counter()
+        while self.step < self.total_steps:
+            last = self.train_step()
+            window_tokens += last.pop("tokens")
+            progress.update(1)
+            record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **last}
+            if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+                now = time.perf_counter()
+                record["tokens_per_s"] = round(window_tokens / max(now - window_start, 1e-9), 1)
+                window_tokens, window_start = 0.0, now
+            if self.evaluate and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            if self.info.is_main and (self.cfg.log_every and self.step % self.cfg.log_every == 0 or
+                                      self.step == self.total_steps):
+                append_jsonl(metrics_file, [record])
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+            last = record
+        self.save()
+        return last
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def save(self) -> str:
+        """checkpoint-<step>/: Meta-layout shards + params.json, head.pth, trainer_state.NN.pth (per model-parallel
+        rank). Written under a .tmp name and renamed by rank 0 once every rank has written."""
+        final = os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}")
+        tmp = final + ".tmp"
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        mp_rank = self.info.model_parallel_rank
+        if self.info.data_parallel_rank == 0:
+            backbone_state = self.backbone.state_dict()
+            save_shard(tmp, mp_rank, backbone_state, self.backbone.args)
+            head = {k: v for k, v in self.module.state_dict().items() if not k.startswith("model.")}
+            # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+            torch.save(state, os.path.join(tmp, f"trainer_state.{mp_rank:02d}.pth"))
+            if mp_rank == 0:
+                torch.save(head, os.path.join(tmp, "head.pth"))
+                save_params(tmp, self.backbone.args)
+        barrier()
+        if self.info.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            with open(os.path.join(self.cfg.output_dir, "latest.tmp"), "w") as f:
+                f.write(os.path.basename(final) + "\n")
+            os.replace(os.path.join(self.cfg.output_dir, "latest.tmp"), os.path.join(self.cfg.output_dir, "latest"))
+            for old in sorted(glob.glob(os.path.join(self.cfg.output_dir, "checkpoint-*[0-9]")),
+                              key=lambda p: int(p.rsplit("-", 1)[1]))[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load_latest(self) -> bool:
+        pointer = os.path.join(self.cfg.output_dir, "latest")
+        if not os.path.exists(pointer):
+            return False
+        with open(pointer) as f:
+            ckpt = os.path.join(self.cfg.output_dir, f.read().strip())
+        _, shard = load_state(ckpt, self.info.model_parallel_size, self.info.model_parallel_rank)
+        load_into(self.backbone, shard, ckpt)
+        head = torch.load(os.path.join(ckpt, "head.pth"), map_location=self.info.device, weights_only=True)
+        result = self.module.load_state_dict(head, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("model.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{ckpt}/head.pth: does not match this task's heads "
+                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        state_file = os.path.join(ckpt, f"trainer_state.{self.info.model_parallel_rank:02d}.pth")
+        if not os.path.exists(state_file):
+            raise ValueError(f"{ckpt}: no trainer state for model-parallel rank {self.info.model_parallel_rank} "
+                             f"(resuming needs the model-parallel size the run was saved with)")
+        state = torch.load(state_file, map_location=self.info.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        if self.info.is_main:
+            print(f"[{self.task}] resumed from {ckpt} at step {self.step}", flush=True)
+        return True

@@ -1,0 +1,225 @@
+"""Train the principle-following reward model on step 1's aggregated preferences.
+
+  python -m step2_reward_model.train_reward_model --config configs/reward_model_tiny.yaml \
+      [--ckpt_dir D --tokenizer_path T --train_file runs/step1/synthetic_preference.json --output_dir runs/rm] [--resume]
+
+Every option of the YAML config is also a flag (flags win). Pairs (step 1's JSON list, or any file of records with
+instruction/input/output_1/output_2/preference) are split by prompt id into train and a held-out part
+(--eval_fraction); the human check uses the ranked sibling answers of OASST1 (--human_eval_file). Checkpoints go to
+<output_dir>/checkpoint-N (Meta layout + head.pth + trainer state); --resume continues the latest one.
+
+Preference-model pre-training (the reference's two stages): train on a general pair file first, then run again with
+--ckpt_dir pointing at that run's checkpoint (its head.pth is loaded) and the synthetic pairs as --train_file.
+"""
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from llama_mp import cli, distributed
+from llama_mp.jsonl import iter_jsonl, read_records
+from llama_mp.tokenizer import Tokenizer
+from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
+from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, load_reward_model, pad_batch,
+                                             pairwise_loss)
+
+
+@dataclass
+class RewardModelOptions:
+    ckpt_dir: str = ""
+    tokenizer_path: str = ""
+    train_file: str = ""
+    principle_file: str = os.path.join(DATA, "salmon/principle_collection_rm.json")
+    prompt_template: str = DEFAULT_RM_PROMPT
+    human_eval_file: str = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
+    eval_fraction: float = 0.1
+    query_len: int = 128
+    response_len: int = 768
+    max_seq_len: int = 1280
+    margin: float = 0.0
+    default_principles: int = 5  # pairs without principles are judged under the first N (the reference's rule)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "RewardModelOptions":
+        options = cls()
+        for key, value in values.items():
+            default = getattr(options, key)
+            try:
+                setattr(options, key, type(default)(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {key} must be {type(default).__name__}, got {value!r}") from None
+        return options
+
+
+def load_principles_by_name(path: str) -> tuple[dict[str, dict], list[dict]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            principles = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
+    if not isinstance(principles, list) or not all(isinstance(p, dict) and "dimension" in p and "definition" in p
+                                                    for p in principles):
+        raise ValueError(f"{path}: expected a list of {{dimension, definition, negative_definition}} objects")
+    return {p["dimension"]: p for p in principles}, principles
+
+
+def pair_examples(path: str, opts: RewardModelOptions) -> list[dict]:
+    """Step-1 records -> {"id", "instruction", "chosen", "rejected", "principles"}; bad records are errors."""
+    by_name, ordered = load_principles_by_name(opts.principle_file)
+    examples = []
+    for position, r in read_records(path):
+        where = f"{path}:{position}"
+        if r.get("preference") not in (1, 2):
+            raise ValueError(f"{where}: \"preference\" must be 1 or 2, got {r.get('preference')!r}")
+        for key in ("instruction", "output_1", "output_2"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                raise ValueError(f"{where}: {key!r} is missing or empty")
+        if isinstance(r.get("principles"), list):
+            principles = r["principles"]
+        elif r.get("dimensions"):
+            names = ast.literal_eval(r["dimensions"])
+            negated = ast.literal_eval(r.get("negative_definitions") or str((0,) * len(names)))
+            unknown = [n for n in names if n not in by_name]
+            if unknown:
+                raise ValueError(f"{where}: principle {unknown[0]!r} is not in {opts.principle_file}")
+            principles = [by_name[n]["negative_definition" if neg else "definition"] for n, neg in zip(names, negated)]
+        else:
+            principles = [p["definition"] for p in ordered[:opts.default_principles]]
+        instruction = f"{r['instruction']}\n\n{r['input']}" if r.get("input") else r["instruction"]
+        chosen, rejected = (r["output_1"], r["output_2"]) if r["preference"] == 1 else (r["output_2"], r["output_1"])
+        pid = r.get("id") or hashlib.sha1(instruction.encode()).hexdigest()[:16]
+        examples.append({"id": pid, "instruction": instruction, "chosen": chosen, "rejected": rejected,
+                         "principles": principles, "margin": float(r.get("margin", 0.0) or 0.0)})
+    if not examples:
+        raise ValueError(f"{path}: no preference pairs")
+    return examples
+
+
+def oasst_human_pairs(messages_file: str, principles: list[str]) -> list[dict]:
+    """Human preference pairs: for each OASST1 prompt, its best-ranked answer against each lower-ranked sibling."""
+    prompts, answers = {}, {}
+    for line, m in iter_jsonl(messages_file):
+        if m.get("deleted"):
+            continue
+        if m.get("role") == "prompter" and m.get("parent_id") is None:
+            prompts[m["message_id"]] = m["text"]
+        elif m.get("role") == "assistant" and m.get("rank") is not None:
+            answers.setdefault(m["parent_id"], []).append((m["rank"], m["text"]))
+    pairs = []
+    for pid, text in prompts.items():
+        ranked = sorted(answers.get(pid, []))
+        for _, worse in ranked[1:]:
+            pairs.append({"id": pid, "instruction": text, "chosen": ranked[0][1], "rejected": worse,
+                          "principles": principles, "margin": 0.0})
+    return pairs
+
+
+def held_out(pid: str, fraction: float) -> bool:
+    """A stable split by prompt id: all passes of one prompt fall on the same side."""
+    return int(hashlib.sha1(pid.encode()).hexdigest()[:8], 16) / 16 ** 8 < fraction
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step2_reward_model.train_reward_model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML with training and reward-model options")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/latest")
+    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto")
+    add_config_flags(parser, TrainConfig, RewardModelOptions)
+    args = parser.parse_args()
+    check_config_keys(args.config, TrainConfig, RewardModelOptions)
+    train_cfg = load_config(TrainConfig, args, args.config)
+    opts = load_config(RewardModelOptions, args, args.config)
+    for key in ("ckpt_dir", "tokenizer_path", "train_file"):
+        if not getattr(opts, key):
+            raise ValueError(f"--{key} is required (flag or config)")
+
+    examples = pair_examples(opts.train_file, opts)
+    train = [e for e in examples if not held_out(e["id"], opts.eval_fraction)]
+    held = [e for e in examples if held_out(e["id"], opts.eval_fraction)]
+    if not train:
+        raise ValueError(f"{opts.train_file}: every pair fell in the held-out part (eval_fraction {opts.eval_fraction})")
+    _, ordered = load_principles_by_name(opts.principle_file)
+    human = (oasst_human_pairs(opts.human_eval_file, [p["definition"] for p in ordered[:opts.default_principles]])
+             if opts.human_eval_file else [])
+
+    info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
+    dtype = cli.DTYPES.get(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
+                           device=info.device, dtype=dtype)
+    builder = PromptBuilder(Tokenizer(opts.tokenizer_path), open(opts.prompt_template, encoding="utf-8").read(),
+                            opts.query_len, opts.response_len)
+
+    def encode(example: dict) -> dict:
+        pair = {k: builder.encode(example["instruction"], example[k], example["principles"])
+                for k in ("chosen", "rejected")}
+        longest = max(len(v) for v in pair.values())
+        if longest > opts.max_seq_len:
+            raise ValueError(f"{opts.train_file}: pair {example['id']} needs {longest} tokens, more than max_seq_len "
+                             f"{opts.max_seq_len}; lower query_len/response_len or raise max_seq_len")
+        return {**pair, "margin": example["margin"]}
+
+    train_data, held_data, human_data = ([encode(e) for e in part] for part in (train, held, human))
+
+    def collate(batch: list[dict]) -> dict:
+        tokens, positions = pad_batch([e["chosen"] for e in batch] + [e["rejected"] for e in batch], info.device)
+        return {"tokens": tokens, "positions": positions, "num_tokens": int(positions.sum()) + len(positions),
+                "margin": torch.tensor([e["margin"] for e in batch], device=info.device)}
+
+    def loss(module, batch):
+        rewards = module(batch["tokens"], batch["positions"])
+        n = len(rewards) // 2
+        return pairwise_loss(rewards[:n], rewards[n:], batch["margin"] if opts.margin == 0 else
+                             torch.full_like(batch["margin"], opts.margin))
+
+    @torch.no_grad()
+    def accuracy_and_margin(data: list[dict]) -> dict:
+        rm.eval()
+        mine = data[info.data_parallel_rank::info.data_parallel_size]
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)
+        for start in range(0, len(mine), train_cfg.micro_batch_size):
+            batch = collate(mine[start:start + train_cfg.micro_batch_size])
+            rewards = rm(batch["tokens"], batch["positions"])
+            n = len(rewards) // 2
+            diff = (rewards[:n] - rewards[n:]).double()
+            sums += torch.stack([(diff > 0).double().sum(), diff.sum(), torch.tensor(float(n), dtype=torch.float64)])
+        if info.data_parallel_size > 1:
+            from fairscale.nn.model_parallel import initialize as fs_init
+            torch.distributed.all_reduce(sums, group=fs_init.get_data_parallel_group())
+        count = max(float(sums[2]), 1.0)
+        return {"accuracy": float(sums[0]) / count, "margin": float(sums[1]) / count, "pairs": int(sums[2])}
+
+    def evaluate() -> dict:
+        out = {}
+        for name, data in (("heldout", held_data), ("human", human_data)):
+            if data:
+                out.update({f"{name}_{k}": v for k, v in accuracy_and_margin(data).items()})
+        return out
+
+    trainer = Trainer(rm, rm.model, train_data, collate, loss, train_cfg, info, evaluate=evaluate, task="reward model")
+    if info.is_main:
+        os.makedirs(train_cfg.output_dir, exist_ok=True)
+        with open(os.path.join(train_cfg.output_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(train_cfg), "reward_model": asdict(opts)}, f, indent=1)
+        print(f"[reward model] {len(train_data)} train pairs, {len(held_data)} held out, {len(human_data)} human "
+              f"pairs; {trainer.total_steps} steps", flush=True)
+    final = trainer.fit(resume=args.resume)
+    results = evaluate()
+    if info.is_main:
+        summary = {"step": trainer.step, "train_loss": final.get("loss"), "train_accuracy": final.get("accuracy"),
+                   **results}
+        with open(os.path.join(train_cfg.output_dir, "eval.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"[reward model] done: {json.dumps(summary)}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
