@@ -172,3 +172,26 @@ def test_bad_training_input_fails_with_one_line(stories_dir, tmp_path):
     result = train([{**good, "dimensions": "('Concise', 'Nonexistent')", "negative_definitions": "(0, 1)"}])
     assert result.returncode == 2 and "principle 'Nonexistent' is not in" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_score_cli_equals_the_model_on_the_built_prompt(world1, stories_dir, tokenizer, tmp_path):
+    import shutil
+    ckpt = str(tmp_path / "rm")
+    shutil.copytree(stories_dir, ckpt)
+    torch.manual_seed(3)
+    rm = RewardModel(load_model(stories_dir))
+    torch.save({"head.weight": rm.head.weight.detach(), "head.bias": torch.tensor([0.25])}, os.path.join(ckpt, "head.pth"))
+    rm.head.bias.data.fill_(0.25)
+    template_file = tmp_path / "template.txt"
+    template_file.write_text(TEMPLATE)
+    result = run_cli("-m", "step2_reward_model.score", "--ckpt_dir", ckpt, "--tokenizer_path", TOK512,
+                     "--instruction", "Tell me a story", "--response", "Once upon a time", "--response", "No.",
+                     "--principle", "Be kind.", "--prompt_template", str(template_file))
+    assert result.returncode == 0, result.stderr
+    got = [r["reward"] for r in json.loads(result.stdout)]
+    builder = PromptBuilder(tokenizer, TEMPLATE)
+    with torch.no_grad():
+        for response, reward in zip(["Once upon a time", "No."], got):
+            seq = builder.encode("Tell me a story", response, ["Be kind."])
+            expected = rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]))[0]
+            assert reward == pytest.approx(float(expected), abs=1e-5)

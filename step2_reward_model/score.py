@@ -1,0 +1,70 @@
+"""The reward of (instruction, response, principles) under a trained reward model.
+
+  python -m step2_reward_model.score --ckpt_dir runs/rm/checkpoint-N --tokenizer_path T \
+      --instruction "How do I boil an egg?" --response "Put it in boiling water for 8 minutes." [--response ...] \
+      [--principle "The AI should be concise." ...] [--prompt_template data/salmon/salmon_reward_model_prompt_v1.txt]
+
+Prints JSON: one {"response", "reward"} per --response. Without --principle, the first --num_principles definitions of
+--principle_file are used. `RewardScorer` is the same thing for Python callers (PPO).
+"""
+
+import argparse
+import json
+
+import torch
+
+from llama_mp import cli, distributed
+from llama_mp.tokenizer import Tokenizer
+from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardModel, load_reward_model,
+                                             pad_batch)
+
+
+class RewardScorer:
+    def __init__(self, rm: RewardModel, builder: PromptBuilder, batch_size: int = 8):
+        self.rm, self.builder, self.batch_size = rm.eval(), builder, batch_size
+
+    @torch.no_grad()
+    def score(self, instructions: list[str], responses: list[str], principles: list[list[str]]) -> torch.Tensor:
+        """Rewards [N] (float32, CPU), read at each prompt's last token."""
+        seqs = [self.builder.encode(i, r, p) for i, r, p in zip(instructions, responses, principles)]
+        device = next(self.rm.parameters()).device
+        out = []
+        for start in range(0, len(seqs), self.batch_size):
+            tokens, positions = pad_batch(seqs[start:start + self.batch_size], device)
+            out.append(self.rm(tokens, positions).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step2_reward_model.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", required=True, help="a reward-model checkpoint (Meta layout + head.pth)")
+    parser.add_argument("--tokenizer_path", required=True)
+    parser.add_argument("--instruction", required=True)
+    parser.add_argument("--response", action="append", required=True)
+    parser.add_argument("--principle", action="append", default=[])
+    parser.add_argument("--principle_file", default=f"{DATA}/salmon/principle_collection_rm.json")
+    parser.add_argument("--num_principles", type=int, default=5)
+    parser.add_argument("--prompt_template", default=DEFAULT_RM_PROMPT)
+    parser.add_argument("--query_len", type=int, default=128)
+    parser.add_argument("--response_len", type=int, default=768)
+    parser.add_argument("--max_seq_len", type=cli.positive_int, default=None)
+    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    opts = parser.parse_args()
+    principles = opts.principle
+    if not principles:
+        with open(opts.principle_file, encoding="utf-8") as f:
+            principles = [p["definition"] for p in json.load(f)[:opts.num_principles]]
+    with open(opts.prompt_template, encoding="utf-8") as f:
+        template = f.read()
+    info = distributed.init(opts.model_parallel_size)
+    rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
+                           device=info.device)
+    scorer = RewardScorer(rm, PromptBuilder(Tokenizer(opts.tokenizer_path), template, opts.query_len,
+                                            opts.response_len))
+    rewards = scorer.score([opts.instruction] * len(opts.response), opts.response, [principles] * len(opts.response))
+    cli.log(json.dumps([{"response": r, "reward": float(x)} for r, x in zip(opts.response, rewards)]))
+
+
+if __name__ == "__main__":
+    cli.run(main)
