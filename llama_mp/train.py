@@ -73,7 +73,10 @@ def _shard_flags(module: torch.nn.Module, backbone: Transformer) -> dict[str, bo
     """name -> whether the parameter is split across model-parallel ranks (False: replicated on every rank)."""
     flags = {}
     for name, _ in module.named_parameters():
-        key = name.split(".", 1)[1] if name.startswith("model.") else None
+        if module is backbone:
+            key = name
+        else:
+            key = name.split(".", 1)[1] if name.startswith("model.") else None
         try:
             flags[name] = key is not None and split_dim(key, backbone.args) is not None
         except ValueError:
@@ -270,7 +273,8 @@ class Trainer:
         if self.info.data_parallel_rank == 0:
             backbone_state = self.backbone.state_dict()
             save_shard(tmp, mp_rank, backbone_state, self.backbone.args)
-            head = {k: v for k, v in self.module.state_dict().items() if not k.startswith("model.")}
+            head = {} if self.module is self.backbone else {
+                k: v for k, v in self.module.state_dict().items() if not k.startswith("model.")}
             # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
@@ -301,7 +305,7 @@ class Trainer:
         load_into(self.backbone, shard, ckpt)
         head = torch.load(os.path.join(ckpt, "head.pth"), map_location=self.info.device, weights_only=True)
         result = self.module.load_state_dict(head, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("model.")]
+        missing = [k for k in result.missing_keys if not k.startswith("model.") and self.module is not self.backbone]
         if missing or result.unexpected_keys:
             raise ValueError(f"{ckpt}/head.pth: does not match this task's heads "
                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")

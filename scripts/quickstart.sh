@@ -7,6 +7,7 @@
 #   2. sample completions for data/prompts/stories_prompts.jsonl with 2 processes: 2-way tensor parallel
 #   3. score the completions (teacher-forced log-probs) in one process
 #   4. SALMON step 1 on 32 OASST1 prompts: two responses each, self-judging under 11 principles, aggregation
+#   5. SALMON step 2: the principle-following reward model on those pairs, evaluated on held-out and human pairs
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 RUN=runs/quickstart
 if [ "${1:-}" = "--fresh" ]; then rm -rf "$RUN"; fi
@@ -14,7 +15,7 @@ mkdir -p "$RUN"
 TOKENIZER=data/llama2c/tok512.model
 stage() { echo "[quickstart] $(date +%H:%M:%S) $*"; }
 
-stage "1/4 convert stories260K to the Meta layout"
+stage "1/5 convert stories260K to the Meta layout"
 for mp in 1 2; do
   if [ ! -f "$RUN/stories260K_mp$mp/params.json" ]; then
     python -m llama_mp.convert llama2c --input data/llama2c/stories260K.bin --output_dir "$RUN/stories260K_mp$mp" \
@@ -24,7 +25,7 @@ for mp in 1 2; do
   fi
 done
 
-stage "2/4 sample with torchrun, 2 processes, model-parallel 2"
+stage "2/5 sample with torchrun, 2 processes, model-parallel 2"
 if [ ! -f "$RUN/samples.jsonl" ]; then
   NPROC_PER_NODE=2 OMP_NUM_THREADS=1 bash scripts/launch.sh llama_mp.generate --ckpt_dir "$RUN/stories260K_mp2" \
     --tokenizer_path "$TOKENIZER" --prompts_file data/prompts/stories_prompts.jsonl --output_file "$RUN/samples.jsonl" \
@@ -33,7 +34,7 @@ else
   echo "  $RUN/samples.jsonl exists, skipped"
 fi
 
-stage "3/4 score the samples with the 1-shard checkpoint"
+stage "3/5 score the samples with the 1-shard checkpoint"
 python - "$RUN" <<'PY'
 import json, sys
 from llama_mp import distributed
@@ -53,7 +54,7 @@ for r, s in zip(records, scores):
           f"mean log-prob {sum(s) / len(s):.3f}, |sampled - rescored| <= {drift:.1e}]")
 distributed.teardown()
 PY
-stage "4/4 SALMON step 1: responses (seeds 42, 43), self-judging, aggregation (2 data-parallel processes)"
+stage "4/5 SALMON step 1: responses (seeds 42, 43), self-judging, aggregation (2 data-parallel processes)"
 STEP1="$RUN/step1"
 export CKPT_DIR="$RUN/stories260K_mp1" TOKENIZER OUT_DIR="$STEP1" NPROC_PER_NODE=2 MODEL_PARALLEL_SIZE=1 OMP_NUM_THREADS=1
 for i in 0 1; do
@@ -68,4 +69,13 @@ if [ ! -f "$STEP1/synthetic_preference.json" ]; then
 else
   echo "  $STEP1/synthetic_preference.json exists, skipped"
 fi
+stage "5/5 SALMON step 2: reward model (2 data-parallel processes)"
+if [ ! -f "$RUN/rm/eval.json" ]; then
+  resume=$([ -f "$RUN/rm/latest" ] && echo --resume || true)  # a killed run continues from its last checkpoint
+  TRAIN_FILE="$STEP1/synthetic_preference.json" OUTPUT_DIR="$RUN/rm" bash scripts/train_reward_model.sh \
+    --save_every 5 $resume
+else
+  echo "  $RUN/rm/eval.json exists, skipped"
+fi
+cat "$RUN/rm/eval.json"; echo
 stage "done: outputs in $RUN"

@@ -6,14 +6,13 @@ import json
 import os
 from typing import Optional
 
+from llama_mp.chat import DEFAULT_META_PROMPT, STOP, dromedary_query  # noqa: F401 (re-exported for step 1)
 from llama_mp.jsonl import iter_jsonl, read_records
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_PROMPTS = os.path.join(DATA, "oasst1/oasst1_prompts.json")
-DEFAULT_META_PROMPT = os.path.join(DATA, "salmon/dromedary_inference_prompt.txt")
 DEFAULT_JUDGE_PROMPT = os.path.join(DATA, "salmon/synthetic_preference_prompt.txt")
 DEFAULT_PRINCIPLES = os.path.join(DATA, "salmon/principle_collection_rm.json")
-STOP = "\n\n### User"
 
 
 def prompt_id(instruction: str, input_text: str = "") -> str:
@@ -46,12 +45,6 @@ def read_text(path: str) -> str:
         raise FileNotFoundError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def dromedary_query(meta_prompt: str, instruction: str, input_text: str = "") -> str:
-    """`{meta}\\n{instruction}\\n\\n### Dromedary`, with `\\n\\n{input}` after the instruction when there is one."""
-    body = f"{instruction}\n\n{input_text}" if input_text else instruction
-    return f"{meta_prompt}\n{body}\n\n### Dromedary"
 
 
 def load_principles(path: str, fields: tuple[str, ...] = ("dimension", "definition")) -> list[dict]:
