@@ -1,0 +1,205 @@
+"""DPO on prompt/chosen/rejected pairs, through the project's shared training loop.
+
+  python -m step3_rl.train_dpo --config configs/dpo_tiny.yaml --ckpt_dir D --tokenizer_path T \
+      --train_file runs/step1/synthetic_preference_pairs.jsonl --output_dir runs/dpo [--resume]
+
+Pairs: JSONL or a JSON list; prompt/chosen/rejected as plain strings or message lists (OpenRLHF/TRL style: the prompt's
+user turns, the chosen/rejected assistant turn; without a prompt key, chosen/rejected are whole conversations and the
+prompt is everything before their last message). Key names are options (e.g. --rejected_key reject). The policy sees
+the Dromedary format (--prompt_format dromedary; `plain` uses the prompt text as is); log-probs are summed over response
+tokens only. Reference log-probs come from the initial policy, computed once before training: no second model is held
+during updates. Every option of the YAML config is also a flag.
+"""
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from llama_mp import cli, distributed
+from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, split_tokens
+from llama_mp.checkpoint import load_model
+from llama_mp.jsonl import read_records
+from llama_mp.tokenizer import Tokenizer
+from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
+from step3_rl.dpo import dpo_loss, response_logprobs
+
+
+@dataclass
+class DPOOptions:
+    ckpt_dir: str = ""
+    tokenizer_path: str = ""
+    train_file: str = ""
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    prompt_format: str = "dromedary"
+    meta_prompt_file: str = DEFAULT_META_PROMPT
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    max_prompt_len: int = 256
+    max_response_len: int = 512
+    max_seq_len: int = 1024
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "DPOOptions":
+        options = cls()
+        for key, value in values.items():
+            try:
+                setattr(options, key, type(getattr(options, key))(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {key} must be {type(getattr(options, key)).__name__}, got {value!r}") from None
+        return options
+
+
+def _text(value, where: str, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in value):
+        return "\n\n".join(m["content"] for m in value)
+    raise ValueError(f"{where}: {key!r} must be a string or a list of {{role, content}} messages")
+
+
+def read_pairs(path: str, opts: DPOOptions) -> list[dict]:
+    """[{"prompt", "chosen", "rejected"}] as plain text."""
+    pairs = []
+    for position, record in read_records(path):
+        where = f"{path}:{position}"
+        for key in (opts.chosen_key, opts.rejected_key):
+            if key not in record:
+                raise ValueError(f"{where}: no {key!r} field (set --chosen_key/--rejected_key)")
+        chosen, rejected = record[opts.chosen_key], record[opts.rejected_key]
+        if opts.prompt_key in record:
+            prompt = _text(record[opts.prompt_key], where, opts.prompt_key)
+        elif isinstance(chosen, list) and len(chosen) >= 2:  # whole conversations: the prompt is all but the last
+            prompt = _text(chosen[:-1], where, opts.chosen_key)
+            chosen, rejected = chosen[-1:], rejected[-1:] if isinstance(rejected, list) else rejected
+        else:
+            raise ValueError(f"{where}: no {opts.prompt_key!r} field and no conversation to take the prompt from")
+        chosen, rejected = _text(chosen, where, opts.chosen_key), _text(rejected, where, opts.rejected_key)
+        if not chosen.strip() or not rejected.strip():
+            raise ValueError(f"{where}: empty chosen or rejected response")
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
+
+
+def encode_pair(pair: dict, tokenizer: Tokenizer, opts: DPOOptions, meta_prompt: str) -> dict:
+    """Token ids and response masks of both sequences; the prompt is cut from the left, responses from the right."""
+    query = dromedary_query(meta_prompt, pair["prompt"]) if opts.prompt_format == "dromedary" else pair["prompt"]
+    lead = "\n" if opts.prompt_format == "dromedary" else ""  # the Dromedary answer starts on a new line
+    out = {}
+    for side in ("chosen", "rejected"):
+        prompt_ids, response_ids = split_tokens(tokenizer, query, lead + pair[side])
+        if len(prompt_ids) > opts.max_prompt_len:
+            prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - opts.max_prompt_len + 1:]  # keep BOS
+        response_ids = response_ids[:opts.max_response_len]
+        if not response_ids:
+            raise ValueError(f"pair with prompt {pair['prompt'][:40]!r}: empty {side} response after tokenization")
+        if len(prompt_ids) + len(response_ids) > opts.max_seq_len:
+            raise ValueError(f"pair with prompt {pair['prompt'][:40]!r}: {len(prompt_ids) + len(response_ids)} tokens "
+                             f"exceed max_seq_len {opts.max_seq_len}")
+        out[side] = (prompt_ids, response_ids)
+    return out
+
+
+def collate(examples: list[dict], device) -> dict:
+    """Chosen sequences then rejected ones, right-padded, with response masks and reference log-probs."""
+    seqs = [e[side] for side in ("chosen", "rejected") for e in examples]
+    width = max(len(p) + len(r) for p, r in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), width, device=device)
+    for row, (prompt, response) in enumerate(seqs):
+        tokens[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+        mask[row, len(prompt):len(prompt) + len(response)] = 1.0
+    refs = torch.tensor([e.get(f"ref_{side}", 0.0) for side in ("chosen", "rejected") for e in examples],
+                        device=device)
+    return {"tokens": tokens, "mask": mask, "ref": refs, "num_tokens": int(sum(len(p) + len(r) for p, r in seqs))}
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    return response_logprobs(model(batch["tokens"]), batch["tokens"], batch["mask"])
+
+
+@torch.no_grad()
+def add_reference_logprobs(model, examples: list[dict], batch_size: int, info) -> None:
+    """ref_chosen / ref_rejected for every example from the initial policy; replicas split the work and share it."""
+    model.eval()
+    mine = list(range(info.data_parallel_rank, len(examples), info.data_parallel_size))
+    results = {}
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        logps = sequence_logprobs(model, collate([examples[i] for i in idx], info.device)).cpu().tolist()
+        for j, i in enumerate(idx):
+            results[i] = (logps[j], logps[len(idx) + j])
+    if info.data_parallel_size > 1:
+        from fairscale.nn.model_parallel import initialize as fs_init
+        gathered = [None] * info.data_parallel_size
+        dist.all_gather_object(gathered, results, group=fs_init.get_data_parallel_group())
+        results = {k: v for part in gathered for k, v in part.items()}
+    for i, (chosen, rejected) in results.items():
+        examples[i]["ref_chosen"], examples[i]["ref_rejected"] = chosen, rejected
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step3_rl.train_dpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML with training and DPO options")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto")
+    add_config_flags(parser, TrainConfig, DPOOptions)
+    args = parser.parse_args()
+    check_config_keys(args.config, TrainConfig, DPOOptions)
+    train_cfg = load_config(TrainConfig, args, args.config)
+    opts = load_config(DPOOptions, args, args.config)
+    for key in ("ckpt_dir", "tokenizer_path", "train_file"):
+        if not getattr(opts, key):
+            raise ValueError(f"--{key} is required (flag or config)")
+    if opts.loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"loss_type must be sigmoid or ipo, got {opts.loss_type!r}")
+    pairs = read_pairs(opts.train_file, opts)
+    tokenizer = Tokenizer(opts.tokenizer_path)
+    with open(opts.meta_prompt_file, encoding="utf-8") as f:
+        meta_prompt = f.read()
+    examples = [encode_pair(p, tokenizer, opts, meta_prompt) for p in pairs]
+
+    info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
+    dtype = cli.DTYPES.get(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
+                       device=info.device, dtype=dtype)
+    if not args.resume or not os.path.exists(os.path.join(train_cfg.output_dir, "latest")):
+        add_reference_logprobs(model, examples, train_cfg.micro_batch_size, info)
+        if info.is_main:
+            os.makedirs(train_cfg.output_dir, exist_ok=True)
+            with open(os.path.join(train_cfg.output_dir, "reference_logprobs.json"), "w") as f:
+                json.dump([[e["ref_chosen"], e["ref_rejected"]] for e in examples], f)
+    else:  # the reference is the initial policy: its log-probs were saved by the first run
+        with open(os.path.join(train_cfg.output_dir, "reference_logprobs.json")) as f:
+            for e, (chosen, rejected) in zip(examples, json.load(f)):
+                e["ref_chosen"], e["ref_rejected"] = chosen, rejected
+
+    def loss(module, batch):
+        logps = sequence_logprobs(module, batch)
+        n = len(logps) // 2
+        return dpo_loss(logps[:n], logps[n:], batch["ref"][:n], batch["ref"][n:], opts.beta, opts.label_smoothing,
+                        opts.loss_type)
+
+    trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), loss, train_cfg, info, task="dpo")
+    if info.is_main:
+        with open(os.path.join(train_cfg.output_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(train_cfg), "dpo": asdict(opts)}, f, indent=1)
+        print(f"[dpo] {len(examples)} pairs; {trainer.total_steps} steps", flush=True)
+    final = trainer.fit(resume=args.resume)
+    if info.is_main:
+        print(f"[dpo] done: {json.dumps(final)}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
