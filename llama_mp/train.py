@@ -129,9 +129,17 @@ def load_config(cls, opts, yaml_path: Optional[str]):
 class Trainer:
     def __init__(self, module: torch.nn.Module, backbone: Transformer, examples: list, collate: Callable,
                  loss: Callable, config: TrainConfig, info: DistInfo,
-                 evaluate: Optional[Callable[[], dict]] = None, task: str = "train"):
+                 evaluate: Optional[Callable[[], dict]] = None, task: str = "train",
+                 save_extra: Optional[Callable[[str], None]] = None, load_extra: Optional[Callable[[str], None]] = None,
+                 head_prefixes: Optional[tuple[str, ...]] = None):
+        """The backbone is `module.model` (or `module` itself); the other parameters of `module` are its heads, saved
+        in head.pth (or only those under `head_prefixes`). save_extra(dir) / load_extra(dir): a task's own state
+        (PPO: the value model, the KL controller), written into the checkpoint directory by every rank before it is
+        made final, and read back on resume."""
+        self.head_prefixes = head_prefixes
         self.module, self.backbone, self.examples, self.collate, self.loss_fn = module, backbone, examples, collate, loss
         self.cfg, self.info, self.evaluate, self.task = config, info, evaluate, task
+        self.save_extra, self.load_extra = save_extra, load_extra
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -146,6 +154,12 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
         self.sharded = _shard_flags(module, backbone)
+
+    def set_total_steps(self, total: int) -> None:
+        """For tasks that count their own optimizer steps (PPO): the schedule's length, warmup included."""
+        self.total_steps, self.warmup_steps = total, int(self.cfg.warmup_ratio * total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * self.lr_factor(self.step)
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
@@ -169,8 +183,11 @@ class Trainer:
 
     # ---- one optimizer step ---------------------------------------------------------------------------------------
     def train_step(self) -> dict:
+        return self.update(self.step_examples(self.step))
+
+    def update(self, micro_batches: list[list]) -> dict:
+        """One optimizer step over this replica's micro-batches (PPO calls it once per minibatch of its rollouts)."""
         self.module.train()
-        micro_batches = self.step_examples(self.step)
         n_local = sum(len(b) for b in micro_batches)
         n_global = self._all_sum(float(n_local))
         totals: dict[str, float] = {}
@@ -260,6 +277,13 @@ class Trainer:
         return last
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def heads(self, state: dict) -> dict:
+        if self.module is self.backbone:
+            return {}
+        if self.head_prefixes is not None:
+            return {k: v for k, v in state.items() if k.startswith(self.head_prefixes)}
+        return {k: v for k, v in state.items() if not k.startswith("model.")}
+
     def save(self) -> str:
         """checkpoint-<step>/: Meta-layout shards + params.json, head.pth, trainer_state.NN.pth (per model-parallel
         rank). Written under a .tmp name and renamed by rank 0 once every rank has written."""
@@ -273,8 +297,7 @@ class Trainer:
         if self.info.data_parallel_rank == 0:
             backbone_state = self.backbone.state_dict()
             save_shard(tmp, mp_rank, backbone_state, self.backbone.args)
-            head = {} if self.module is self.backbone else {
-                k: v for k, v in self.module.state_dict().items() if not k.startswith("model.")}
+            head = self.heads(self.module.state_dict())
             # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
@@ -282,6 +305,8 @@ class Trainer:
             if mp_rank == 0:
                 torch.save(head, os.path.join(tmp, "head.pth"))
                 save_params(tmp, self.backbone.args)
+        if self.save_extra:
+            self.save_extra(tmp)
         barrier()
         if self.info.is_main:
             shutil.rmtree(final, ignore_errors=True)
@@ -305,7 +330,7 @@ class Trainer:
         load_into(self.backbone, shard, ckpt)
         head = torch.load(os.path.join(ckpt, "head.pth"), map_location=self.info.device, weights_only=True)
         result = self.module.load_state_dict(head, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("model.") and self.module is not self.backbone]
+        missing = sorted(set(self.heads(self.module.state_dict())) - set(head))
         if missing or result.unexpected_keys:
             raise ValueError(f"{ckpt}/head.pth: does not match this task's heads "
                              f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
@@ -318,6 +343,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.step = state["step"]
         torch.set_rng_state(state["torch_rng"])
+        if self.load_extra:
+            self.load_extra(ckpt)
         if self.info.is_main:
             print(f"[{self.task}] resumed from {ckpt} at step {self.step}", flush=True)
         return True

@@ -1,0 +1,343 @@
+"""PPO against the principle-following reward model (SALMON step 3), through the project's shared training loop.
+
+  python -m step3_rl.train_ppo --config configs/ppo_tiny.yaml --policy_ckpt D --reward_ckpt runs/rm/checkpoint-N \
+      --tokenizer_path T --output_dir runs/ppo [--resume]
+
+Roles: the policy (trained), a frozen copy of it (the KL reference), the value model (the reward model's backbone with
+a zero-initialised head, trained) and the reward model (frozen). Each PPO step:
+  1. rollout: --rollout_batch_size prompts per data-parallel replica in the Dromedary format, sampled by the llama_mp
+     sampler (temperature 0.7), cut at "\\n\\n### User" or EOS; one seed per (step, rollout), so a resumed run repeats it;
+  2. scoring: salmon_reward_model_prompt_v1.txt with 3 principles drawn by weight without replacement from
+     principle_collection_ppo.json per rollout; the reward is read at the last real token; a response that never
+     stopped gets --unfinished_penalty; optional length bonus (--length_bonus_scale, x the prompt's "length_bonus");
+  3. advantages: per-token k1 KL to the reference (optionally clamped at 0, as the reference does) times the fixed or
+     adaptive coefficient, the score at each row's last token, optional reward whitening or scaling; GAE; whitened;
+  4. update: --ppo_epochs passes over shuffled minibatches; clipped policy loss + vf_coef x clipped value loss;
+     log-probs recomputed with logits / temperature.
+Logged per step (metrics.jsonl + progress line): reward mean/std, KL, entropy, approx-KL, clip fractions, value loss,
+response length, share unfinished, seconds in generation / scoring / update; rollouts saved as rollouts/step_N.jsonl.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from llama_mp import cli, distributed
+from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query
+from llama_mp.checkpoint import load_into, load_model, load_state, save_params, save_shard
+from llama_mp.jsonl import append_jsonl, read_records
+from llama_mp.progress import Progress
+from llama_mp.sampler import Sampler
+from llama_mp.tokenizer import Tokenizer
+from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
+from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model, pad_batch
+from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
+
+
+@dataclass
+class PPOOptions:
+    policy_ckpt: str = ""
+    reward_ckpt: str = ""
+    value_ckpt: str = ""  # default: the reward model's backbone
+    tokenizer_path: str = ""
+    prompt_file: str = os.path.join(DATA, "oasst1/oasst1_prompts.json")
+    max_prompts: int = 0
+    meta_prompt_file: str = DEFAULT_META_PROMPT
+    rm_prompt_template: str = os.path.join(DATA, "salmon/salmon_reward_model_prompt_v1.txt")
+    principle_file: str = os.path.join(DATA, "salmon/principle_collection_ppo.json")
+    num_principles: int = 3
+    ppo_steps: int = 10
+    rollout_batch_size: int = 8  # prompts per data-parallel replica per PPO step
+    ppo_minibatch_size: int = 4
+    ppo_epochs: int = 2
+    temperature: float = 0.7
+    max_prompt_len: int = 256
+    max_gen_len: int = 128
+    max_seq_len: int = 512
+    rm_query_len: int = 128
+    rm_response_len: int = 512
+    rm_max_seq_len: int = 1536
+    kl_coef: float = 0.01
+    kl_target: float = 0.0  # > 0: adaptive KL coefficient (Ziegler) toward this KL per sequence
+    kl_horizon: float = 10000.0
+    kl_clamp_min: bool = False
+    gamma: float = 1.0
+    lam: float = 1.0
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    unfinished_penalty: float = -6.0
+    length_bonus_scale: float = 0.0
+    length_bonus_cap: float = 0.8
+    reward_scale: float = 1.0
+    whiten_rewards: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "PPOOptions":
+        options = cls()
+        for key, value in values.items():
+            kind = type(getattr(options, key))
+            try:
+                setattr(options, key, value if kind is bool and isinstance(value, bool) else kind(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
+        return options
+
+
+class PolicyAndValue(nn.Module):
+    """The trained parameters: `model` is the policy (the Trainer's backbone), `value` the value model."""
+
+    def __init__(self, policy, value: RewardModel):
+        super().__init__()
+        self.model, self.value = policy, value
+
+
+def weighted_sample(rng: random.Random, principles: list[dict], k: int) -> list[str]:
+    """k definitions drawn by weight without replacement."""
+    pool, chosen = list(principles), []
+    for _ in range(min(k, len(pool))):
+        pick = rng.choices(range(len(pool)), weights=[p.get("weight", 1) for p in pool])[0]
+        chosen.append(pool.pop(pick)["definition"])
+    return chosen
+
+
+def rollout_seed(seed: int, step: int, index: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{step}:{index}".encode()).hexdigest()[:15], 16)
+
+
+def forward_logp_values(module: PolicyAndValue, batch: dict, temperature: float, with_value: bool = True):
+    """Per response token: log-prob under logits / T, entropy, and the value from the hidden state before it."""
+    tokens, start, length = batch["tokens"], batch["start"], batch["mask"].shape[1]
+    logits = module.model(tokens)
+    index = (start[:, None] - 1 + torch.arange(length, device=tokens.device)[None, :]).clamp(max=tokens.shape[1] - 1)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+    step_logits = logits[rows, index] / temperature
+    targets = tokens[rows, (index + 1).clamp(max=tokens.shape[1] - 1)]
+    logp_all = torch.log_softmax(step_logits.float(), dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    values = None
+    if with_value:
+        hidden = module.value.model(tokens, return_hidden=True)
+        values = module.value.head(hidden[rows, index].float()).squeeze(-1)
+    return logp, entropy, values
+
+
+def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
+            reward_fn: Optional[Callable[[list[dict]], torch.Tensor]] = None) -> list[dict]:
+    """The PPO loop; `reward_fn(rollouts)` replaces the reward model (tests use a programmatic reward)."""
+    tokenizer = Tokenizer(opts.tokenizer_path)
+    prompts = [r for _, r in read_records(opts.prompt_file)]
+    if opts.max_prompts:
+        prompts = prompts[:opts.max_prompts]
+    for i, p in enumerate(prompts, start=1):
+        if not isinstance(p.get("instruction"), str):
+            raise ValueError(f"{opts.prompt_file}:{i}: record has no \"instruction\" string")
+    with open(opts.meta_prompt_file, encoding="utf-8") as f:
+        meta = f.read()
+    queries = [tokenizer.encode(dromedary_query(meta, p["instruction"], p.get("input") or ""), bos=True, eos=False)
+               for p in prompts]
+    keep = [i for i, q in enumerate(queries) if len(q) <= opts.max_prompt_len]  # longer prompts are filtered out
+    if not keep:
+        raise ValueError(f"{opts.prompt_file}: no prompt fits max_prompt_len {opts.max_prompt_len}")
+    mp_size, mp_rank, device = info.model_parallel_size, info.model_parallel_rank, info.device
+    policy = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device)
+    reference = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device).eval()
+    value = RewardModel(load_model(opts.value_ckpt or opts.reward_ckpt or opts.policy_ckpt, mp_size, mp_rank,
+                                   opts.max_seq_len, device=device))
+    with torch.no_grad():
+        value.head.weight.zero_()  # the value head starts at zero
+        value.head.bias.zero_()
+    module = PolicyAndValue(policy, value)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    if reward_fn is None:
+        rm = load_reward_model(opts.reward_ckpt, mp_size, mp_rank, opts.rm_max_seq_len, device=device).eval()
+        with open(opts.rm_prompt_template, encoding="utf-8") as f:
+            builder = PromptBuilder(tokenizer, f.read(), opts.rm_query_len, opts.rm_response_len)
+        with open(opts.principle_file, encoding="utf-8") as f:
+            principles = json.load(f)
+
+        @torch.no_grad()
+        def reward_fn(rollouts: list[dict]) -> torch.Tensor:
+            seqs = [builder.encode(r["instruction"], r["response"], r["principles"]) for r in rollouts]
+            scores = []
+            for start in range(0, len(seqs), cfg.micro_batch_size):
+                tokens, positions = pad_batch(seqs[start:start + cfg.micro_batch_size], device)
+                scores.append(rm(tokens, positions).float())
+            return torch.cat(scores)
+    else:
+        principles = [{"definition": "", "weight": 1}]
+    sampler = Sampler(policy, tokenizer, max_batch_size=opts.rollout_batch_size, progress_every=1e9)
+    kl_ctl = KLController(opts.kl_coef, opts.kl_target, opts.kl_horizon)
+    state = {"ppo_step": 0}
+    minibatches = -(-opts.rollout_batch_size // opts.ppo_minibatch_size)
+
+    def save_extra(directory: str) -> None:
+        if info.data_parallel_rank == 0:
+            save_shard(os.path.join(directory, "value"), mp_rank, value.model.state_dict(), value.model.args)
+            if mp_rank == 0:
+                save_params(os.path.join(directory, "value"), value.model.args)
+                torch.save({"head.weight": value.head.weight.detach(), "head.bias": value.head.bias.detach()},
+                           os.path.join(directory, "value", "head.pth"))
+                with open(os.path.join(directory, "ppo_state.json"), "w") as f:
+                    json.dump({**state, "kl": kl_ctl.state_dict()}, f)
+
+    def load_extra(directory: str) -> None:
+        _, shard = load_state(os.path.join(directory, "value"), mp_size, mp_rank)
+        load_into(value.model, shard, os.path.join(directory, "value"))
+        head = torch.load(os.path.join(directory, "value", "head.pth"), map_location=device, weights_only=True)
+        value.load_state_dict(head, strict=False)
+        with open(os.path.join(directory, "ppo_state.json")) as f:
+            saved = json.load(f)
+        state["ppo_step"] = saved["ppo_step"]
+        kl_ctl.load_state_dict(saved["kl"])
+
+    def loss(mod, batch):
+        logp, _, values = forward_logp_values(mod, batch, opts.temperature)
+        pg, pg_metrics = policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"], opts.clip)
+        vf, vf_metrics = value_loss(values, batch["old_values"], batch["returns"], batch["mask"], opts.value_clip)
+        return pg + opts.vf_coef * vf, {**pg_metrics, **vf_metrics}
+
+    current = {}  # this step's rollout batch: micro-batches are lists of its row indices
+
+    trainer = Trainer(module, policy, [], lambda rows: select(current["batch"], rows), loss, cfg, info, task="ppo",
+                      save_extra=save_extra, load_extra=load_extra, head_prefixes=())
+    trainer.set_total_steps(opts.ppo_steps * opts.ppo_epochs * minibatches)
+    if resume:
+        trainer.load_latest()
+    os.makedirs(os.path.join(cfg.output_dir, "rollouts"), exist_ok=True)
+    history = []
+    per_step = opts.rollout_batch_size * info.data_parallel_size
+    progress = Progress(opts.ppo_steps - state["ppo_step"], "ppo", "steps")
+    while state["ppo_step"] < opts.ppo_steps:
+        step = state["ppo_step"]
+        # 1. rollouts: a deterministic slice of a per-epoch permutation of the prompts
+        order = np.random.default_rng(cfg.seed + (step * per_step) // len(keep)).permutation(keep)
+        first = (step * per_step) % len(keep) + info.data_parallel_rank * opts.rollout_batch_size
+        chosen = [int(order[(first + j) % len(keep)]) for j in range(opts.rollout_batch_size)]
+        t0 = time.perf_counter()
+        completions = sampler.generate([queries[i] for i in chosen], opts.max_gen_len, opts.temperature,
+                                       stop=[STOP], seed=[rollout_seed(cfg.seed, step, first + j)
+                                                           for j in range(len(chosen))])
+        t1 = time.perf_counter()
+        rng = random.Random(rollout_seed(cfg.seed, step, -1 - info.data_parallel_rank))
+        rollouts = [{"prompt_index": i, "instruction": prompts[i]["instruction"], "response": c.text,
+                     "finish_reason": c.finish_reason, "tokens": c.tokens,
+                     "principles": weighted_sample(rng, principles, opts.num_principles)}
+                    for i, c in zip(chosen, completions)]
+        # 2. scores
+        score = reward_fn(rollouts).to(device).float()
+        finished = torch.tensor([r["finish_reason"] in ("eos", "stop") for r in rollouts], device=device)
+        raw_score = score.clone()
+        score = score + (~finished).float() * opts.unfinished_penalty
+        if opts.length_bonus_scale:
+            frac = torch.tensor([len(r["tokens"]) / opts.max_gen_len * float(prompts[r["prompt_index"]].get(
+                "length_bonus", 1.0)) for r in rollouts], device=device)
+            score = score + opts.length_bonus_scale * frac.clamp(max=opts.length_bonus_cap)
+        t2 = time.perf_counter()
+        # 3. old log-probs, reference log-probs, values; shaped rewards; GAE
+        batch = rollout_batch(queries, chosen, [r["tokens"] for r in rollouts], device)
+        with torch.no_grad():
+            old_logp, entropy, old_values = forward_logp_values(module, batch, opts.temperature)
+            ref_logp, _, _ = forward_logp_values(PolicyAndValue(reference, value), batch, opts.temperature,
+                                                 with_value=False)
+        mask = batch["mask"]
+        rewards, kl = shaped_rewards(score * opts.reward_scale, old_logp, ref_logp, mask, kl_ctl.value,
+                                     opts.kl_clamp_min)
+        if opts.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, old_values, mask, opts.gamma, opts.lam)
+        advantages = whiten(advantages, mask)
+        batch.update(old_logp=old_logp, old_values=old_values, advantages=advantages, returns=returns)
+        current["batch"] = batch
+        # 4. update: epochs over shuffled minibatches, each one optimizer step of the shared loop
+        stats = []
+        shuffle = np.random.default_rng(rollout_seed(cfg.seed, step, -1000))
+        for _ in range(opts.ppo_epochs):
+            perm = shuffle.permutation(len(rollouts))
+            for m in range(minibatches):
+                rows = perm[m * opts.ppo_minibatch_size:(m + 1) * opts.ppo_minibatch_size]
+                stats.append(trainer.update([list(rows[k:k + cfg.micro_batch_size])
+                                             for k in range(0, len(rows), cfg.micro_batch_size)]))
+        t3 = time.perf_counter()
+        seq_kl = float((kl * mask).sum(1).mean())
+        kl_ctl.update(seq_kl, per_step)
+        state["ppo_step"] = step + 1
+        record = {"step": step + 1, "reward/mean": float(raw_score.mean()), "reward/std": float(raw_score.std()),
+                  "score/mean": float(score.mean()), "kl": seq_kl, "kl_coef": kl_ctl.value,
+                  "entropy": float(masked_mean(entropy, mask)),
+                  "response_length": float(mask.sum(1).mean()), "unfinished": float((~finished).float().mean()),
+                  **{k: float(np.mean([s[k] for s in stats])) for k in ("approx_kl", "clipfrac", "value_loss",
+                                                                         "value_clipfrac", "policy_loss", "grad_norm")},
+                  "lr": stats[-1]["lr"], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
+        history.append(record)
+        if info.is_main:
+            append_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), [record])
+            append_jsonl(os.path.join(cfg.output_dir, "rollouts", f"step_{step + 1}.jsonl"),
+                         [{k: v for k, v in r.items() if k != "tokens"} | {"score": float(s)}
+                          for r, s in zip(rollouts, raw_score)])
+        progress.update(1)
+        if cfg.save_every and state["ppo_step"] % cfg.save_every == 0 and state["ppo_step"] < opts.ppo_steps:
+            trainer.save()
+    trainer.save()
+    return history
+
+
+def rollout_batch(queries: list[list[int]], chosen: list[int], responses: list[list[int]], device) -> dict:
+    """prompt + response token rows, right-padded; `start` = where each response begins; `mask` over responses."""
+    seqs = [queries[i] + list(r) for i, r in zip(chosen, responses)]
+    tokens, _ = pad_batch(seqs, device)
+    length = max(1, max(len(r) for r in responses))
+    mask = torch.zeros(len(seqs), length, device=device)
+    for row, r in enumerate(responses):
+        mask[row, :len(r)] = 1.0
+    start = torch.tensor([len(queries[i]) for i in chosen], device=device)
+    return {"tokens": tokens, "start": start, "mask": mask, "num_tokens": int(sum(len(s) for s in seqs))}
+
+
+def select(batch: dict, rows) -> dict:
+    """The rows of a rollout batch as a micro-batch (tensors indexed, counts recomputed)."""
+    rows = torch.as_tensor(rows, device=batch["tokens"].device)
+    out = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    out["num_tokens"] = int(out["start"].sum() + out["mask"].sum())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step3_rl.train_ppo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML with training and PPO options")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    add_config_flags(parser, TrainConfig, PPOOptions)
+    args = parser.parse_args()
+    check_config_keys(args.config, TrainConfig, PPOOptions)
+    cfg = load_config(TrainConfig, args, args.config)
+    opts = load_config(PPOOptions, args, args.config)
+    for key in ("policy_ckpt", "reward_ckpt", "tokenizer_path"):
+        if not getattr(opts, key):
+            raise ValueError(f"--{key} is required (flag or config)")
+    info = distributed.init(args.model_parallel_size, seed=cfg.seed)
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "ppo": asdict(opts)}, f, indent=1)
+    history = run_ppo(opts, cfg, info, resume=args.resume)
+    if info.is_main and history:
+        first, last = history[0], history[-1]
+        print(f"[ppo] done: reward {first['reward/mean']:.3f} -> {last['reward/mean']:.3f}, "
+              f"KL {first['kl']:.3f} -> {last['kl']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
