@@ -195,20 +195,21 @@ class Trainer:
         for examples in micro_batches:
             batch = self.collate(examples)
             loss, metrics = self.loss_fn(self.module, batch)
-            # each example weighs the same however the step is split into replicas and micro-batches
-            (loss * len(examples) * self.info.data_parallel_size / n_global).backward()
+            # each example weighs the same however the step is split into replicas and micro-batches: the replicas'
+            # gradients are summed, so each scales its share by its examples over the global count
+            (loss * len(examples) / n_global).backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(examples)
             tokens += int(batch.get("num_tokens", 0)) if isinstance(batch, dict) else 0
         self._average_gradients()
         grad_norm = self._clip_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = {key: self._all_sum(value) / n_global for key, value in totals.items()}
-        out.update(grad_norm=grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                   tokens=self._all_sum(float(tokens)) / max(1, self.info.model_parallel_size))
+        out = {key: value / n_global for key, value in self._sum_metrics(totals).items()}
+        out.update(grad_norm=grad_norm, lr=lr, tokens=self._all_sum(float(tokens)))
         return out
 
     def _all_sum(self, value: float) -> float:
@@ -218,12 +219,26 @@ class Trainer:
         dist.all_reduce(t, group=fs_init.get_data_parallel_group())
         return float(t)
 
+    def _sum_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Metric sums over the replicas (a replica without examples this step has no keys, so gather the dicts)."""
+        if self.info.data_parallel_size == 1:
+            return totals
+        gathered = [None] * self.info.data_parallel_size
+        dist.all_gather_object(gathered, totals, group=fs_init.get_data_parallel_group())
+        summed: dict[str, float] = {}
+        for part in gathered:
+            for key, value in part.items():
+                summed[key] = summed.get(key, 0.0) + value
+        return summed
+
     def _average_gradients(self) -> None:
         if self.info.data_parallel_size == 1:
             return
         group = fs_init.get_data_parallel_group()
         for param in self.module.parameters():
-            if param.grad is not None:
+            if param.requires_grad:
+                if param.grad is None:  # a replica with no examples this step still joins every all-reduce
+                    param.grad = torch.zeros_like(param)
                 dist.all_reduce(param.grad, group=group)  # losses were pre-scaled: the sum is the average
 
     def _clip_gradients(self) -> float:
@@ -288,6 +303,8 @@ class Trainer:
         """checkpoint-<step>/: Meta-layout shards + params.json, head.pth, trainer_state.NN.pth (per model-parallel
         rank). Written under a .tmp name and renamed by rank 0 once every rank has written."""
         final = os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}")
+        if os.path.isdir(final):  # this step is saved already (e.g. a finished run resumed): keep the complete one
+            return final
         tmp = final + ".tmp"
         if self.info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -300,7 +317,8 @@ class Trainer:
             head = self.heads(self.module.state_dict())
             # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+                     "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                     "data_parallel_size": self.info.data_parallel_size, "num_examples": len(self.examples)}
             torch.save(state, os.path.join(tmp, f"trainer_state.{mp_rank:02d}.pth"))
             if mp_rank == 0:
                 torch.save(head, os.path.join(tmp, "head.pth"))
@@ -314,9 +332,10 @@ class Trainer:
             with open(os.path.join(self.cfg.output_dir, "latest.tmp"), "w") as f:
                 f.write(os.path.basename(final) + "\n")
             os.replace(os.path.join(self.cfg.output_dir, "latest.tmp"), os.path.join(self.cfg.output_dir, "latest"))
-            for old in sorted(glob.glob(os.path.join(self.cfg.output_dir, "checkpoint-*[0-9]")),
-                              key=lambda p: int(p.rsplit("-", 1)[1]))[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            if self.cfg.keep_checkpoints > 0:  # 0 keeps every checkpoint
+                for old in sorted(glob.glob(os.path.join(self.cfg.output_dir, "checkpoint-*[0-9]")),
+                                  key=lambda p: int(p.rsplit("-", 1)[1]))[:-self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
 
@@ -339,6 +358,16 @@ class Trainer:
             raise ValueError(f"{ckpt}: no trainer state for model-parallel rank {self.info.model_parallel_rank} "
                              f"(resuming needs the model-parallel size the run was saved with)")
         state = torch.load(state_file, map_location=self.info.device, weights_only=True)
+        # The data position is the step number: it only means the same examples under the same batching and order.
+        now = {**asdict(self.cfg), "data_parallel_size": self.info.data_parallel_size,
+               "num_examples": len(self.examples)}
+        then = {**state["config"], "data_parallel_size": state["data_parallel_size"],
+                "num_examples": state["num_examples"]}
+        changed = [k for k in ("micro_batch_size", "grad_accum", "seed", "epochs", "max_steps", "data_parallel_size",
+                               "num_examples") if now[k] != then[k]]
+        if changed:
+            raise ValueError(f"{ckpt}: cannot resume with different {', '.join(changed)} "
+                             f"({', '.join(f'{then[k]} -> {now[k]}' for k in changed)})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = state["step"]

@@ -4,7 +4,8 @@
 #   salloc --nodes N ... srun --ntasks-per-node 1 bash scripts/generate_synthetic_preference.sh
 # Environment (all optional): CKPT_DIR TOKENIZER (default: stories260K), OUT_DIR (runs/step1, holding
 # oasst1_response0.jsonl and oasst1_response1.jsonl), NPROC_PER_NODE, MODEL_PARALLEL_SIZE, MAX_SEQ_LEN (1536),
-# MAX_BATCH_SIZE (32), MAX_RESPONSE_TOKENS (640), MAX_INSTRUCTION_TOKENS (256), PRINCIPLE_FILE.
+# MAX_BATCH_SIZE (32), MAX_RESPONSE_TOKENS (640), MAX_INSTRUCTION_TOKENS (256), MIN_RESPONSE_CHARS (16, for both
+# judging and aggregation), PRINCIPLE_FILE, AGGREGATE_FLAGS (extra flags for the aggregation).
 # Extra arguments go to synthetic_preference (e.g. --overwrite). Rerunning resumes an interrupted run.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,13 +20,17 @@ bash "$REPO_ROOT/scripts/launch.sh" step1_synthetic_preference.synthetic_prefere
   --output_file "$OUT_DIR/oasst1_preference.jsonl" --max_seq_len "${MAX_SEQ_LEN:-1536}" \
   --max_batch_size "${MAX_BATCH_SIZE:-32}" --max_response_tokens "${MAX_RESPONSE_TOKENS:-640}" \
   --max_instruction_tokens "${MAX_INSTRUCTION_TOKENS:-256}" ${PRINCIPLE_FILE:+--principle_file "$PRINCIPLE_FILE"} \
+  --min_response_chars "${MIN_RESPONSE_CHARS:-16}" \
   ${MODEL_PARALLEL_SIZE:+--model_parallel_size "$MODEL_PARALLEL_SIZE"} "$@"
 fi
 # The aggregation is a single CPU process: only the first task of an allocation runs it.
-if [ "${SLURM_PROCID:-0}" = "0" ]; then
+overwrite=$([[ " $* " == *" --overwrite "* ]] && echo --overwrite || true)
+if [ -f "$OUT_DIR/synthetic_preference.json" ] && [ -z "$overwrite" ]; then
+  echo "[aggregate] $OUT_DIR/synthetic_preference.json exists: aggregation skipped (pass --overwrite to redo it)"
+elif [ "${SLURM_PROCID:-0}" = "0" ]; then
   "${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}" \
     -m step1_synthetic_preference.aggregate_synthetic_preference \
     --response_files "$OUT_DIR/oasst1_response0.jsonl" "$OUT_DIR/oasst1_response1.jsonl" \
     --preference_file "$OUT_DIR/oasst1_preference.jsonl" --output_file "$OUT_DIR/synthetic_preference.json" \
-    ${AGGREGATE_FLAGS:-} $([[ " $* " == *" --overwrite "* ]] && echo --overwrite)
+    --min_response_chars "${MIN_RESPONSE_CHARS:-16}" ${AGGREGATE_FLAGS:-} $overwrite
 fi

@@ -8,6 +8,7 @@
 #   3. score the completions (teacher-forced log-probs) in one process
 #   4. SALMON step 1 on 32 OASST1 prompts: two responses each, self-judging under 11 principles, aggregation
 #   5. SALMON step 2: the principle-following reward model on those pairs, evaluated on held-out and human pairs
+#   6. SALMON step 3: DPO on the same pairs, and PPO for a few steps against the reward model
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 RUN=runs/quickstart
 if [ "${1:-}" = "--fresh" ]; then rm -rf "$RUN"; fi
@@ -15,7 +16,7 @@ mkdir -p "$RUN"
 TOKENIZER=data/llama2c/tok512.model
 stage() { echo "[quickstart] $(date +%H:%M:%S) $*"; }
 
-stage "1/5 convert stories260K to the Meta layout"
+stage "1/6 convert stories260K to the Meta layout"
 for mp in 1 2; do
   if [ ! -f "$RUN/stories260K_mp$mp/params.json" ]; then
     python -m llama_mp.convert llama2c --input data/llama2c/stories260K.bin --output_dir "$RUN/stories260K_mp$mp" \
@@ -25,7 +26,7 @@ for mp in 1 2; do
   fi
 done
 
-stage "2/5 sample with torchrun, 2 processes, model-parallel 2"
+stage "2/6 sample with torchrun, 2 processes, model-parallel 2"
 if [ ! -f "$RUN/samples.jsonl" ]; then
   NPROC_PER_NODE=2 OMP_NUM_THREADS=1 bash scripts/launch.sh llama_mp.generate --ckpt_dir "$RUN/stories260K_mp2" \
     --tokenizer_path "$TOKENIZER" --prompts_file data/prompts/stories_prompts.jsonl --output_file "$RUN/samples.jsonl" \
@@ -34,7 +35,7 @@ else
   echo "  $RUN/samples.jsonl exists, skipped"
 fi
 
-stage "3/5 score the samples with the 1-shard checkpoint"
+stage "3/6 score the samples with the 1-shard checkpoint"
 python - "$RUN" <<'PY'
 import json, sys
 from llama_mp import distributed
@@ -54,7 +55,7 @@ for r, s in zip(records, scores):
           f"mean log-prob {sum(s) / len(s):.3f}, |sampled - rescored| <= {drift:.1e}]")
 distributed.teardown()
 PY
-stage "4/5 SALMON step 1: responses (seeds 42, 43), self-judging, aggregation (2 data-parallel processes)"
+stage "4/6 SALMON step 1: responses (seeds 42, 43), self-judging, aggregation (2 data-parallel processes)"
 STEP1="$RUN/step1"
 export CKPT_DIR="$RUN/stories260K_mp1" TOKENIZER OUT_DIR="$STEP1" NPROC_PER_NODE=2 MODEL_PARALLEL_SIZE=1 OMP_NUM_THREADS=1
 for i in 0 1; do
@@ -69,7 +70,7 @@ if [ ! -f "$STEP1/synthetic_preference.json" ]; then
 else
   echo "  $STEP1/synthetic_preference.json exists, skipped"
 fi
-stage "5/5 SALMON step 2: reward model (2 data-parallel processes)"
+stage "5/6 SALMON step 2: reward model (2 data-parallel processes)"
 if [ ! -f "$RUN/rm/eval.json" ]; then
   resume=$([ -f "$RUN/rm/latest" ] && echo --resume || true)  # a killed run continues from its last checkpoint
   TRAIN_FILE="$STEP1/synthetic_preference.json" OUTPUT_DIR="$RUN/rm" bash scripts/train_reward_model.sh \
@@ -78,4 +79,15 @@ else
   echo "  $RUN/rm/eval.json exists, skipped"
 fi
 cat "$RUN/rm/eval.json"; echo
+stage "6/6 SALMON step 3: DPO on the step-1 pairs, PPO against the reward model (2 data-parallel processes)"
+run_stage() {  # name, command...: skipped once it has finished; a killed run continues with --resume
+  local name="$1"; shift
+  if [ -f "$RUN/$name/.done" ]; then echo "  $RUN/$name finished, skipped"; return; fi
+  local resume; resume=$([ -f "$RUN/$name/latest" ] && echo --resume || true)
+  OUTPUT_DIR="$RUN/$name" "$@" $resume && touch "$RUN/$name/.done"
+}
+run_stage dpo env TRAIN_FILE="$STEP1/synthetic_preference_pairs.jsonl" bash scripts/train_dpo.sh --save_every 4
+run_stage ppo env RM_DIR="$RUN/rm" bash scripts/train_ppo.sh --save_every 2
+tail -n 1 "$RUN/dpo/metrics.jsonl"; echo
+tail -n 1 "$RUN/ppo/metrics.jsonl"; echo
 stage "done: outputs in $RUN"

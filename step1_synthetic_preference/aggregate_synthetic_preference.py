@@ -15,9 +15,11 @@ The reference algorithm, seeded and deterministic. Per dimension d, var_d = vari
      and if both are the pair is dropped (--no_language_rule turns this off);
   6. label noise: flip with probability --label_noise (--rule_label_noise for rule-decided items);
   7. swap output_1/output_2 (and the label) with probability --swap_p.
-Output: a JSON list with the reference's fields (doinate_dimension_idx [sic], dimensions, dimension_scores,
-negative_definitions, instruction, input, output_1, output_2, preference, flip, lang, rule_flag) plus "id", "pass" and
-"principles" (the definitions shown, negative where negated); and the same pairs as prompt/chosen/rejected JSONL
+Output: a JSON list with the reference's fields (doinate_dimension_idx [sic], dimensions, dimension_scores =
+{dimension: [r12, r21]}, negative_definitions, instruction, input, output_1, output_2, preference, flip, lang,
+rule_flag; scores seen from the outputs as finally ordered) plus "id", "pass", "normalized_scores" (the kept
+dimensions' signed scores) and "principles" (the definitions shown, negative where negated); and the same pairs as
+prompt/chosen/rejected JSONL
 (message lists, the format OpenRLHF and TRL read) for the DPO trainer.
 """
 
@@ -111,12 +113,15 @@ def aggregate(pairs: list[dict], judgments: dict, principles: dict[str, dict], d
             flip = rng.random() < (opts.rule_label_noise if rule_flag else opts.label_noise)
             if flip:
                 preference = 3 - preference
-            if rng.random() < opts.swap_p:
+            raw = {d: list(judgments[pair["id"]][d]) for d in dimensions}
+            if rng.random() < opts.swap_p:  # from the swapped outputs' side: [r12, r21] -> [-r21, -r12]
                 out1, out2, preference = out2, out1, 3 - preference
+                raw = {d: [-r21, -r12] for d, (r12, r21) in raw.items()}
+                scores = [-x + 0.0 for x in scores]
             shown = [principles[d]["negative_definition"] if n else principles[d]["definition"]
                      for d, n in zip(kept, negated)]
             records.append({"id": pair["id"], "pass": pass_index, "doinate_dimension_idx": dominant,
-                            "dimensions": str(tuple(kept)), "dimension_scores": scores,
+                            "dimensions": str(tuple(kept)), "dimension_scores": raw, "normalized_scores": scores,
                             "negative_definitions": str(tuple(negated)), "principles": shown,
                             "instruction": pair["instruction"], "input": pair["input"], "output_1": out1,
                             "output_2": out2, "preference": preference, "flip": flip, "lang": lang,

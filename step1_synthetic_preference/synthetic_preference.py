@@ -53,6 +53,24 @@ def order_label(r12: float, r21: float) -> int:
     return 0
 
 
+def judgments(pair: dict, principles: list[dict], logits, id_a: int, id_b: int) -> list[dict]:
+    """One record per principle from the next-token logits of both orders ([order (1,2), order (2,1)], each
+    [principles, vocab]; None when the prompt did not fit): r12 = La - Lb in order (1, 2), r21 = Lb - La in order
+    (2, 1), so both are positive when output 1 is preferred."""
+    records = []
+    for index, principle in enumerate(principles):
+        record = {"id": pair["id"], "example_idx": pair["example_idx"], "principle_index": index,
+                  "dimension": principle["dimension"]}
+        if logits is None:
+            records.append({**record, "relative_score": None, "prompt_preference": None,
+                            "skipped": "judge prompt longer than max_seq_len"})
+            continue
+        r12 = float(logits[0][index, id_a] - logits[0][index, id_b])
+        r21 = float(logits[1][index, id_b] - logits[1][index, id_a])
+        records.append({**record, "relative_score": [r12, r21], "prompt_preference": order_label(r12, r21)})
+    return records
+
+
 def common_prefix_length(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs)
     for i in range(n):
@@ -141,19 +159,7 @@ def main() -> None:
                     per_pair.append(sampler.next_token_logits_shared(prefix, branches))
                 else:
                     per_pair.append(None)
-        records = []
-        for pair, logits in zip(chunk, per_pair):
-            for index, principle in enumerate(principles):
-                record = {"id": pair["id"], "example_idx": pair["example_idx"], "principle_index": index,
-                          "dimension": principle["dimension"]}
-                if logits is None:
-                    records.append({**record, "relative_score": None, "prompt_preference": None,
-                                    "skipped": "judge prompt longer than max_seq_len"})
-                    continue
-                r12 = float(logits[0][index, id_a] - logits[0][index, id_b])
-                r21 = float(logits[1][index, id_b] - logits[1][index, id_a])
-                records.append({**record, "relative_score": [r12, r21], "prompt_preference": order_label(r12, r21)})
-        return records
+        return [r for pair, logits in zip(chunk, per_pair) for r in judgments(pair, principles, logits, id_a, id_b)]
 
     jobs.run(opts.output_file, pairs, lambda p: p["id"], opts.pairs_per_chunk, process, info, "judge")
     records = jobs.merge(opts.output_file, lambda r: (r["id"], r["principle_index"]), info)

@@ -23,13 +23,17 @@ DEFAULT_RM_PROMPT = os.path.join(DATA, "salmon/salmon_reward_model_prompt_v0.txt
 
 
 class RewardModel(nn.Module):
-    def __init__(self, model: Transformer, head_std: Optional[float] = None):
+    def __init__(self, model: Transformer, head_std: Optional[float] = None, head_seed: int = 0):
         super().__init__()
         self.model = model
         dim = model.args.dim
         self.head = nn.Linear(dim, 1, device=next(model.parameters()).device, dtype=torch.float32)
-        with torch.no_grad():  # N(0, 1/sqrt(d + 1)), bias 0 (the "implementation details" reward-head init)
-            self.head.weight.normal_(0.0, head_std if head_std is not None else 1 / (dim + 1) ** 0.5)
+        # N(0, 1/sqrt(d + 1)), bias 0 (the "implementation details" reward-head init), from a fixed generator: every
+        # rank, data-parallel replicas included, must start from the same head
+        generator = torch.Generator().manual_seed(head_seed)
+        std = head_std if head_std is not None else 1 / (dim + 1) ** 0.5
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(1, dim, generator=generator) * std)
             self.head.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, read_positions: torch.Tensor) -> torch.Tensor:

@@ -84,11 +84,19 @@ def pair_examples(path: str, opts: RewardModelOptions) -> list[dict]:
         if isinstance(r.get("principles"), list):
             principles = r["principles"]
         elif r.get("dimensions"):
-            names = ast.literal_eval(r["dimensions"])
-            negated = ast.literal_eval(r.get("negative_definitions") or str((0,) * len(names)))
+            try:
+                names = ast.literal_eval(r["dimensions"])
+                negated = ast.literal_eval(r.get("negative_definitions") or str((0,) * len(names)))
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{where}: \"dimensions\"/\"negative_definitions\" must be tuples as step 1 writes "
+                                 f"them, e.g. \"('Concise',)\" and \"(0,)\"") from None
             unknown = [n for n in names if n not in by_name]
             if unknown:
                 raise ValueError(f"{where}: principle {unknown[0]!r} is not in {opts.principle_file}")
+            lacking = [n for n, neg in zip(names, negated) if neg and "negative_definition" not in by_name[n]]
+            if lacking:
+                raise ValueError(f"{opts.principle_file}: principle {lacking[0]!r} has no negative_definition, "
+                                 f"which {where} needs")
             principles = [by_name[n]["negative_definition" if neg else "definition"] for n, neg in zip(names, negated)]
         else:
             principles = [p["definition"] for p in ordered[:opts.default_principles]]

@@ -12,6 +12,7 @@ during updates. Every option of the YAML config is also a flag.
 """
 
 import argparse
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from llama_mp import cli, distributed
 from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, split_tokens
 from llama_mp.checkpoint import load_model
-from llama_mp.jsonl import read_records
+from llama_mp.jsonl import read_records, write_json_atomic
 from llama_mp.tokenizer import Tokenizer
 from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
 from step3_rl.dpo import dpo_loss, response_logprobs
@@ -118,8 +119,8 @@ def collate(examples: list[dict], device) -> dict:
     for row, (prompt, response) in enumerate(seqs):
         tokens[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
         mask[row, len(prompt):len(prompt) + len(response)] = 1.0
-    refs = torch.tensor([e.get(f"ref_{side}", 0.0) for side in ("chosen", "rejected") for e in examples],
-                        device=device)
+    refs = torch.tensor([e.get(f"ref_{side}", float("nan")) for side in ("chosen", "rejected") for e in examples],
+                        device=device)  # NaN until the reference log-probs are filled in: never a silent 0
     return {"tokens": tokens, "mask": mask, "ref": refs, "num_tokens": int(sum(len(p) + len(r) for p, r in seqs))}
 
 
@@ -174,16 +175,21 @@ def main() -> None:
     dtype = cli.DTYPES.get(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=dtype)
+    refs_file = os.path.join(train_cfg.output_dir, "reference_logprobs.json")
+    fingerprint = hashlib.sha256(json.dumps([[e["chosen"], e["rejected"]] for e in examples]).encode()).hexdigest()
     if not args.resume or not os.path.exists(os.path.join(train_cfg.output_dir, "latest")):
         add_reference_logprobs(model, examples, train_cfg.micro_batch_size, info)
         if info.is_main:
             os.makedirs(train_cfg.output_dir, exist_ok=True)
-            with open(os.path.join(train_cfg.output_dir, "reference_logprobs.json"), "w") as f:
-                json.dump([[e["ref_chosen"], e["ref_rejected"]] for e in examples], f)
+            write_json_atomic(refs_file, {"pairs_sha256": fingerprint,
+                                          "logprobs": [[e["ref_chosen"], e["ref_rejected"]] for e in examples]})
     else:  # the reference is the initial policy: its log-probs were saved by the first run
-        with open(os.path.join(train_cfg.output_dir, "reference_logprobs.json")) as f:
-            for e, (chosen, rejected) in zip(examples, json.load(f)):
-                e["ref_chosen"], e["ref_rejected"] = chosen, rejected
+        with open(refs_file) as f:
+            saved = json.load(f)
+        if saved.get("pairs_sha256") != fingerprint:
+            raise ValueError(f"{refs_file}: made for other pairs than {opts.train_file} gives now; cannot resume")
+        for e, (chosen, rejected) in zip(examples, saved["logprobs"]):
+            e["ref_chosen"], e["ref_rejected"] = chosen, rejected
 
     def loss(module, batch):
         logps = sequence_logprobs(module, batch)

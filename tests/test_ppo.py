@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import pytest
 import torch
@@ -62,12 +63,12 @@ def test_shaped_rewards_whitening_and_adaptive_kl():
     assert ctl.value == pytest.approx(0.2 * 1.002)
 
 
-def tiny_setup(tmp_path, stories_dir, **overrides):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in
-                               ["Once upon a time", "Tom had a ball.", "The dog ran.", "Lily saw a bird."]))
-    meta = tmp_path / "meta.txt"
-    meta.write_text("Story:")
+def tiny_setup(tmp_path, stories_dir, write=True, **overrides):
+    prompts, meta = tmp_path / "prompts.jsonl", tmp_path / "meta.txt"
+    if write:  # (spawned ranks read the files their parent wrote: two writers would race)
+        prompts.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in
+                                   ["Once upon a time", "Tom had a ball.", "The dog ran.", "Lily saw a bird."]))
+        meta.write_text("Story:")
     opts = PPOOptions(policy_ckpt=stories_dir, reward_ckpt=stories_dir, tokenizer_path=TOK512,
                       prompt_file=str(prompts), meta_prompt_file=str(meta), rollout_batch_size=8, ppo_minibatch_size=8,
                       ppo_epochs=1, max_gen_len=12, max_prompt_len=64, max_seq_len=128, kl_coef=0.05)
@@ -99,7 +100,7 @@ def test_ppo_learns_a_programmatic_reward_with_bounded_kl(world1, stories_dir, t
 
 def ppo_one_step(tmp_dir: str, stories_dir: str, model_parallel_size: int):
     info = distributed.init(model_parallel_size)
-    opts = tiny_setup(__import__("pathlib").Path(tmp_dir), stories_dir, ppo_steps=1)
+    opts = tiny_setup(pathlib.Path(tmp_dir), stories_dir, write=False, ppo_steps=1)
     cfg = TrainConfig(output_dir=os.path.join(tmp_dir, f"mp{model_parallel_size}"), lr=1e-3, micro_batch_size=4,
                       warmup_ratio=0.0, seed=3)
     history = run_ppo(opts, cfg, info, reward_fn=token_reward(426))  # 426: "." in tok512
@@ -107,6 +108,7 @@ def ppo_one_step(tmp_dir: str, stories_dir: str, model_parallel_size: int):
 
 
 def test_model_parallel_2_equals_1_for_one_ppo_update(tmp_path, stories_dir):
+    tiny_setup(tmp_path, stories_dir)  # writes the prompt files once
     single = ppo_one_step(str(tmp_path), stories_dir, 1)
     distributed.teardown()
     run_distributed(ppo_one_step, 2, str(tmp_path), stories_dir, 2, tmp_dir=str(tmp_path))

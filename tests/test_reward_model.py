@@ -195,3 +195,30 @@ def test_score_cli_equals_the_model_on_the_built_prompt(world1, stories_dir, tok
             seq = builder.encode("Tell me a story", response, ["Be kind."])
             expected = rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]))[0]
             assert reward == pytest.approx(float(expected), abs=1e-5)
+
+
+def train_two_steps(out_dir: str, stories_dir: str, micro: int, accum: int):
+    """Two optimizer steps of the shared loop on 9 pairs: 8 then 1 (the last, partial step)."""
+    info = distributed.init(1)  # model parallel 1: every process is a data-parallel replica
+    torch.manual_seed(0)
+    rm = RewardModel(load_model(stories_dir))
+    collate, loss = rm_task(rm)
+    config = TrainConfig(output_dir=out_dir, lr=1e-3, micro_batch_size=micro, grad_accum=accum, epochs=1,
+                         warmup_ratio=0.0, log_every=1)
+    trainer = Trainer(rm, rm.model, toy_pairs(Tokenizer(TOK512), n=9), collate, loss, config, info)
+    history = [trainer.train_step() for _ in range(trainer.total_steps)]
+    return {"grad_norms": torch.tensor([h["grad_norm"] for h in history]),
+            "losses": torch.tensor([h["loss"] for h in history]),
+            "wq": rm.model.layers[0].attention.wq.weight.detach().clone(), "head": rm.head.weight.detach().clone()}
+
+
+def test_data_parallel_2_equals_1_with_a_partial_last_step(stories_dir, tmp_path):
+    single = train_two_steps(str(tmp_path / "dp1"), stories_dir, 2, 4)
+    distributed.teardown()
+    ranks = run_distributed(train_two_steps, 2, str(tmp_path / "dp2"), stories_dir, 2, 2, tmp_dir=str(tmp_path))
+    assert len(single["losses"]) == 2
+    for rank in ranks:
+        torch.testing.assert_close(rank["grad_norms"], single["grad_norms"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rank["losses"], single["losses"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rank["wq"], single["wq"], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(rank["head"], single["head"], atol=1e-6, rtol=1e-4)

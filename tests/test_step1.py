@@ -11,7 +11,7 @@ from conftest import ROOT, TOK512, run_cli
 from llama_mp.tokenizer import Tokenizer
 from step1_synthetic_preference.aggregate_synthetic_preference import aggregate, script_of
 from step1_synthetic_preference.common import DEFAULT_JUDGE_PROMPT, judge_prompt, read_text
-from step1_synthetic_preference.synthetic_preference import answer_token_ids, order_label, split_shared
+from step1_synthetic_preference.synthetic_preference import answer_token_ids, judgments, order_label, split_shared
 
 LLAMA2 = os.path.join(ROOT, "data/llama2c/tokenizer.model")
 MESSAGES = os.path.join(ROOT, "data/oasst1/oasst1_en_validation_messages.jsonl")
@@ -76,8 +76,8 @@ def test_aggregation_matches_a_hand_worked_example():
     var = 282 / 54
     assert [r["id"] for r in records] == ["x", "y"]  # z: the orders disagree -> score 0 -> no label
     assert stats["skipped: no decisive dimension"] == 1
-    assert records[0]["preference"] == 1 and records[0]["dimension_scores"] == pytest.approx([3 / var])
-    assert records[1]["preference"] == 2 and records[1]["dimension_scores"] == pytest.approx([-2 / var])
+    assert records[0]["preference"] == 1 and records[0]["normalized_scores"] == pytest.approx([3 / var])
+    assert records[1]["preference"] == 2 and records[1]["normalized_scores"] == pytest.approx([-2 / var])
     assert records[0]["principles"] == ["Be brief."] and records[0]["negative_definitions"] == "(0,)"
     # negating always: the negative definition is shown and the label flips
     negated, _ = aggregate(pairs, judgments, PRINCIPLES, ["Concise"], agg_opts(negation_p=1.0))
@@ -89,6 +89,7 @@ def test_aggregation_matches_a_hand_worked_example():
     # a swap exchanges the outputs and the label together
     swapped, _ = aggregate(pairs[:1], judgments, PRINCIPLES, ["Concise"], agg_opts(swap_p=1.0))
     assert swapped[0]["output_1"] == pairs[0]["output_2"] and swapped[0]["preference"] == 2
+    assert swapped[0]["dimension_scores"] == {"Concise": [-4.0, -2.0]}  # seen from the swapped outputs' side
 
 
 def test_aggregation_is_deterministic_for_a_seed():
@@ -215,3 +216,18 @@ def test_bad_inputs_fail_with_one_line_and_keep_outputs(stories_dir, tmp_path):
     result = run_cli("-m", "step1_synthetic_preference.generate_responses", "--ckpt_dir", stories_dir,
                      "--tokenizer_path", TOK512, "--prompt_file", str(prompts), "--output_file", str(tmp_path / "g"))
     assert result.returncode == 2 and 'prompts.json:2: record has no "instruction" string' in result.stderr
+
+
+def test_judgments_read_each_order_from_its_own_side():
+    """Fake logits: in order (1, 2) "a" leads by 2 (output 1 wins); in order (2, 1) "b" leads by 3 (output 1 wins again);
+    for the second principle both orders pick "a", i.e. the first-shown output: an order-inconsistent tie."""
+    id_a, id_b, vocab = 5, 7, 10
+    order_12, order_21 = torch.zeros(2, vocab), torch.zeros(2, vocab)
+    order_12[0, id_a], order_21[0, id_b] = 2.0, 3.0
+    order_12[1, id_a], order_21[1, id_a] = 1.0, 1.0
+    principles = [{"dimension": "Concise"}, {"dimension": "Ethical"}]
+    records = judgments({"id": "p", "example_idx": 0}, principles, [order_12, order_21], id_a, id_b)
+    assert [r["relative_score"] for r in records] == [[2.0, 3.0], [1.0, -1.0]]
+    assert [r["prompt_preference"] for r in records] == [1, 0]
+    skipped = judgments({"id": "p", "example_idx": 0}, principles, None, id_a, id_b)
+    assert all(r["skipped"] and r["relative_score"] is None for r in skipped)
