@@ -1,9 +1,10 @@
-"""The policy's prompt format, shared by every step that samples from or trains the policy (Dromedary / SALMON).
+"""What the SALMON steps share about prompts: the policy's format (Dromedary) and the principle files.
 
   query    = "{meta prompt}\\n{instruction}\\n\\n### Dromedary"   (or "...{instruction}\\n\\n{input}\\n\\n### Dromedary")
   response = "\\n" + answer, ended by the stop string "\\n\\n### User"
 """
 
+import json
 import os
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -28,3 +29,20 @@ def split_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], list
         cut += 1
     cut = min(cut, len(alone))
     return whole[:cut], whole[cut:]
+
+
+def load_principles(path: str, fields: tuple[str, ...] = ("dimension", "definition")) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            principles = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(principles, list) or not principles:
+        raise ValueError(f"{path}: expected a non-empty JSON list of principles")
+    for number, principle in enumerate(principles, start=1):
+        missing = [k for k in fields if not isinstance(principle, dict) or not isinstance(principle.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}: principle {number} has no {missing[0]!r} string")
+    return principles

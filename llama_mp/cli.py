@@ -58,11 +58,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto is bfloat16 on CUDA and float32 elsewhere."""
+    return DTYPES.get(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def build(opts: argparse.Namespace) -> tuple[distributed.DistInfo, Sampler]:
     """Join the process group and load the model shard and tokenizer for this rank."""
     info = distributed.init(opts.model_parallel_size, seed=opts.seed)
     tokenizer = Tokenizer(opts.tokenizer_path)
-    dtype = DTYPES.get(opts.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(opts.dtype, info.device)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=dtype)
     return info, Sampler(model, tokenizer, max_batch_size=opts.max_batch_size)

@@ -8,7 +8,6 @@ Tensor parallelism is expressed only by the layer classes: column-parallel wq/wk
 and a parallel embedding (split along the embedding dim, or along the vocabulary when the output is tied to it).
 """
 
-import math
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from llama_mp.model import KVCache, Transformer
 from llama_mp.progress import Progress

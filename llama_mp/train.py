@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
+from llama_mp import cli
 from llama_mp.checkpoint import load_into, load_state, save_params, save_shard, split_dim
 from llama_mp.distributed import DistInfo, barrier
 from llama_mp.jsonl import append_jsonl
@@ -52,21 +53,6 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     eval_every: int = 0
     keep_checkpoints: int = 2
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown training options {unknown}")
-        config = cls()
-        for key, value in values.items():
-            default = getattr(config, key)
-            try:
-                setattr(config, key, type(default)(value) if default is not None else value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: {key} must be {type(default).__name__}, got {value!r}") from None
-        return config
 
 
 def _shard_flags(module: torch.nn.Module, backbone: Transformer) -> dict[str, bool]:
@@ -116,14 +102,43 @@ def _read_yaml(yaml_path: str) -> dict:
 
 
 def load_config(cls, opts, yaml_path: Optional[str]):
-    """cls from the YAML file (if any), then from the flags that were given."""
+    """cls from the YAML file (if any), then from the flags that were given; each value converted to the field's
+    type (a bool field takes only a YAML boolean or a true/false flag)."""
     values = {}
     if yaml_path:
         loaded = _read_yaml(yaml_path)
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in loaded.items() if k in names}
     values.update({f.name: getattr(opts, f.name) for f in fields(cls) if getattr(opts, f.name, None) is not None})
-    return cls.from_dict(values, yaml_path or "flags")
+    config = cls()
+    for key, value in values.items():
+        kind = type(getattr(config, key))
+        try:
+            if kind is bool and not isinstance(value, bool):
+                raise TypeError
+            setattr(config, key, kind(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"{yaml_path or 'flags'}: {key} must be {kind.__name__}, got {value!r}") from None
+    return config
+
+
+def parse_task_args(parser, task_options) -> tuple:
+    """The command line every trainer shares: --config YAML, --resume, --model_parallel_size, --dtype, and one flag per
+    option of TrainConfig and of the task's options. Returns (args, TrainConfig, task options)."""
+    parser.add_argument("--config", help="YAML with training and task options (every key is also a flag)")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/latest")
+    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto")
+    add_config_flags(parser, TrainConfig, task_options)
+    args = parser.parse_args()
+    check_config_keys(args.config, TrainConfig, task_options)
+    return args, load_config(TrainConfig, args, args.config), load_config(task_options, args, args.config)
+
+
+def require(options, *keys: str) -> None:
+    missing = [k for k in keys if not getattr(options, k)]
+    if missing:
+        raise ValueError(f"--{missing[0]} is required (flag or config)")
 
 
 class Trainer:

@@ -19,16 +19,17 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llama_mp import distributed  # noqa: E402
-from llama_mp.checkpoint import load_model, save_checkpoint, split_state  # noqa: E402
-from llama_mp.convert import read_llama2c  # noqa: E402
+from bench_common import default_checkpoint  # noqa: E402
+from llama_mp.checkpoint import load_model, save_checkpoint  # noqa: E402
 from llama_mp.model import ModelArgs, Transformer  # noqa: E402
 from llama_mp.sampler import Sampler  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
-from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_META_PROMPT, DEFAULT_PRINCIPLES,  # noqa
-                                               DEFAULT_PROMPTS, dromedary_query, judge_prompt, load_principles,
-                                               load_prompts, read_text)
+from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, load_principles  # noqa: E402
+from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, DEFAULT_PROMPTS,  # noqa: E402
+                                               judge_prompt, load_prompts, read_text)
 from step1_synthetic_preference.synthetic_preference import split_shared, truncate_tokens  # noqa: E402
 
 
@@ -57,9 +58,7 @@ def main() -> None:
         model = Transformer(args, init_method=lambda w: torch.nn.init.normal_(w, std=0.02))
         save_checkpoint(ckpt_dir, args, [model.state_dict()])
     elif ckpt_dir is None:
-        ckpt_dir = tempfile.mkdtemp(prefix="bench_judge_")
-        args, state = read_llama2c(os.path.join(ROOT, "data/llama2c/stories260K.bin"))
-        save_checkpoint(ckpt_dir, args, split_state(state, args, 1))
+        ckpt_dir = default_checkpoint()
     tokenizer = Tokenizer(opts.tokenizer_path)
     sampler = Sampler(load_model(ckpt_dir, max_seq_len=2048), tokenizer, max_batch_size=opts.max_batch_size,
                       progress_every=1e9)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -26,11 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llama_mp import distributed  # noqa: E402
-from llama_mp.checkpoint import load_model, save_checkpoint, split_state  # noqa: E402
-from llama_mp.convert import read_llama2c  # noqa: E402
+from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
-from hf_reference import hf_model  # noqa: E402
+from bench_common import default_checkpoint, hf_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Once upon a time"
@@ -87,9 +85,7 @@ def main() -> None:
     distributed.init(1)
     ckpt_dir = opts.ckpt_dir
     if ckpt_dir is None:
-        ckpt_dir = tempfile.mkdtemp(prefix="bench_sampler_")
-        args, state = read_llama2c(os.path.join(ROOT, "data/llama2c/stories260K.bin"))
-        save_checkpoint(ckpt_dir, args, split_state(state, args, 1))
+        ckpt_dir = default_checkpoint()
     model = load_model(ckpt_dir)
     tokenizer = Tokenizer(opts.tokenizer_path)
     sampler = Sampler(model, tokenizer, max_batch_size=max(opts.batch_sizes), progress_every=1e9)

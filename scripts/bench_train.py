@@ -25,10 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hf_reference import hf_model  # noqa: E402
+from bench_common import default_checkpoint, hf_model  # noqa: E402
 from llama_mp import distributed  # noqa: E402
-from llama_mp.checkpoint import load_model, save_checkpoint, split_state  # noqa: E402
-from llama_mp.convert import read_llama2c  # noqa: E402
+from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.train import TrainConfig, Trainer  # noqa: E402
 
 
@@ -56,9 +55,7 @@ def main() -> None:
     info = distributed.init(1)
     ckpt_dir = opts.ckpt_dir
     if ckpt_dir is None:
-        ckpt_dir = tempfile.mkdtemp(prefix="bench_train_")
-        args, state = read_llama2c(os.path.join(ROOT, "data/llama2c/stories260K.bin"))
-        save_checkpoint(ckpt_dir, args, split_state(state, args, 1))
+        ckpt_dir = default_checkpoint()
     model = load_model(ckpt_dir)
     hf = hf_model(model)
     a = model.args

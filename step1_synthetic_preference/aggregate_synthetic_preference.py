@@ -34,8 +34,8 @@ import numpy as np
 
 from llama_mp import cli
 from llama_mp.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
-from step1_synthetic_preference.common import (DEFAULT_PRINCIPLES, instruction_text, load_pairs, load_principles,
-                                               response_files)
+from llama_mp.chat import load_principles
+from step1_synthetic_preference.common import DEFAULT_PRINCIPLES, instruction_text, load_pairs, response_files
 
 DEFAULT_DIMENSIONS = ["Concise", "Honest and Accurate", "Ethical", "Specific", "Educational and Engaging",
                       "Methodical", "Creative", "Comprehensive"]

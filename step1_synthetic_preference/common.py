@@ -2,11 +2,9 @@
 
 import glob
 import hashlib
-import json
 import os
 from typing import Optional
 
-from llama_mp.chat import DEFAULT_META_PROMPT, STOP, dromedary_query  # noqa: F401 (re-exported for step 1)
 from llama_mp.jsonl import iter_jsonl, read_records
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -45,23 +43,6 @@ def read_text(path: str) -> str:
         raise FileNotFoundError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
         return f.read()
-
-
-def load_principles(path: str, fields: tuple[str, ...] = ("dimension", "definition")) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            principles = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(principles, list) or not principles:
-        raise ValueError(f"{path}: expected a non-empty JSON list of principles")
-    for number, principle in enumerate(principles, start=1):
-        missing = [k for k in fields if not isinstance(principle, dict) or not isinstance(principle.get(k), str)]
-        if missing:
-            raise ValueError(f"{path}: principle {number} has no {missing[0]!r} string")
-    return principles
 
 
 def instruction_text(record: dict) -> str:

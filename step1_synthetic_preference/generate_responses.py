@@ -17,8 +17,8 @@ import argparse
 import hashlib
 
 from llama_mp import cli, jobs
-from step1_synthetic_preference.common import (DEFAULT_META_PROMPT, DEFAULT_PROMPTS, STOP, dromedary_query,
-                                               load_prompts, read_text)
+from llama_mp.chat import DEFAULT_META_PROMPT, STOP, dromedary_query
+from step1_synthetic_preference.common import DEFAULT_PROMPTS, load_prompts, read_text
 
 
 def prompt_seed(seed: int, pid: str) -> int:

@@ -22,9 +22,9 @@ import os
 
 from llama_mp import cli, jobs
 from llama_mp.tokenizer import Tokenizer
+from llama_mp.chat import load_principles
 from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, instruction_text,
-                                               judge_prompt, load_pairs, load_principles, read_text,
-                                               response_files)
+                                               judge_prompt, load_pairs, read_text, response_files)
 
 ANSWER_CONTEXT = "I think the more Concise output is Output ("
 

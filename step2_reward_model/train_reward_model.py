@@ -17,14 +17,15 @@ import ast
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 from llama_mp import cli, distributed
+from llama_mp.chat import load_principles
 from llama_mp.jsonl import iter_jsonl, read_records
 from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
+from llama_mp.train import Trainer, parse_task_args, require
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, load_reward_model, pad_batch,
                                              pairwise_loss)
 
@@ -44,29 +45,10 @@ class RewardModelOptions:
     margin: float = 0.0
     default_principles: int = 5  # pairs without principles are judged under the first N (the reference's rule)
 
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "RewardModelOptions":
-        options = cls()
-        for key, value in values.items():
-            default = getattr(options, key)
-            try:
-                setattr(options, key, type(default)(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: {key} must be {type(default).__name__}, got {value!r}") from None
-        return options
 
 
 def load_principles_by_name(path: str) -> tuple[dict[str, dict], list[dict]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            principles = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
-    if not isinstance(principles, list) or not all(isinstance(p, dict) and "dimension" in p and "definition" in p
-                                                    for p in principles):
-        raise ValueError(f"{path}: expected a list of {{dimension, definition, negative_definition}} objects")
+    principles = load_principles(path)
     return {p["dimension"]: p for p in principles}, principles
 
 
@@ -137,18 +119,8 @@ def held_out(pid: str, fraction: float) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step2_reward_model.train_reward_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with training and reward-model options")
-    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/latest")
-    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto")
-    add_config_flags(parser, TrainConfig, RewardModelOptions)
-    args = parser.parse_args()
-    check_config_keys(args.config, TrainConfig, RewardModelOptions)
-    train_cfg = load_config(TrainConfig, args, args.config)
-    opts = load_config(RewardModelOptions, args, args.config)
-    for key in ("ckpt_dir", "tokenizer_path", "train_file"):
-        if not getattr(opts, key):
-            raise ValueError(f"--{key} is required (flag or config)")
+    args, train_cfg, opts = parse_task_args(parser, RewardModelOptions)
+    require(opts, "ckpt_dir", "tokenizer_path", "train_file")
 
     examples = pair_examples(opts.train_file, opts)
     train = [e for e in examples if not held_out(e["id"], opts.eval_fraction)]
@@ -160,7 +132,7 @@ def main() -> None:
              if opts.human_eval_file else [])
 
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
-    dtype = cli.DTYPES.get(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    dtype = cli.resolve_dtype(args.dtype, info.device)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                            device=info.device, dtype=dtype)
     builder = PromptBuilder(Tokenizer(opts.tokenizer_path), open(opts.prompt_template, encoding="utf-8").read(),

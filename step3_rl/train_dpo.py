@@ -25,7 +25,7 @@ from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, split_tokens
 from llama_mp.checkpoint import load_model
 from llama_mp.jsonl import read_records, write_json_atomic
 from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
+from llama_mp.train import Trainer, parse_task_args, require
 from step3_rl.dpo import dpo_loss, response_logprobs
 
 
@@ -46,15 +46,6 @@ class DPOOptions:
     max_response_len: int = 512
     max_seq_len: int = 1024
 
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "DPOOptions":
-        options = cls()
-        for key, value in values.items():
-            try:
-                setattr(options, key, type(getattr(options, key))(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: {key} must be {type(getattr(options, key)).__name__}, got {value!r}") from None
-        return options
 
 
 def _text(value, where: str, key: str) -> str:
@@ -151,18 +142,8 @@ def add_reference_logprobs(model, examples: list[dict], batch_size: int, info) -
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.train_dpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with training and DPO options")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto")
-    add_config_flags(parser, TrainConfig, DPOOptions)
-    args = parser.parse_args()
-    check_config_keys(args.config, TrainConfig, DPOOptions)
-    train_cfg = load_config(TrainConfig, args, args.config)
-    opts = load_config(DPOOptions, args, args.config)
-    for key in ("ckpt_dir", "tokenizer_path", "train_file"):
-        if not getattr(opts, key):
-            raise ValueError(f"--{key} is required (flag or config)")
+    args, train_cfg, opts = parse_task_args(parser, DPOOptions)
+    require(opts, "ckpt_dir", "tokenizer_path", "train_file")
     if opts.loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"loss_type must be sigmoid or ipo, got {opts.loss_type!r}")
     pairs = read_pairs(opts.train_file, opts)
@@ -172,7 +153,7 @@ def main() -> None:
     examples = [encode_pair(p, tokenizer, opts, meta_prompt) for p in pairs]
 
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
-    dtype = cli.DTYPES.get(args.dtype) or (torch.bfloat16 if info.device.type == "cuda" else torch.float32)
+    dtype = cli.resolve_dtype(args.dtype, info.device)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=dtype)
     refs_file = os.path.join(train_cfg.output_dir, "reference_logprobs.json")

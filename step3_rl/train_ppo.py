@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from llama_mp import cli, distributed
-from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query
+from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query, load_principles
 from llama_mp.checkpoint import load_into, load_model, load_state, save_params, save_shard
 from llama_mp.jsonl import append_jsonl, read_records
 from llama_mp.progress import Progress
 from llama_mp.sampler import Sampler
 from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import TrainConfig, Trainer, add_config_flags, check_config_keys, load_config
+from llama_mp.train import TrainConfig, Trainer, parse_task_args, require
 from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model, pad_batch
 from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
 
@@ -81,16 +81,6 @@ class PPOOptions:
     reward_scale: float = 1.0
     whiten_rewards: bool = False
 
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "PPOOptions":
-        options = cls()
-        for key, value in values.items():
-            kind = type(getattr(options, key))
-            try:
-                setattr(options, key, value if kind is bool and isinstance(value, bool) else kind(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
-        return options
 
 
 class PolicyAndValue(nn.Module):
@@ -133,7 +123,7 @@ def forward_logp_values(module: PolicyAndValue, batch: dict, temperature: float,
 
 
 def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
-            reward_fn: Optional[Callable[[list[dict]], torch.Tensor]] = None) -> list[dict]:
+            reward_fn: Optional[Callable[[list[dict]], torch.Tensor]] = None, dtype=torch.float32) -> list[dict]:
     """The PPO loop; `reward_fn(rollouts)` replaces the reward model (tests use a programmatic reward)."""
     tokenizer = Tokenizer(opts.tokenizer_path)
     prompts = [r for _, r in read_records(opts.prompt_file)]
@@ -150,10 +140,10 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     if not keep:
         raise ValueError(f"{opts.prompt_file}: no prompt fits max_prompt_len {opts.max_prompt_len}")
     mp_size, mp_rank, device = info.model_parallel_size, info.model_parallel_rank, info.device
-    policy = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device)
-    reference = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device).eval()
+    policy = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device, dtype=dtype)
+    reference = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device, dtype=dtype).eval()
     value = RewardModel(load_model(opts.value_ckpt or opts.reward_ckpt or opts.policy_ckpt, mp_size, mp_rank,
-                                   opts.max_seq_len, device=device))
+                                   opts.max_seq_len, device=device, dtype=dtype))
     with torch.no_grad():
         value.head.weight.zero_()  # the value head starts at zero
         value.head.bias.zero_()
@@ -161,11 +151,11 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     for p in reference.parameters():
         p.requires_grad_(False)
     if reward_fn is None:
-        rm = load_reward_model(opts.reward_ckpt, mp_size, mp_rank, opts.rm_max_seq_len, device=device).eval()
+        rm = load_reward_model(opts.reward_ckpt, mp_size, mp_rank, opts.rm_max_seq_len, device=device,
+                               dtype=dtype).eval()
         with open(opts.rm_prompt_template, encoding="utf-8") as f:
             builder = PromptBuilder(tokenizer, f.read(), opts.rm_query_len, opts.rm_response_len)
-        with open(opts.principle_file, encoding="utf-8") as f:
-            principles = json.load(f)
+        principles = load_principles(opts.principle_file)
 
         @torch.no_grad()
         def reward_fn(rollouts: list[dict]) -> torch.Tensor:
@@ -316,23 +306,14 @@ def select(batch: dict, rows) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.train_ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML with training and PPO options")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    add_config_flags(parser, TrainConfig, PPOOptions)
-    args = parser.parse_args()
-    check_config_keys(args.config, TrainConfig, PPOOptions)
-    cfg = load_config(TrainConfig, args, args.config)
-    opts = load_config(PPOOptions, args, args.config)
-    for key in ("policy_ckpt", "reward_ckpt", "tokenizer_path"):
-        if not getattr(opts, key):
-            raise ValueError(f"--{key} is required (flag or config)")
+    args, cfg, opts = parse_task_args(parser, PPOOptions)
+    require(opts, "policy_ckpt", "reward_ckpt", "tokenizer_path")
     info = distributed.init(args.model_parallel_size, seed=cfg.seed)
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump({"train": asdict(cfg), "ppo": asdict(opts)}, f, indent=1)
-    history = run_ppo(opts, cfg, info, resume=args.resume)
+    history = run_ppo(opts, cfg, info, resume=args.resume, dtype=cli.resolve_dtype(args.dtype, info.device))
     if info.is_main and history:
         first, last = history[0], history[-1]
         print(f"[ppo] done: reward {first['reward/mean']:.3f} -> {last['reward/mean']:.3f}, "

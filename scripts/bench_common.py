@@ -1,6 +1,20 @@
-"""The same weights as a Hugging Face LlamaForCausalLM, for the benchmarks' comparisons (transformers is optional)."""
+"""What the benchmark scripts share: the embedded checkpoint, and the same weights as a Hugging Face model."""
 
-import torch
+import os
+import tempfile
+
+from llama_mp.checkpoint import save_checkpoint, split_state
+from llama_mp.convert import read_llama2c
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_checkpoint() -> str:
+    """stories260K converted to the Meta layout in a temporary directory."""
+    ckpt_dir = tempfile.mkdtemp(prefix="bench_stories260K_")
+    args, state = read_llama2c(os.path.join(ROOT, "data/llama2c/stories260K.bin"))
+    save_checkpoint(ckpt_dir, args, split_state(state, args, 1))
+    return ckpt_dir
 
 
 def hf_model(model):
