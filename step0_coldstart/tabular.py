@@ -1,0 +1,259 @@
+"""Tabular data sets described by a YAML file: schema, typed rows, persisted splits, row <-> JSON text.
+
+A data set YAML (see configs/tabular/) gives: name, csv, target, task (classification | regression), columns (ordered
+name -> float | int | category), and optionally labels (raw target value -> the text a model writes), missing
+(markers read as a missing value, besides the empty string), strip (strip spaces around values), float_precision
+(decimals written for floats, default 4), split (seed, val and test fractions). Columns of the CSV not listed are
+dropped. A user adds a data set by writing such a file: no code.
+
+Serialisation is strict JSON: the keys in the YAML's column order, floats rounded to float_precision decimals, ints as
+integers, categories as strings, missing values as null; the target written as its label text. The parser is tolerant
+(unquoted keys or words, single quotes, key spelling) and returns a status with the typed values:
+SUCCESS, REDUNDANT_KEY (extra keys, dropped), MISSING_KEY, CONVERSION_ERROR, INVALID_ANSWER (no object at all); when
+several apply, the worst one (in the order CONVERSION_ERROR, MISSING_KEY, REDUNDANT_KEY) is reported.
+"""
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import yaml
+
+TYPES = ("float", "int", "category")
+SUCCESS, REDUNDANT_KEY, MISSING_KEY, CONVERSION_ERROR, INVALID_ANSWER = (
+    "SUCCESS", "REDUNDANT_KEY", "MISSING_KEY", "CONVERSION_ERROR", "INVALID_ANSWER")
+STATUS_SCORE = {SUCCESS: 5, REDUNDANT_KEY: 3, MISSING_KEY: 2, CONVERSION_ERROR: 1, INVALID_ANSWER: 0}  # reference
+
+
+@dataclass
+class Schema:
+    name: str
+    csv: str
+    target: str
+    task: str
+    columns: dict[str, str]
+    labels: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    strip: bool = False
+    float_precision: int = 4
+    split: dict = field(default_factory=lambda: {"seed": 0, "val": 0.1, "test": 0.2})
+    path: str = ""
+    categories: dict[str, list[str]] = field(default_factory=dict)  # filled from the data
+
+    @property
+    def features(self) -> list[str]:
+        return [c for c in self.columns if c != self.target]
+
+
+def load_schema(path: str, root: Optional[str] = None) -> Schema:
+    """A Schema from YAML, checked: every problem is a one-line error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: data set YAML not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    known = {"name", "csv", "target", "task", "columns", "labels", "missing", "strip", "float_precision", "split"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}")
+    for key in ("name", "csv", "target", "task", "columns"):
+        if key not in raw:
+            raise ValueError(f"{path}: missing key {key!r}")
+    if raw["task"] not in ("classification", "regression"):
+        raise ValueError(f"{path}: task must be classification or regression, got {raw['task']!r}")
+    columns = raw["columns"]
+    if not isinstance(columns, dict) or not columns:
+        raise ValueError(f"{path}: columns must map each column name to one of {TYPES}")
+    bad = [c for c, t in columns.items() if t not in TYPES]
+    if bad:
+        raise ValueError(f"{path}: column {bad[0]!r} has type {columns[bad[0]]!r}, not one of {TYPES}")
+    if raw["target"] not in columns:
+        raise ValueError(f"{path}: target {raw['target']!r} is not among the columns")
+    if raw["task"] == "regression" and columns[raw["target"]] == "category":
+        raise ValueError(f"{path}: a regression target must be float or int")
+    root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    csv_path = raw["csv"] if os.path.isabs(raw["csv"]) else os.path.join(root, raw["csv"])
+    schema = Schema(name=raw["name"], csv=csv_path, target=raw["target"], task=raw["task"],
+                    columns={str(k): v for k, v in columns.items()},
+                    labels={str(k): str(v) for k, v in (raw.get("labels") or {}).items()},
+                    missing=[str(m) for m in raw.get("missing") or []], strip=bool(raw.get("strip", False)),
+                    float_precision=int(raw.get("float_precision", 4)),
+                    split={"seed": 0, "val": 0.1, "test": 0.2, **(raw.get("split") or {})}, path=path)
+    return schema
+
+
+def load_rows(schema: Schema) -> list[dict[str, Any]]:
+    """Typed rows (None for missing values); the category lists of the schema are filled from the data."""
+    if not os.path.isfile(schema.csv):
+        raise FileNotFoundError(f"{schema.csv}: CSV of data set {schema.name!r} not found ({schema.path})")
+    with open(schema.csv, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, skipinitialspace=schema.strip)
+        header = [h.strip() for h in next(reader, [])]
+        absent = [c for c in schema.columns if c not in header]
+        if absent:
+            raise ValueError(f"{schema.csv}: no column {absent[0]!r} (declared in {schema.path})")
+        index = {c: header.index(c) for c in schema.columns}
+        rows = []
+        for line, values in enumerate(reader, start=2):
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise ValueError(f"{schema.csv}:{line}: {len(values)} fields, the header has {len(header)}")
+            row = {}
+            for column, kind in schema.columns.items():
+                text = values[index[column]]
+                text = text.strip() if schema.strip else text
+                if text == "" or text in schema.missing:
+                    row[column] = None
+                    continue
+                try:
+                    row[column] = cast(text, kind)
+                except ValueError:
+                    raise ValueError(f"{schema.csv}:{line}: {column}={text!r} is not a {kind}") from None
+            if row[schema.target] is None:
+                continue  # a row without a target teaches nothing
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{schema.csv}: no rows")
+    schema.categories = {c: sorted({str(r[c]) for r in rows if r[c] is not None})
+                         for c, kind in schema.columns.items() if kind == "category"}
+    return rows
+
+
+def cast(value: Any, kind: str):
+    if kind == "float":
+        number = float(value)
+        if math.isnan(number) or math.isinf(number):
+            raise ValueError("not finite")
+        return number
+    if kind == "int":
+        number = float(value)
+        if number != int(number):
+            raise ValueError("not an integer")
+        return int(number)
+    return str(value)
+
+
+def splits(schema: Schema, n_rows: int, directory: str) -> dict[str, list[int]]:
+    """Train/val/test row indices: a seeded permutation, persisted in directory/<name>.split.json and reused."""
+    path = os.path.join(directory, f"{schema.name}.split.json")
+    settings = {"rows": n_rows, **schema.split}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("settings") != settings:
+            raise ValueError(f"{path}: made for other rows or split settings ({saved.get('settings')}); "
+                             f"remove it to split again")
+        return saved["splits"]
+    order = np.random.default_rng(int(schema.split["seed"])).permutation(n_rows).tolist()
+    n_test, n_val = int(round(n_rows * schema.split["test"])), int(round(n_rows * schema.split["val"]))
+    result = {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+              "train": sorted(order[n_test + n_val:])}
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"settings": settings, "splits": result}, f)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+# ---- row <-> text --------------------------------------------------------------------------------------------------
+def target_text(schema: Schema, value) -> Any:
+    if schema.task == "classification":
+        return schema.labels.get(str(value), str(value))
+    return value
+
+
+def row_to_text(row: dict, schema: Schema) -> str:
+    """Strict JSON in column order; floats rounded to float_precision; the target as its label text."""
+    out = {}
+    for column, kind in schema.columns.items():
+        value = row.get(column)
+        if value is None:
+            out[column] = None
+        elif column == schema.target:
+            out[column] = target_text(schema, value)
+            if kind == "float" and schema.task == "regression":
+                out[column] = round(float(value), schema.float_precision)
+        elif kind == "float":
+            out[column] = round(float(value), schema.float_precision)
+        else:
+            out[column] = value
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s/_.\-()]", "", name).lower()
+
+
+def _loads_tolerant(text: str) -> Optional[dict]:
+    try:
+        value = json.loads(text)
+        return value if isinstance(value, dict) else None
+    except json.JSONDecodeError:
+        pass
+    quoted = text.replace("'", '"')
+    quoted = re.sub(r'([{,]\s*)([^"{},:\s][^{},:]*?)\s*:', lambda m: f'{m.group(1)}"{m.group(2).strip()}":', quoted)
+    quoted = re.sub(r':\s*([A-Za-z<>][^,{}"]*?)\s*([,}])', lambda m: f': "{m.group(1).strip()}"{m.group(2)}', quoted)
+    try:
+        value = json.loads(quoted)
+        return value if isinstance(value, dict) else None
+    except json.JSONDecodeError:
+        pass
+    pairs = re.findall(r'["\']?([^"\'{},:]+?)["\']?\s*:\s*("[^"]*"|\'[^\']*\'|[^,{}]+)', text)
+    return {k.strip(): v.strip().strip("\"'") for k, v in pairs} if pairs else None
+
+
+def parse_row(text: str, schema: Schema) -> tuple[str, dict]:
+    """(status, {column: typed value or None}) from a model's output; only the schema's columns are kept."""
+    empty = {c: None for c in schema.columns}
+    match = re.search(r"\{.*?\}", text, flags=re.S)
+    data = _loads_tolerant(match.group(0)) if match else None
+    if not data:
+        return INVALID_ANSWER, empty
+    by_key = {_key(c): c for c in schema.columns}
+    result, redundant, failed = dict(empty), False, False
+    seen = set()
+    for key, value in data.items():
+        column = by_key.get(_key(str(key)))
+        if column is None:
+            redundant = True
+            continue
+        seen.add(column)
+        try:
+            result[column] = parse_value(value, column, schema)
+        except ValueError:
+            failed = True
+    missing = len(seen) < len(schema.columns)
+    status = CONVERSION_ERROR if failed else MISSING_KEY if missing else REDUNDANT_KEY if redundant else SUCCESS
+    return status, result
+
+
+def parse_value(value, column: str, schema: Schema):
+    if value is None:
+        return None
+    kind = schema.columns[column]
+    if column == schema.target and schema.task == "classification":
+        inverse = {text.lower(): raw for raw, text in schema.labels.items()}
+        text = str(value).strip().lower()
+        if text in inverse:
+            return inverse[text]
+        known = {c.lower(): c for c in schema.categories.get(column, [])}
+        if text in known:
+            return known[text]
+        raise ValueError(f"unknown label {value!r}")
+    if kind == "category":
+        known = {c.lower(): c for c in schema.categories.get(column, [])}
+        text = str(value).strip()
+        if known and text.lower() not in known:
+            raise ValueError(f"unknown category {value!r}")
+        return known.get(text.lower(), text)
+    return cast(value, kind)

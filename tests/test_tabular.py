@@ -1,0 +1,102 @@
+"""Tabular data sets: YAML schemas, typed rows, persisted splits, strict serialisation and the tolerant parser."""
+
+import json
+import os
+import random
+
+import pytest
+
+from conftest import ROOT
+from step0_coldstart.tabular import (CONVERSION_ERROR, INVALID_ANSWER, MISSING_KEY, REDUNDANT_KEY, SUCCESS,
+                                     load_rows, load_schema, parse_row, row_to_text, splits)
+
+DATASETS = ["abalone", "adult", "buddy", "california"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    out = {}
+    for name in DATASETS:
+        schema = load_schema(os.path.join(ROOT, "configs/tabular", f"{name}.yaml"))
+        out[name] = (schema, load_rows(schema))
+    return out
+
+
+def rounded(row, schema):
+    return {c: round(v, schema.float_precision) if isinstance(v, float) else v for c, v in row.items()}
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_round_trip_on_every_shipped_data_set(loaded, name):
+    schema, rows = loaded[name]
+    assert len(rows) > 4000 and set(rows[0]) == set(schema.columns)
+    for row in random.Random(0).sample(rows, 300):
+        text = row_to_text(row, schema)
+        assert list(json.loads(text)) == list(schema.columns)  # strict JSON, column order
+        status, parsed = parse_row(f"Here is a new sample:\n{text}\nThanks.", schema)
+        assert status == SUCCESS and parsed == rounded(row, schema), text
+
+
+def test_shipped_data_facts(loaded):
+    adult, rows = loaded["adult"]
+    assert len(rows) == 32561 and sum(r["workclass"] is None for r in rows) == 1836  # "?" is missing
+    assert rows[0]["workclass"] == "State-gov"  # leading space stripped
+    assert json.loads(row_to_text(rows[0], adult))["income"] == "no"
+    buddy, rows = loaded["buddy"]
+    assert "pet_id" not in rows[0] and {json.loads(row_to_text(r, buddy))["breed_category"] for r in rows} == {"A", "B", "C"}
+    cal, rows = loaded["california"]
+    assert sum(r["total_bedrooms"] is None for r in rows) == 207
+
+
+def test_tolerant_parser_statuses(loaded):
+    schema, _ = loaded["abalone"]
+    good = {"Sex": "M", "Length": 0.455, "Diameter": 0.365, "Height": 0.095, "Whole.weight": 0.514,
+            "Shucked.weight": 0.2245, "Viscera.weight": 0.101, "Shell.weight": 0.15, "Rings": 15}
+    unquoted = "{\n\tsex: m,\n\tlength: 0.455, diameter: 0.365, height: 0.095, whole_weight: 0.514, " \
+               "shucked weight: 0.2245, viscera/weight: 0.101, shell.weight: 0.15, rings: 15}"
+    assert parse_row(unquoted, schema) == (SUCCESS, good)  # the reference's unquoted style, keys spelt loosely
+    assert parse_row("I cannot do that.", schema)[0] == INVALID_ANSWER
+    partial = {k: v for k, v in good.items() if k != "Height"}
+    status, values = parse_row(json.dumps(partial), schema)
+    assert status == MISSING_KEY and values["Height"] is None and values["Rings"] == 15
+    assert parse_row(json.dumps({**good, "Colour": "red"}), schema) == (REDUNDANT_KEY, good)
+    status, values = parse_row(json.dumps({**good, "Length": "long"}), schema)
+    assert status == CONVERSION_ERROR and values["Length"] is None
+    assert parse_row(json.dumps({**good, "Sex": "X"}), schema)[0] == CONVERSION_ERROR  # unknown category
+    assert parse_row(json.dumps({**good, "Rings": 7.5}), schema)[0] == CONVERSION_ERROR  # not an integer
+    adult, _ = loaded["adult"]
+    assert parse_row('{"income": "maybe"}', adult)[0] == CONVERSION_ERROR
+
+
+def test_splits_are_deterministic_and_persisted(loaded, tmp_path):
+    schema, rows = loaded["abalone"]
+    first = splits(schema, len(rows), str(tmp_path))
+    assert sorted(first["train"] + first["val"] + first["test"]) == list(range(len(rows)))
+    assert len(first["test"]) == round(0.2 * len(rows))
+    os.remove(tmp_path / "abalone.split.json")
+    assert splits(schema, len(rows), str(tmp_path)) == first  # the same seed gives the same split
+    assert json.load(open(tmp_path / "abalone.split.json"))["splits"] == first
+    with pytest.raises(ValueError, match="made for other rows"):
+        splits(schema, len(rows) - 1, str(tmp_path))
+
+
+def test_bad_yaml_and_csv_give_clear_errors(tmp_path):
+    def write(text):
+        path = tmp_path / "d.yaml"
+        path.write_text(text)
+        return str(path)
+
+    with pytest.raises(ValueError, match="d.yaml: missing key 'target'"):
+        load_schema(write("name: x\ncsv: x.csv\ntask: regression\ncolumns: {a: float}\n"))
+    with pytest.raises(ValueError, match="column 'a' has type 'text'"):
+        load_schema(write("name: x\ncsv: x.csv\ntarget: a\ntask: regression\ncolumns: {a: text}\n"))
+    with pytest.raises(ValueError, match="target 'b' is not among the columns"):
+        load_schema(write("name: x\ncsv: x.csv\ntarget: b\ntask: regression\ncolumns: {a: float}\n"))
+    (tmp_path / "x.csv").write_text("a,b\n1.0,2\nfoo,3\n")
+    schema = load_schema(write(f"name: x\ncsv: {tmp_path / 'x.csv'}\ntarget: b\ntask: regression\n"
+                               "columns: {a: float, b: int}\n"))
+    with pytest.raises(ValueError, match=r"x.csv:3: a='foo' is not a float"):
+        load_rows(schema)
+    schema.columns["c"] = "float"
+    with pytest.raises(ValueError, match="x.csv: no column 'c'"):
+        load_rows(schema)
