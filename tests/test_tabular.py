@@ -100,3 +100,20 @@ def test_bad_yaml_and_csv_give_clear_errors(tmp_path):
     schema.columns["c"] = "float"
     with pytest.raises(ValueError, match="x.csv: no column 'c'"):
         load_rows(schema)
+
+
+def test_ml_efficiency_real_naive_and_a_synthetic_file(loaded, tmp_path):
+    from step0_coldstart.evaluate import evaluate, synthetic_rows
+    schema, rows = loaded["abalone"]
+    split = splits(schema, len(rows), str(tmp_path))
+    train = [rows[i] for i in split["train"]]
+    copies = tmp_path / "copies.jsonl"  # a "generator" that copies training rows, with one broken output
+    copies.write_text("".join(json.dumps({"text": row_to_text(r, schema)}) + "\n" for r in train[:300])
+                      + json.dumps({"text": "no row here"}) + "\n")
+    results = evaluate(schema, rows, split, {"copies": synthetic_rows(str(copies), schema)}, n_rows=300)
+    real, naive, copied = results["real"], results["naive"], results["copies"]
+    assert real["real"] == naive["real"] == copied["real"] > 0.4  # R2 of the full real training split
+    assert naive["ratio"] < real["ratio"]  # abalone: independent columns lose most of the signal
+    assert copied["valid_share"] == pytest.approx(300 / 301, abs=1e-4) and copied["rows"] == 300
+    assert copied["copy_share"] == 1.0 and copied["dcr_median"] == pytest.approx(0.0, abs=1e-6)
+    assert naive["copy_share"] < 0.05 and naive["dcr_median"] > 0.1
