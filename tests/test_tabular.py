@@ -117,3 +117,19 @@ def test_ml_efficiency_real_naive_and_a_synthetic_file(loaded, tmp_path):
     assert copied["valid_share"] == pytest.approx(300 / 301, abs=1e-4) and copied["rows"] == 300
     assert copied["copy_share"] == 1.0 and copied["dcr_median"] == pytest.approx(0.0, abs=1e-6)
     assert naive["copy_share"] < 0.05 and naive["dcr_median"] > 0.1
+
+
+def test_anchors_are_distinct_real_rows_of_the_scoring_split(loaded, tmp_path):
+    from step0_coldstart.synscore_anchors import anchors
+    schema, rows = loaded["adult"]
+    split = splits(schema, len(rows), str(tmp_path))
+    scoring = [rows[i] for i in split["val"]]
+    chosen = anchors(schema, scoring, 12)
+    assert len(chosen) == 12
+    scoring_keys = {json.dumps(r, sort_keys=True) for r in scoring}
+    keys = [json.dumps(r, sort_keys=True) for r in chosen]
+    assert len(set(keys)) == 12 and all(k in scoring_keys for k in keys)
+    test_keys = {json.dumps(rows[i], sort_keys=True) for i in split["test"]}
+    assert not (set(keys) & test_keys - scoring_keys)  # nothing from the test split
+    with pytest.raises(ValueError, match="num_clusters 100000 exceeds"):
+        anchors(schema, scoring, 100000)

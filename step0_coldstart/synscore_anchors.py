@@ -1,0 +1,72 @@
+"""r0_s3: anchor rows for scoring synthetic rows: the real rows nearest to KMeans centres of the scoring split.
+
+  python -m step0_coldstart.synscore_anchors --dataset configs/tabular/abalone.yaml \
+      [--config configs/synscore_anchors.yaml] [--num_clusters 32] --output_dir runs/tabular/score_anchors
+
+The scoring split is the data set's validation split: the reference took anchors from the training rows, and the test
+split must stay unseen until the final evaluation. Features are standardised numbers and one-hot categories (missing
+numbers at the mean). Writes <output_dir>/<name>_anchors.csv (the schema's columns, one real row per cluster, distinct).
+"""
+
+import argparse
+import csv
+import os
+
+import numpy as np
+import yaml
+from sklearn.cluster import KMeans
+
+from llama_mp import cli
+from step0_coldstart.evaluate import Encoder
+from step0_coldstart.tabular import Schema, load_rows, load_schema, splits
+
+
+def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) -> list[dict]:
+    """One distinct real row per cluster centre: the nearest row not already taken."""
+    if num_clusters > len(rows):
+        raise ValueError(f"{schema.path}: num_clusters {num_clusters} exceeds the {len(rows)} rows of the scoring split")
+    matrix = Encoder(schema, rows).distance_matrix(rows)
+    centres = KMeans(n_clusters=num_clusters, random_state=seed, n_init=4).fit(matrix).cluster_centers_
+    taken, chosen = set(), []
+    for centre in centres:
+        order = np.argsort(((matrix - centre) ** 2).sum(1))
+        index = next(int(i) for i in order if int(i) not in taken)
+        taken.add(index)
+        chosen.append(rows[index])
+    return chosen
+
+
+def write_csv(path: str, schema: Schema, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(schema.columns))
+        for row in rows:
+            writer.writerow(["" if row[c] is None else row[c] for c in schema.columns])
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.synscore_anchors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--config", default="configs/synscore_anchors.yaml")
+    parser.add_argument("--num_clusters", type=int, default=None)
+    parser.add_argument("--output_dir", default="runs/tabular/score_anchors")
+    parser.add_argument("--splits_dir", default="runs/tabular/splits")
+    opts = parser.parse_args()
+    with open(opts.config, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    num_clusters = opts.num_clusters or int(config.get("num_clusters", 32))
+    schema = load_schema(opts.dataset)
+    rows = load_rows(schema)
+    scoring = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["val"]]
+    chosen = anchors(schema, scoring, num_clusters, int(config.get("seed", 0)))
+    path = os.path.join(opts.output_dir, f"{schema.name}_anchors.csv")
+    write_csv(path, schema, chosen)
+    print(f"wrote {len(chosen)} anchors to {path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
