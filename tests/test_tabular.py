@@ -133,3 +133,29 @@ def test_anchors_are_distinct_real_rows_of_the_scoring_split(loaded, tmp_path):
     assert not (set(keys) & test_keys - scoring_keys)  # nothing from the test split
     with pytest.raises(ValueError, match="num_clusters 100000 exceeds"):
         anchors(schema, scoring, 100000)
+
+
+def test_similarity_selection_by_hand():
+    import numpy as np
+    from step0_coldstart.sft_generator import neighbours
+    m = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7]])
+    # cosine to row 0: row1 0.994, row4 0.707, row2 0, row3 -1
+    assert neighbours(m, 0, 3) == [1, 4, 3]  # two most similar, then the least similar
+    assert neighbours(m, 0, 4) == [1, 4, 3, 2]
+
+
+def test_cold_start_prompts_fit_and_never_show_the_test_split(loaded, tokenizer, tmp_path):
+    from step0_coldstart.sft_generator import dataset_prompts
+    schema, rows = loaded["abalone"]
+    split = splits(schema, len(rows), str(tmp_path))
+    train = [rows[i] for i in split["train"]]
+    records, report = dataset_prompts(schema, train, 40, 5, tokenizer, 1200, 0, with_answers=True)
+    assert report["max_tokens"] <= 1200 and len(records) == 40
+    test_texts = {row_to_text(rows[i], schema) for i in split["test"]} - {row_to_text(r, schema) for r in train}
+    for record in records:
+        assert not any(text in record["prompt"] or text in record["response"] for text in test_texts)
+        assert parse_row(record["response"], schema)[0] == SUCCESS
+    few, report = dataset_prompts(schema, train, 5, 5, tokenizer, 600, 0, with_answers=False)
+    assert report["mean_examples"] < 5 and all("response" not in r for r in few)  # fewer rows to fit 600 tokens
+    with pytest.raises(ValueError, match="even one in-context row"):
+        dataset_prompts(schema, train, 1, 5, tokenizer, 100, 0, with_answers=False)

@@ -1,0 +1,127 @@
+"""r0_s1: cold-start prompts: write a new row of a table from in-context rows of it.
+
+  python -m step0_coldstart.sft_generator --datasets configs/tabular/{adult,buddy,california}.yaml \
+      --heldout configs/tabular/abalone.yaml --tokenizer_path data/llama2c/tok512.model --output_dir runs/tabular/r0
+
+For each of the training data sets (A, B, C), --prompts_per_dataset rows of its training split become answers; each
+prompt shows in-context rows of the same split: the most similar and the least similar to the answer row by cosine
+similarity (standardised numbers, one-hot categories). For the held-out data set D, prompts (without answers) are made
+the same way from D's training split only: D's test split, on which quality is measured, appears in no prompt.
+The number of in-context rows is the largest k <= --num_examples for which prompt + answer fit --max_seq_len tokens
+with the given tokenizer; token lengths are reported. Outputs:
+  <output_dir>/sft_train.jsonl      {"dataset", "prompt", "response"} for train_sft
+  <output_dir>/<D>_prompts.jsonl    {"dataset", "prompt_id", "prompt"} for round 1 sampling
+  <output_dir>/lengths.json         token lengths per data set (max, mean) and k used
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from llama_mp import cli
+from llama_mp.jsonl import write_jsonl_atomic
+from llama_mp.tokenizer import Tokenizer
+from step0_coldstart.evaluate import Encoder
+from step0_coldstart.tabular import Schema, load_rows, load_schema, row_to_text, splits
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+ANSWER_LEAD = "Here's a new JSON format sample that approximates the key patterns of the samples above:\n"
+
+
+def words(n: int) -> str:
+    return NUMBER_WORDS[n] if n < len(NUMBER_WORDS) else str(n)
+
+
+def build_prompt(schema: Schema, examples: list[dict]) -> str:
+    head = (f"Here are {words(len(examples))} entries of tabular data in JSON format, each consisting of "
+            f"{words(len(schema.columns))} features. The target feature {schema.target} is a {schema.task} task.\n\n")
+    body = "".join(f"sample {words(i + 1)}:\n{row_to_text(row, schema)}\n\n" for i, row in enumerate(examples))
+    return head + body + ("Directly generate only one new final sample in JSON format that approximates the key "
+                          "patterns of the samples above.\nAnswer:\n")
+
+
+def neighbours(matrix: np.ndarray, index: int, k: int) -> list[int]:
+    """The ceil(k/2) most and floor(k/2) least cosine-similar rows to row `index` (itself excluded)."""
+    norms = np.linalg.norm(matrix, axis=1) + 1e-12
+    similarity = matrix @ matrix[index] / (norms * norms[index])
+    similarity[index] = np.nan
+    order = [int(i) for i in np.argsort(-np.nan_to_num(similarity, nan=-np.inf)) if int(i) != index]
+    most, least = order[:(k + 1) // 2], [i for i in reversed(order) if i != index][:k // 2]
+    return most + [i for i in least if i not in most]
+
+
+def dataset_prompts(schema: Schema, rows: list[dict], n_prompts: int, num_examples: int, tokenizer: Tokenizer,
+                    max_seq_len: int, seed: int, with_answers: bool) -> tuple[list[dict], dict]:
+    matrix = Encoder(schema, rows).distance_matrix(rows)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(rows), size=min(n_prompts, len(rows)), replace=False)
+    records, lengths, used_k = [], [], []
+    for index in picks:
+        answer = ANSWER_LEAD + row_to_text(rows[int(index)], schema)
+        for k in range(num_examples, 0, -1):
+            prompt = build_prompt(schema, [rows[i] for i in neighbours(matrix, int(index), k)])
+            total = len(tokenizer.encode(prompt + answer, bos=True, eos=True))
+            if total <= max_seq_len:
+                break
+        else:
+            raise ValueError(f"{schema.path}: even one in-context row and the answer need {total} tokens, more than "
+                             f"max_seq_len {max_seq_len}")
+        lengths.append(total)
+        used_k.append(k)
+        record = {"dataset": schema.name, "prompt_id": f"{schema.name}-{int(index)}", "prompt": prompt}
+        if with_answers:
+            record["response"] = answer
+        records.append(record)
+    return records, {"max_tokens": max(lengths), "mean_tokens": round(float(np.mean(lengths)), 1),
+                     "min_examples": min(used_k), "mean_examples": round(float(np.mean(used_k)), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.sft_generator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", required=True, help="data set YAMLs for the SFT prompts (A, B, C)")
+    parser.add_argument("--heldout", required=True, help="the held-out data set YAML (D)")
+    parser.add_argument("--tokenizer_path", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--splits_dir", default="runs/tabular/splits")
+    parser.add_argument("--prompts_per_dataset", type=int, default=200)
+    parser.add_argument("--heldout_prompts", type=int, default=50)
+    parser.add_argument("--num_examples", type=int, default=5)
+    parser.add_argument("--max_seq_len", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    opts = parser.parse_args()
+    tokenizer = Tokenizer(opts.tokenizer_path)
+    heldout = load_schema(opts.heldout)
+    train_file = os.path.join(opts.output_dir, "sft_train.jsonl")
+    prompts_file = os.path.join(opts.output_dir, f"{heldout.name}_prompts.jsonl")
+    for path in (train_file, prompts_file):
+        if os.path.exists(path) and not opts.overwrite:
+            raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    report, sft = {}, []
+    for path in opts.datasets:
+        schema = load_schema(path)
+        if schema.name == heldout.name:
+            raise ValueError(f"{path}: the held-out data set {heldout.name!r} cannot also be an SFT data set")
+        rows = load_rows(schema)
+        train = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["train"]]
+        records, report[schema.name] = dataset_prompts(schema, train, opts.prompts_per_dataset, opts.num_examples,
+                                                       tokenizer, opts.max_seq_len, opts.seed, with_answers=True)
+        sft.extend(records)
+    rows = load_rows(heldout)
+    train = [rows[i] for i in splits(heldout, len(rows), opts.splits_dir)["train"]]  # never the test split
+    held_records, report[heldout.name] = dataset_prompts(heldout, train, opts.heldout_prompts, opts.num_examples,
+                                                         tokenizer, opts.max_seq_len, opts.seed, with_answers=False)
+    write_jsonl_atomic(train_file, sft)
+    write_jsonl_atomic(prompts_file, held_records)
+    with open(os.path.join(opts.output_dir, "lengths.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {len(sft)} SFT examples to {train_file} and {len(held_records)} {heldout.name} prompts to "
+          f"{prompts_file}; token lengths: {json.dumps(report)}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
