@@ -1,0 +1,98 @@
+"""Supervised fine-tuning on {prompt, response} records, loss on response tokens only, through the shared loop.
+
+  python -m step0_coldstart.train_sft --ckpt_dir D --tokenizer_path T --train_file runs/tabular/r0/sft_train.jsonl \
+      --output_dir runs/tabular/sft [--config configs/sft_tiny.yaml] [--resume]
+
+Prompt and response are tokenized as one text and cut where the prompt's tokens end (the join never changes tokens);
+an EOS ends every response so the generator learns to stop. Sequences longer than max_seq_len are an error naming the
+record. Every option of the YAML config is also a flag; launch, data parallel x model parallel, checkpoints, --resume and
+metrics are the project's shared training loop.
+"""
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llama_mp import cli, distributed
+from llama_mp.chat import split_tokens
+from llama_mp.checkpoint import load_model
+from llama_mp.jsonl import read_records
+from llama_mp.tokenizer import Tokenizer
+from llama_mp.train import Trainer, parse_task_args, require
+
+
+@dataclass
+class SFTOptions:
+    ckpt_dir: str = ""
+    tokenizer_path: str = ""
+    train_file: str = ""
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    max_seq_len: int = 2048
+
+
+def encode_records(path: str, opts: SFTOptions, tokenizer: Tokenizer) -> list[dict]:
+    examples = []
+    for position, record in read_records(path):
+        prompt, response = record.get(opts.prompt_key), record.get(opts.response_key)
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response:
+            raise ValueError(f"{path}:{position}: needs {opts.prompt_key!r} and a non-empty {opts.response_key!r}")
+        prompt_ids, response_ids = split_tokens(tokenizer, prompt, response)
+        response_ids = response_ids + [tokenizer.eos_id]
+        if len(prompt_ids) + len(response_ids) > opts.max_seq_len:
+            raise ValueError(f"{path}:{position}: {len(prompt_ids) + len(response_ids)} tokens exceed max_seq_len "
+                             f"{opts.max_seq_len}")
+        examples.append({"prompt": prompt_ids, "response": response_ids})
+    if not examples:
+        raise ValueError(f"{path}: no records")
+    return examples
+
+
+def collate(examples: list[dict], device) -> dict:
+    width = max(len(e["prompt"]) + len(e["response"]) for e in examples)
+    tokens = torch.zeros(len(examples), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(examples), width, device=device)
+    for row, e in enumerate(examples):
+        n, m = len(e["prompt"]), len(e["response"])
+        tokens[row, :n + m] = torch.tensor(e["prompt"] + e["response"])
+        mask[row, n:n + m] = 1.0
+    return {"tokens": tokens, "mask": mask, "num_tokens": int(sum(len(e["prompt"]) + len(e["response"])
+                                                                  for e in examples))}
+
+
+def response_loss(model, batch: dict):
+    """Mean negative log-likelihood of the response tokens (position t predicted by the logits at t - 1)."""
+    logits = model(batch["tokens"])
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten(), reduction="none")
+    mask = batch["mask"][:, 1:].flatten()
+    loss = (nll * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"loss": float(loss.detach()), "response_tokens": float(mask.sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.train_sft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    args, train_cfg, opts = parse_task_args(parser, SFTOptions)
+    require(opts, "ckpt_dir", "tokenizer_path", "train_file")
+    examples = encode_records(opts.train_file, opts, Tokenizer(opts.tokenizer_path))
+    info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
+    model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
+                       device=info.device, dtype=cli.resolve_dtype(args.dtype, info.device))
+    trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), response_loss, train_cfg, info,
+                      task="sft")
+    if info.is_main:
+        os.makedirs(train_cfg.output_dir, exist_ok=True)
+        with open(os.path.join(train_cfg.output_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(train_cfg), "sft": asdict(opts)}, f, indent=1)
+        print(f"[sft] {len(examples)} examples; {trainer.total_steps} steps", flush=True)
+    final = trainer.fit(resume=args.resume)
+    if info.is_main:
+        print(f"[sft] done: {json.dumps(final)}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
