@@ -159,3 +159,37 @@ def test_cold_start_prompts_fit_and_never_show_the_test_split(loaded, tokenizer,
     assert report["mean_examples"] < 5 and all("response" not in r for r in few)  # fewer rows to fit 600 tokens
     with pytest.raises(ValueError, match="even one in-context row"):
         dataset_prompts(schema, train, 1, 5, tokenizer, 100, 0, with_answers=False)
+
+
+def test_preference_pairs_follow_the_reference_rules():
+    from step0_coldstart.convert_score_to_prefer import preference_pairs
+
+    def sample(name, status, gain, group="g1"):
+        return {"syn_pmt_id": group, "prompt": "P", "answer": name, "status": status, "gain_score": gain,
+                "status_score": {SUCCESS: 5, MISSING_KEY: 2, INVALID_ANSWER: 0}[status]}
+
+    records = [sample("A", SUCCESS, 0.2), sample("B", SUCCESS, 0.5), sample("C", MISSING_KEY, None),
+               sample("D", INVALID_ANSWER, None), sample("E", SUCCESS, 0.2),  # E ties with A: skipped
+               sample("X", MISSING_KEY, None, "g2"), sample("Y", INVALID_ANSWER, None, "g2")]  # no SUCCESS in g2
+    pairs = preference_pairs(records)
+    got = sorted((p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs)
+    assert got == sorted([("B", "A"), ("A", "C"), ("A", "D"), ("B", "C"), ("B", "D"), ("C", "D"),
+                          ("B", "E"), ("E", "C"), ("E", "D")])
+    assert all(p["prompt"] == [{"role": "user", "content": "P"}] for p in pairs)
+    assert len(preference_pairs(records, max_pairs=4)) == 4
+
+
+def test_sklearn_scorer_rewards_a_helpful_row(tmp_path):
+    from step0_coldstart.evaluate import Encoder
+    from step0_coldstart.scorers import sklearn_gain
+    (tmp_path / "line.csv").write_text("x,y\n" + "".join(f"{i},{i}\n" for i in range(20)))
+    (tmp_path / "line.yaml").write_text(f"name: line\ncsv: {tmp_path / 'line.csv'}\ntarget: y\ntask: regression\n"
+                                        "columns: {x: float, y: float}\n")
+    schema = load_schema(str(tmp_path / "line.yaml"))
+    rows = load_rows(schema)
+    encoder = Encoder(schema, rows)
+    contrast = [{"x": 0.0, "y": 0.0}, {"x": 1.0, "y": 1.0}, {"x": 19.0, "y": 19.0}]  # little near the anchors
+    anchors = [{"x": 10.0, "y": 10.0}, {"x": 11.0, "y": 11.0}, {"x": 0.5, "y": 0.5}]
+    helpful = sklearn_gain(schema, encoder, {"x": 10.5, "y": 10.5}, contrast, anchors)
+    harmful = sklearn_gain(schema, encoder, {"x": 10.5, "y": -30.0}, contrast, anchors)
+    assert helpful["gain_score"] > 0 > harmful["gain_score"]
