@@ -10,7 +10,7 @@ the same way from D's training split only: D's test split, on which quality is m
 The number of in-context rows is the largest k <= --num_examples for which prompt + answer fit --max_seq_len tokens
 with the given tokenizer; token lengths are reported. Outputs:
   <output_dir>/sft_train.jsonl      {"dataset", "prompt", "response"} for train_sft
-  <output_dir>/<D>_prompts.jsonl    {"dataset", "prompt_id", "prompt"} for round 1 sampling
+  <output_dir>/<D>_prompts.jsonl    {"dataset", "prompt_id", "prompt", "context": the in-context rows} for round 1
   <output_dir>/lengths.json         token lengths per data set (max, mean) and k used
 """
 
@@ -74,6 +74,8 @@ def dataset_prompts(schema: Schema, rows: list[dict], n_prompts: int, num_exampl
         record = {"dataset": schema.name, "prompt_id": f"{schema.name}-{int(index)}", "prompt": prompt}
         if with_answers:
             record["response"] = answer
+        else:  # round 1 scores a sample against the real rows its prompt showed (the contrast rows)
+            record["context"] = [rows[i] for i in neighbours(matrix, int(index), k)]
         records.append(record)
     return records, {"max_tokens": max(lengths), "mean_tokens": round(float(np.mean(lengths)), 1),
                      "min_examples": min(used_k), "mean_examples": round(float(np.mean(used_k)), 2)}
