@@ -122,7 +122,7 @@ def synthetic_rows(path: str, schema: Schema) -> tuple[list[dict], int]:
 
 def generator_figures(schema, encoder, rows, total, train, test, real_score, train_keys, train_matrix, seed) -> dict:
     if not rows:
-        return {"syn": None, "real": real_score, "ratio": 0.0, "valid_share": 0.0, "copy_share": 0.0,
+        return {"syn": None, "real": round(real_score, 4), "ratio": 0.0, "valid_share": 0.0, "copy_share": 0.0,
                 "dcr_median": None, "rows": 0}
     syn = score(schema, encoder, rows, test, seed)
     copies = sum(json.dumps(r, sort_keys=True, default=str) in train_keys for r in rows)

@@ -1,0 +1,125 @@
+"""The round driver: round 0 (cold start), then N rounds of synthetic preference + DPO, then ML efficiency.
+
+  python -m step0_coldstart.rounds --config configs/synfed_tiny.yaml [--rounds 1] [--workdir runs/tabular]
+
+Stages, each a command of this step run as a subprocess (skipped when its output exists, so a rerun continues):
+  r0_s1 sft_generator -> r0 SFT (train_sft) -> r0_s3 synscore_anchors ->
+  for round k = 1..N: r1_s1/s4 syn_round with generator k-1 -> r1_s5 convert_score_to_prefer -> DPO (step3_rl.train_dpo)
+  -> generator k; finally the last generator is sampled once more, and step0_coldstart.evaluate reports every
+  generator (SFT = generator 0, then each DPO round) beside the naive generator and real rows:
+  <workdir>/report.json {dataset: {generator: {...}}} and report.md.
+A round whose samples give no preference pair keeps its generator (the DPO step is skipped, and the report says so).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from llama_mp import cli
+
+DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
+            "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
+            "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100,
+            "heldout_prompts": 16, "sft_lr": 1e-3, "sft_epochs": 3, "dpo_lr": 1e-4, "dpo_epochs": 1,
+            "micro_batch_size": 4, "max_pairs": 1000, "eval_rows": 1000, "num_clusters": 32,
+            "syn_config": "configs/syn_addprompt.yaml"}
+
+
+def run(cmd: list[str], log: str) -> None:
+    print(f"[rounds] {' '.join(cmd[2:6])} ...", flush=True)
+    with open(log, "a") as f:
+        result = subprocess.run([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise ValueError(f"{log}: stage {' '.join(cmd[1:3])} failed (exit {result.returncode}); see the log")
+
+
+def latest_checkpoint(directory: str) -> str:
+    with open(os.path.join(directory, "latest")) as f:
+        return os.path.join(directory, f.read().strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.rounds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML overriding the defaults above")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--workdir", default="runs/tabular")
+    opts = parser.parse_args()
+    cfg = dict(DEFAULTS)
+    if opts.config:
+        with open(opts.config, encoding="utf-8") as f:
+            extra = yaml.safe_load(f) or {}
+        unknown = sorted(set(extra) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"{opts.config}: unknown keys {unknown}")
+        cfg.update(extra)
+    work = opts.workdir
+    os.makedirs(work, exist_ok=True)
+    log, splits_dir = os.path.join(work, "rounds.log"), os.path.join(work, "splits")
+    name = os.path.splitext(os.path.basename(cfg["heldout"]))[0]
+    common = ["--tokenizer_path", cfg["tokenizer_path"], "--max_seq_len", str(cfg["max_seq_len"])]
+    r0 = os.path.join(work, "r0")
+    if not os.path.exists(os.path.join(r0, "sft_train.jsonl")):
+        run(["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
+             "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg["prompts_per_dataset"]),
+             "--heldout_prompts", str(cfg["heldout_prompts"]), *common], log)
+    sft_dir = os.path.join(work, "sft")
+    if not os.path.exists(os.path.join(sft_dir, "latest")):
+        run(["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
+             os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
+             "--epochs", str(cfg["sft_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
+    anchors = os.path.join(work, "score_anchors", f"{name}_anchors.csv")
+    if not os.path.exists(anchors):
+        run(["-m", "step0_coldstart.synscore_anchors", "--dataset", cfg["heldout"], "--num_clusters",
+             str(cfg["num_clusters"]), "--output_dir", os.path.dirname(anchors), "--splits_dir", splits_dir], log)
+    generators = [("sft", latest_checkpoint(sft_dir))]
+    notes = {}
+    for k in range(1, opts.rounds + 2):  # the last pass only samples, to evaluate the last generator
+        label, ckpt = generators[-1]
+        out = os.path.join(work, f"r{k}")
+        if not os.path.exists(os.path.join(out, f"{name}.score.jsonl")):
+            run(["-m", "step0_coldstart.syn_round", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
+                 os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
+                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common], log)
+        if k > opts.rounds:
+            break
+        pairs = os.path.join(out, f"{name}.pref.jsonl")
+        if not os.path.exists(pairs):
+            run(["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", os.path.join(out, f"{name}.score.jsonl"),
+                 "--output_file", pairs, "--max_pairs", str(cfg["max_pairs"])], log)
+        with open(pairs) as f:
+            n_pairs = sum(1 for line in f if line.strip())
+        if n_pairs == 0:
+            notes[f"dpo{k}"] = "no preference pair: the generator is kept unchanged"
+            generators.append((f"dpo{k}", ckpt))
+            continue
+        dpo_dir = os.path.join(work, f"dpo{k}")
+        if not os.path.exists(os.path.join(dpo_dir, "latest")):
+            run(["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key", "rejected",
+                 "--prompt_format", "plain", "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]), "--epochs",
+                 str(cfg["dpo_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]),
+                 "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512", *common], log)
+        generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
+    synthetic = []
+    for k, (label, _) in enumerate(generators, start=1):
+        csv_file = os.path.join(work, f"r{k}", f"{name}.syn.csv")
+        synthetic += ["--synthetic", f"{label}={csv_file}"]
+    report = os.path.join(work, "report.json")
+    run(["-m", "step0_coldstart.evaluate", "--dataset", cfg["heldout"], "--n_rows", str(cfg["eval_rows"]),
+         "--splits_dir", splits_dir, "--output_file", report, *synthetic], log)
+    with open(report) as f:
+        results = json.load(f)
+    from step0_coldstart.evaluate import table
+    with open(os.path.join(work, "report.md"), "w") as f:
+        f.write(table(results) + "\n" + "".join(f"\n- {k}: {v}" for k, v in notes.items()) + "\n")
+    print(table(results))
+    for k, v in notes.items():
+        print(f"note: {k}: {v}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
