@@ -13,6 +13,7 @@ that makes one micro-batch, and `loss(module, batch) -> (loss, metrics)`. The lo
 """
 
 import glob
+import json
 import math
 import os
 import shutil
@@ -278,6 +279,19 @@ class Trainer:
         return norm
 
     # ---- the loop -------------------------------------------------------------------------------------------------
+    def run(self, options: dict, what: str, resume: bool = False) -> dict:
+        """What every trainer's command does: record the run's options in <output_dir>/config.json, announce it, fit,
+        and report the last step's metrics (rank 0 prints)."""
+        if self.info.is_main:
+            os.makedirs(self.cfg.output_dir, exist_ok=True)
+            with open(os.path.join(self.cfg.output_dir, "config.json"), "w") as f:
+                json.dump({"train": asdict(self.cfg), **options}, f, indent=1)
+            print(f"[{self.task}] {what}; {self.total_steps} steps", flush=True)
+        final = self.fit(resume=resume)
+        if self.info.is_main:
+            print(f"[{self.task}] done: {json.dumps(final)}", flush=True)
+        return final
+
     def fit(self, resume: bool = False) -> dict:
         if resume:
             self.load_latest()

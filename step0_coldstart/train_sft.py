@@ -10,8 +10,6 @@ metrics are the project's shared training loop.
 """
 
 import argparse
-import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -84,14 +82,7 @@ def main() -> None:
                        device=info.device, dtype=cli.resolve_dtype(args.dtype, info.device))
     trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), response_loss, train_cfg, info,
                       task="sft")
-    if info.is_main:
-        os.makedirs(train_cfg.output_dir, exist_ok=True)
-        with open(os.path.join(train_cfg.output_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(train_cfg), "sft": asdict(opts)}, f, indent=1)
-        print(f"[sft] {len(examples)} examples; {trainer.total_steps} steps", flush=True)
-    final = trainer.fit(resume=args.resume)
-    if info.is_main:
-        print(f"[sft] done: {json.dumps(final)}", flush=True)
+    trainer.run({"sft": asdict(opts)}, f"{len(examples)} examples", resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -185,13 +185,8 @@ def main() -> None:
         return out
 
     trainer = Trainer(rm, rm.model, train_data, collate, loss, train_cfg, info, evaluate=evaluate, task="reward model")
-    if info.is_main:
-        os.makedirs(train_cfg.output_dir, exist_ok=True)
-        with open(os.path.join(train_cfg.output_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(train_cfg), "reward_model": asdict(opts)}, f, indent=1)
-        print(f"[reward model] {len(train_data)} train pairs, {len(held_data)} held out, {len(human_data)} human "
-              f"pairs; {trainer.total_steps} steps", flush=True)
-    final = trainer.fit(resume=args.resume)
+    final = trainer.run({"reward_model": asdict(opts)}, f"{len(train_data)} train pairs, {len(held_data)} held out, "
+                        f"{len(human_data)} human pairs", resume=args.resume)
     results = evaluate()
     if info.is_main:
         summary = {"step": trainer.step, "train_loss": final.get("loss"), "train_accuracy": final.get("accuracy"),

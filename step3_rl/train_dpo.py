@@ -179,13 +179,7 @@ def main() -> None:
                         opts.loss_type)
 
     trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), loss, train_cfg, info, task="dpo")
-    if info.is_main:
-        with open(os.path.join(train_cfg.output_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(train_cfg), "dpo": asdict(opts)}, f, indent=1)
-        print(f"[dpo] {len(examples)} pairs; {trainer.total_steps} steps", flush=True)
-    final = trainer.fit(resume=args.resume)
-    if info.is_main:
-        print(f"[dpo] done: {json.dumps(final)}", flush=True)
+    trainer.run({"dpo": asdict(opts)}, f"{len(examples)} pairs", resume=args.resume)
 
 
 if __name__ == "__main__":
