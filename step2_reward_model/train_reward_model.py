@@ -193,7 +193,7 @@ def main() -> None:
                    **results}
         with open(os.path.join(train_cfg.output_dir, "eval.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        print(f"[reward model] done: {json.dumps(summary)}", flush=True)
+        print(f"[reward model] evaluation: {json.dumps(summary)}", flush=True)
 
 
 if __name__ == "__main__":
