@@ -10,10 +10,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (without the shift: only scaled, as for rewards)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, group=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (without the shift: only scaled, as for rewards). With a process
+    `group` (the data-parallel replicas) the statistics are those of all replicas' entries together."""
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+    count = sums[2].clamp(min=1)
+    mean = (sums[0] / count).to(x.dtype)
+    var = (sums[1] / count - (sums[0] / count) ** 2).clamp(min=0).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 

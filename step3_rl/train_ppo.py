@@ -11,7 +11,8 @@ a zero-initialised head, trained) and the reward model (frozen). Each PPO step:
      principle_collection_ppo.json per rollout; the reward is read at the last real token; a response that never
      stopped gets --unfinished_penalty; optional length bonus (--length_bonus_scale, x the prompt's "length_bonus");
   3. advantages: per-token k1 KL to the reference (optionally clamped at 0, as the reference does) times the fixed or
-     adaptive coefficient, the score at each row's last token, optional reward whitening or scaling; GAE; whitened;
+     adaptive coefficient, the score at each row's last token, optional reward whitening or scaling; GAE; advantages
+     whitened with the statistics of all data-parallel replicas' rollouts;
   4. update: --ppo_epochs passes over shuffled minibatches; clipped policy loss + vf_coef x clipped value loss;
      log-probs recomputed with logits / temperature.
 Logged per step (metrics.jsonl + progress line): reward mean/std, KL, entropy, approx-KL, clip fractions, value loss,
@@ -29,6 +30,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama_mp import cli, distributed
@@ -244,10 +246,11 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         mask = batch["mask"]
         rewards, kl = shaped_rewards(score * opts.reward_scale, old_logp, ref_logp, mask, kl_ctl.value,
                                      opts.kl_clamp_min)
+        dp_group = fs_init.get_data_parallel_group() if info.data_parallel_size > 1 else None
         if opts.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, shift_mean=False, group=dp_group)
         advantages, returns = gae(rewards, old_values, mask, opts.gamma, opts.lam)
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, group=dp_group)  # statistics of the whole rollout, all replicas
         batch.update(old_logp=old_logp, old_values=old_values, advantages=advantages, returns=returns)
         current["batch"] = batch
         # 4. update: epochs over shuffled minibatches, each one optimizer step of the shared loop

@@ -151,3 +151,17 @@ def test_resume_equals_an_uninterrupted_ppo_run(world1, stories_dir, tmp_path):
     whole = torch.load(tmp_path / "whole" / "checkpoint-16" / "value" / "head.pth", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint-16" / "value" / "head.pth", weights_only=True)
     assert torch.equal(whole["head.weight"], cut["head.weight"])
+
+
+def whiten_half(rank_values):
+    info = distributed.init(1)  # two data-parallel replicas
+    from fairscale.nn.model_parallel import initialize as fs_init
+    x = torch.tensor(rank_values[info.data_parallel_rank])
+    return {"w": whiten(x, torch.ones_like(x), group=fs_init.get_data_parallel_group())}
+
+
+def test_advantages_are_whitened_over_all_replicas(tmp_path):
+    halves = [[[1.0, 2.0, 3.0]], [[10.0, 20.0, 30.0]]]
+    ranks = run_distributed(whiten_half, 2, halves, tmp_dir=str(tmp_path))
+    together = whiten(torch.tensor([[1.0, 2.0, 3.0, 10.0, 20.0, 30.0]]), torch.ones(1, 6))
+    torch.testing.assert_close(torch.cat([ranks[0]["w"], ranks[1]["w"]], dim=1), together, atol=1e-5, rtol=1e-5)
