@@ -1,7 +1,7 @@
 """Meta-layout checkpoints: `params.json` + `consolidated.NN.pth`, one shard per model-parallel rank.
 
-Loading at a model-parallel size other than the shard count reshards in memory: shards are concatenated along the
-dimension their layer splits, then cut into the new number of pieces. Every load uses `weights_only=True`.
+Loading at a model-parallel size other than the shard count reshards in memory: each weight's slice for this rank is
+cut from the (memory-mapped) shards that overlap it, along the dimension its layer splits. Every load uses `weights_only=True`.
 Errors are `CheckpointError` with one sentence naming the file and the problem.
 """
 
@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from llama_mp.jsonl import atomic_write, write_json_atomic
 from llama_mp.model import ModelArgs, Transformer
 
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -103,15 +104,6 @@ def check_same_keys(shards: list[dict], where: str) -> None:
             raise CheckpointError(f"{where}: shard {i:02d} has different keys from shard 00 (e.g. {diff})")
 
 
-def merge_shards(shards: list[dict], args: ModelArgs, where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    check_same_keys(shards, where)
-    merged = {}
-    for key in sorted(shards[0]):
-        dim = split_dim(key, args)
-        merged[key] = shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim=dim)
-    return merged
-
-
 def split_state(state: dict[str, torch.Tensor], args: ModelArgs, n: int) -> list[dict[str, torch.Tensor]]:
     args.check(n)
     out = [{} for _ in range(n)]
@@ -119,7 +111,7 @@ def split_state(state: dict[str, torch.Tensor], args: ModelArgs, n: int) -> list
         dim = split_dim(key, args)
         pieces = [tensor] * n if dim is None else torch.chunk(tensor, n, dim=dim)
         for shard, piece in zip(out, pieces):
-            shard[key] = piece.clone()  # own storage: torch.save would otherwise write the whole tensor per shard
+            shard[key] = piece  # a view: save_shard gives each saved tensor its own storage
     return out
 
 
@@ -181,6 +173,12 @@ def load_into(model: Transformer, state: dict[str, torch.Tensor], where: str) ->
             target.copy_(state[key])
 
 
+def load_weights(model: Transformer, ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank: int = 0) -> None:
+    """Fill an existing model (e.g. when resuming) from a checkpoint of any shard count."""
+    _, state = load_state(ckpt_dir, model_parallel_size, model_parallel_rank)
+    load_into(model, state, ckpt_dir)
+
+
 def load_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank: int = 0,
                max_seq_len: Optional[int] = None, device="cpu", dtype=torch.float32) -> Transformer:
     """Build the Transformer for this rank and fill it from a Meta-layout checkpoint of any shard count."""
@@ -212,30 +210,15 @@ def model_params(args: ModelArgs) -> dict:
     return params
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_params(out_dir: str, args: ModelArgs) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(model_params(args), f, indent=2)
-            f.write("\n")
-
-    _atomic_write(os.path.join(out_dir, "params.json"), write)
+    write_json_atomic(os.path.join(out_dir, "params.json"), model_params(args), indent=2)
 
 
 def save_shard(out_dir: str, model_parallel_rank: int, state: dict[str, torch.Tensor], args: ModelArgs) -> None:
     """Write one rank's shard atomically (tied checkpoints store the shared matrix once, as tok_embeddings)."""
-    os.makedirs(out_dir, exist_ok=True)
     state = {k: _own_storage(v.detach().to("cpu")) for k, v in state.items()
              if not (args.tie_embeddings and k == "output.weight")}
-    _atomic_write(os.path.join(out_dir, f"consolidated.{model_parallel_rank:02d}.pth"),
-                  lambda tmp: torch.save(state, tmp))
+    atomic_write(os.path.join(out_dir, f"consolidated.{model_parallel_rank:02d}.pth"), lambda tmp: torch.save(state, tmp))
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:

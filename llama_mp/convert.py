@@ -16,8 +16,7 @@ import torch
 
 from llama_mp import cli
 from llama_mp.distributed import global_rank
-from llama_mp.checkpoint import (CheckpointError, load_shard, merge_shards, model_args, read_params, save_checkpoint,
-                                 shard_paths, split_state)
+from llama_mp.checkpoint import CheckpointError, load_state, save_checkpoint, split_state
 from llama_mp.model import ModelArgs
 
 LLAMA2C_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
@@ -88,12 +87,9 @@ def refuse_existing(out_dir: str, overwrite: bool) -> None:
 def reshard(input_dir: str, output_dir: str, model_parallel_size: int) -> ModelArgs:
     if os.path.abspath(input_dir) == os.path.abspath(output_dir):
         raise CheckpointError(f"{output_dir}: output must differ from the input")
-    shards = [load_shard(p) for p in shard_paths(input_dir)]
-    args = model_args(read_params(input_dir), shards[0], len(shards), input_dir)
-    try:
-        new_shards = split_state(merge_shards(shards, args, input_dir), args, model_parallel_size)
-    except ValueError as err:
-        raise CheckpointError(f"{input_dir}: cannot reshard to {model_parallel_size}: {err}") from None
+    # Each new shard is what a rank of the new size would load: the same slicing as loading at another size.
+    new_shards = [load_state(input_dir, model_parallel_size, rank)[1] for rank in range(model_parallel_size)]
+    args = load_state(input_dir, model_parallel_size, 0)[0]
     save_checkpoint(output_dir, args, new_shards)
     return args
 

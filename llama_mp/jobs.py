@@ -62,9 +62,7 @@ def _prepare_parts(output_file: str, settings: dict, overwrite: bool) -> None:
             raise ValueError(f"{parts}: an unfinished run made with other settings ({', '.join(changed)}); rerun "
                              f"with the same flags to resume, or pass --overwrite to start over")
     else:
-        with open(settings_file + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(settings_file + ".tmp", settings_file)
+        write_json_atomic(settings_file, settings)
 
 
 def run(output_file: str, items: Sequence, item_key: Callable, chunk_size: int,

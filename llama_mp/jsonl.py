@@ -1,8 +1,8 @@
-"""JSON Lines files: reading with errors that name the file and line, appending as work finishes, atomic writes."""
+"""Files: JSON Lines read with errors that name the file and line, appended as work finishes, and atomic writes."""
 
 import json
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 def iter_jsonl(path: str, torn_tail_ok: bool = False):
@@ -56,13 +56,24 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     return list(iter_jsonl(path))
 
 
-def write_json_atomic(path: str, data) -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it: readers never see a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def write_json_atomic(path: str, data, indent: int = 1) -> None:
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False, indent=indent) + "\n")
 
 
 def append_jsonl(path: str, records: Iterable[dict]) -> None:
@@ -75,10 +86,4 @@ def append_jsonl(path: str, records: Iterable[dict]) -> None:
 
 
 def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from llama_mp.batching import last_positions, right_pad
 from llama_mp.model import KVCache, Transformer
 from llama_mp.progress import Progress
 from llama_mp.tokenizer import Tokenizer
@@ -86,11 +87,13 @@ class RowRandom:
                 raise ValueError(f"{len(seed)} seeds for {n} prompts")
             self.per_row = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
-    def draw(self, rows: list[int], generating: list[bool]) -> torch.Tensor:
+    def draw(self, rows: list[int], prompt_lengths: list[int], position: int) -> torch.Tensor:
+        """One number per row for the token at `position`; a per-prompt generator draws only once its row is past
+        its prompt."""
         if self.per_row is None:
             return torch.rand(len(rows), generator=self.shared, device=self.device)
-        return torch.tensor([float(torch.rand(1, generator=self.per_row[r], device=self.device)) if g else 0.0
-                             for r, g in zip(rows, generating)], device=self.device)
+        return torch.tensor([float(torch.rand(1, generator=self.per_row[r], device=self.device)) if n <= position
+                             else 0.0 for r, n in zip(rows, prompt_lengths)], device=self.device)
 
 
 class Sampler:
@@ -162,12 +165,11 @@ class Sampler:
     def _generate_batch(self, prompts: list[list[int]], rows: list[int], max_gen_len: int, temperature: float,
                         top_p: float, top_k: int, stop: list[str], rng: RowRandom, stop_at_eos: bool) -> list[Completion]:
         bsz = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        prompt_lengths = [len(p) for p in prompts]
+        lengths = torch.tensor(prompt_lengths, device=self.device)
         min_len, max_len = int(lengths.min()), int(lengths.max())
         total_len = max_len + max_gen_len  # <= max_seq_len: prompts were fitted to leave room
-        tokens = torch.zeros(bsz, total_len, dtype=torch.long, device=self.device)
-        for row, ids in enumerate(prompts):
-            tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        tokens = right_pad(prompts, self.device, width=total_len)
         logprobs = torch.zeros(bsz, total_len, device=self.device)
         end = lengths + max_gen_len  # exclusive end of each row's output
         finish, out_end = [""] * bsz, [0] * bsz
@@ -178,7 +180,7 @@ class Sampler:
         prev = 0
         for cur in range(min_len, total_len):
             logits = self.model(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
-            uniform = rng.draw(rows, [len(p) <= cur for p in prompts]) if temperature > 0 else None
+            uniform = rng.draw(rows, prompt_lengths, cur) if temperature > 0 else None
             next_token = sample_next(logits, temperature, top_p, top_k, uniform)
             if cur < max_len:  # rows still inside their prompt are teacher-forced
                 in_prompt = lengths > cur
@@ -226,11 +228,7 @@ class Sampler:
         Right padding is exact under causal attention: a real token never attends to the pads after it."""
         progress = Progress(len(seqs), desc, "sequences", self.progress_every)
         for batch in self._micro_batches([len(s) for s in seqs]):
-            width = max(len(seqs[i]) for i in batch)
-            tokens = torch.zeros(len(batch), width, dtype=torch.long, device=self.device)
-            for row, i in enumerate(batch):
-                tokens[row, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            yield batch, self.model(tokens, return_hidden=True)
+            yield batch, self.model(right_pad([seqs[i] for i in batch], self.device), return_hidden=True)
             progress.update(len(batch), tokens=sum(len(seqs[i]) for i in batch))
 
     @torch.inference_mode()
@@ -274,7 +272,7 @@ class Sampler:
         seqs = [self._fit(i, self.encode(p), self.max_seq_len, truncate)[0] for i, p in enumerate(prompts)]
         out = torch.empty(len(seqs), self.model.args.vocab_size)
         for batch, hidden in self._hidden_batches(seqs, desc):
-            last = torch.tensor([len(seqs[i]) - 1 for i in batch], device=self.device)
+            last = last_positions([seqs[i] for i in batch], self.device)
             h_last = hidden[torch.arange(len(batch), device=self.device), last]
             out[torch.tensor(batch)] = self.model.output(h_last).float().cpu()
         return out
@@ -310,12 +308,8 @@ class Sampler:
                 for keys, values in zip(cache.keys, cache.values):  # copy row 0's shared part to the chunk's rows
                     keys[1:len(chunk), :, :, :start] = keys[:1, :, :, :start]
                     values[1:len(chunk), :, :start] = values[:1, :, :start]
-                width = max(len(s) for s in chunk)
-                tokens = torch.zeros(len(chunk), width, dtype=torch.long, device=self.device)
-                for row, suffix in enumerate(chunk):
-                    tokens[row, :len(suffix)] = torch.tensor(list(suffix), dtype=torch.long)
-                hidden = self.model(tokens, start, cache, return_hidden=True)
-                last = torch.tensor([len(s) - 1 for s in chunk], device=self.device)
+                hidden = self.model(right_pad(chunk, self.device), start, cache, return_hidden=True)
+                last = last_positions(chunk, self.device)
                 h_last = hidden[torch.arange(len(chunk), device=self.device), last]
                 out[first:first + len(chunk)] = self.model.output(h_last).float().cpu()
             results.append(out)

@@ -27,9 +27,9 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 from llama_mp import cli
-from llama_mp.checkpoint import load_into, load_state, save_params, save_shard, split_dim
+from llama_mp.checkpoint import load_weights, save_params, save_shard, split_dim
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl
+from llama_mp.jsonl import append_jsonl, write_json_atomic, write_text_atomic
 from llama_mp.model import Transformer
 from llama_mp.progress import Progress
 
@@ -206,8 +206,7 @@ class Trainer:
         self.module.train()
         n_local = sum(len(b) for b in micro_batches)
         n_global = self._all_sum(float(n_local))
-        totals: dict[str, float] = {}
-        tokens = 0
+        totals: dict[str, float] = {"tokens": 0.0}
         for examples in micro_batches:
             batch = self.collate(examples)
             loss, metrics = self.loss_fn(self.module, batch)
@@ -216,7 +215,7 @@ class Trainer:
             (loss * len(examples) / n_global).backward()
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(examples)
-            tokens += int(batch.get("num_tokens", 0)) if isinstance(batch, dict) else 0
+            totals["tokens"] += batch.get("num_tokens", 0)
         self._average_gradients()
         grad_norm = self._clip_gradients()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
@@ -224,8 +223,10 @@ class Trainer:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        out = {key: value / n_global for key, value in self._sum_metrics(totals).items()}
-        out.update(grad_norm=grad_norm, lr=lr, tokens=self._all_sum(float(tokens)))
+        sums = self._sum_metrics(totals)  # one gather for every metric and the token count
+        tokens = sums.pop("tokens")
+        out = {key: value / n_global for key, value in sums.items()}
+        out.update(grad_norm=grad_norm, lr=lr, tokens=tokens)
         return out
 
     def _all_sum(self, value: float) -> float:
@@ -283,9 +284,7 @@ class Trainer:
         """What every trainer's command does: record the run's options in <output_dir>/config.json, announce it, fit,
         and report the last step's metrics (rank 0 prints)."""
         if self.info.is_main:
-            os.makedirs(self.cfg.output_dir, exist_ok=True)
-            with open(os.path.join(self.cfg.output_dir, "config.json"), "w") as f:
-                json.dump({"train": asdict(self.cfg), **options}, f, indent=1)
+            write_json_atomic(os.path.join(self.cfg.output_dir, "config.json"), {"train": asdict(self.cfg), **options})
             print(f"[{self.task}] {what}; {self.total_steps} steps", flush=True)
         final = self.fit(resume=resume)
         if self.info.is_main:
@@ -358,9 +357,7 @@ class Trainer:
         if self.info.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            with open(os.path.join(self.cfg.output_dir, "latest.tmp"), "w") as f:
-                f.write(os.path.basename(final) + "\n")
-            os.replace(os.path.join(self.cfg.output_dir, "latest.tmp"), os.path.join(self.cfg.output_dir, "latest"))
+            write_text_atomic(os.path.join(self.cfg.output_dir, "latest"), os.path.basename(final) + "\n")
             if self.cfg.keep_checkpoints > 0:  # 0 keeps every checkpoint
                 for old in sorted(glob.glob(os.path.join(self.cfg.output_dir, "checkpoint-*[0-9]")),
                                   key=lambda p: int(p.rsplit("-", 1)[1]))[:-self.cfg.keep_checkpoints]:
@@ -374,8 +371,7 @@ class Trainer:
             return False
         with open(pointer) as f:
             ckpt = os.path.join(self.cfg.output_dir, f.read().strip())
-        _, shard = load_state(ckpt, self.info.model_parallel_size, self.info.model_parallel_rank)
-        load_into(self.backbone, shard, ckpt)
+        load_weights(self.backbone, ckpt, self.info.model_parallel_size, self.info.model_parallel_rank)
         head = torch.load(os.path.join(ckpt, "head.pth"), map_location=self.info.device, weights_only=True)
         result = self.module.load_state_dict(head, strict=False)
         missing = sorted(set(self.heads(self.module.state_dict())) - set(head))

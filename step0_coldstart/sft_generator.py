@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from llama_mp import cli
-from llama_mp.jsonl import write_jsonl_atomic
+from llama_mp.jsonl import write_json_atomic, write_jsonl_atomic
 from llama_mp.tokenizer import Tokenizer
 from step0_coldstart.evaluate import Encoder
 from step0_coldstart.tabular import Schema, load_rows, load_schema, row_to_text, splits
@@ -119,8 +119,7 @@ def main() -> None:
                                                          tokenizer, opts.max_seq_len, opts.seed, with_answers=False)
     write_jsonl_atomic(train_file, sft)
     write_jsonl_atomic(prompts_file, held_records)
-    with open(os.path.join(opts.output_dir, "lengths.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json_atomic(os.path.join(opts.output_dir, "lengths.json"), report)
     print(f"wrote {len(sft)} SFT examples to {train_file} and {len(held_records)} {heldout.name} prompts to "
           f"{prompts_file}; token lengths: {json.dumps(report)}")
 

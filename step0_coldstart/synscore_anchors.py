@@ -17,6 +17,7 @@ import yaml
 from sklearn.cluster import KMeans
 
 from llama_mp import cli
+from llama_mp.jsonl import atomic_write
 from step0_coldstart.evaluate import Encoder
 from step0_coldstart.tabular import Schema, load_rows, load_schema, splits
 
@@ -37,14 +38,14 @@ def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) 
 
 
 def write_csv(path: str, schema: Schema, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(schema.columns))
-        for row in rows:
-            writer.writerow(["" if row[c] is None else row[c] for c in schema.columns])
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(list(schema.columns))
+            for row in rows:
+                writer.writerow(["" if row[c] is None else row[c] for c in schema.columns])
+
+    atomic_write(path, write)
 
 
 def main() -> None:

@@ -24,6 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
+from llama_mp.jsonl import write_json_atomic
+
 TYPES = ("float", "int", "category")
 SUCCESS, REDUNDANT_KEY, MISSING_KEY, CONVERSION_ERROR, INVALID_ANSWER = (
     "SUCCESS", "REDUNDANT_KEY", "MISSING_KEY", "CONVERSION_ERROR", "INVALID_ANSWER")
@@ -158,10 +160,7 @@ def splits(schema: Schema, n_rows: int, directory: str) -> dict[str, list[int]]:
     n_test, n_val = int(round(n_rows * schema.split["test"])), int(round(n_rows * schema.split["val"]))
     result = {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
               "train": sorted(order[n_test + n_val:])}
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"settings": settings, "splits": result}, f)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, {"settings": settings, "splits": result}, indent=None)
     return result
 
 

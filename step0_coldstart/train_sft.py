@@ -12,10 +12,8 @@ metrics are the project's shared training loop.
 import argparse
 from dataclasses import asdict, dataclass
 
-import torch
-import torch.nn.functional as F
-
 from llama_mp import cli, distributed
+from llama_mp.batching import prompt_response_batch, token_logprobs
 from llama_mp.chat import split_tokens
 from llama_mp.checkpoint import load_model
 from llama_mp.jsonl import read_records
@@ -51,23 +49,13 @@ def encode_records(path: str, opts: SFTOptions, tokenizer: Tokenizer) -> list[di
 
 
 def collate(examples: list[dict], device) -> dict:
-    width = max(len(e["prompt"]) + len(e["response"]) for e in examples)
-    tokens = torch.zeros(len(examples), width, dtype=torch.long, device=device)
-    mask = torch.zeros(len(examples), width, device=device)
-    for row, e in enumerate(examples):
-        n, m = len(e["prompt"]), len(e["response"])
-        tokens[row, :n + m] = torch.tensor(e["prompt"] + e["response"])
-        mask[row, n:n + m] = 1.0
-    return {"tokens": tokens, "mask": mask, "num_tokens": int(sum(len(e["prompt"]) + len(e["response"])
-                                                                  for e in examples))}
+    return prompt_response_batch([(e["prompt"], e["response"]) for e in examples], device)
 
 
 def response_loss(model, batch: dict):
-    """Mean negative log-likelihood of the response tokens (position t predicted by the logits at t - 1)."""
-    logits = model(batch["tokens"])
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["tokens"][:, 1:].flatten(), reduction="none")
-    mask = batch["mask"][:, 1:].flatten()
-    loss = (nll * mask).sum() / mask.sum().clamp(min=1)
+    """Mean negative log-likelihood of the response tokens."""
+    mask = batch["mask"][:, 1:]
+    loss = -(token_logprobs(model(batch["tokens"]), batch["tokens"]) * mask).sum() / mask.sum().clamp(min=1)
     return loss, {"loss": float(loss.detach()), "response_tokens": float(mask.sum())}
 
 

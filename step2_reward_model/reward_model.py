@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_mp.batching import last_positions, right_pad
 from llama_mp.checkpoint import load_model
 from llama_mp.model import Transformer
 from llama_mp.tokenizer import Tokenizer
@@ -93,12 +94,8 @@ class PromptBuilder:
 
 
 def pad_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded tokens [B, T] and each row's last real position [B]."""
-    width = max(len(s) for s in sequences)
-    tokens = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
-    for row, seq in enumerate(sequences):
-        tokens[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return tokens, torch.tensor([len(s) - 1 for s in sequences], device=device)
+    """Right-padded tokens [B, T] and each row's last real position [B] (where the head reads)."""
+    return right_pad(sequences, device), last_positions(sequences, device)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor] = None):

@@ -23,7 +23,7 @@ import torch
 
 from llama_mp import cli, distributed
 from llama_mp.chat import load_principles
-from llama_mp.jsonl import iter_jsonl, read_records
+from llama_mp.jsonl import iter_jsonl, read_records, write_json_atomic
 from llama_mp.tokenizer import Tokenizer
 from llama_mp.train import Trainer, parse_task_args, require
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, load_reward_model, pad_batch,
@@ -191,8 +191,7 @@ def main() -> None:
     if info.is_main:
         summary = {"step": trainer.step, "train_loss": final.get("loss"), "train_accuracy": final.get("accuracy"),
                    **results}
-        with open(os.path.join(train_cfg.output_dir, "eval.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json_atomic(os.path.join(train_cfg.output_dir, "eval.json"), summary)
         print(f"[reward model] evaluation: {json.dumps(summary)}", flush=True)
 
 

@@ -10,12 +10,13 @@ Implicit rewards: beta (log pi - log ref) for the chosen and the rejected respon
 import torch
 import torch.nn.functional as F
 
+from llama_mp.batching import token_logprobs
+
 
 def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Sum over response tokens of log p(token | prefix): logits [B, T, V] of tokens [B, T]; response_mask [B, T] marks
     the response tokens (position t is predicted by the logits at t - 1)."""
-    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    return (logp.view(tokens.shape[0], -1) * response_mask[:, 1:]).sum(dim=-1)
+    return (token_logprobs(logits, tokens) * response_mask[:, 1:]).sum(dim=-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from llama_mp import cli, distributed
+from llama_mp.batching import prompt_response_batch
 from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, split_tokens
 from llama_mp.checkpoint import load_model
 from llama_mp.jsonl import read_records, write_json_atomic
@@ -103,16 +104,10 @@ def encode_pair(pair: dict, tokenizer: Tokenizer, opts: DPOOptions, meta_prompt:
 
 def collate(examples: list[dict], device) -> dict:
     """Chosen sequences then rejected ones, right-padded, with response masks and reference log-probs."""
-    seqs = [e[side] for side in ("chosen", "rejected") for e in examples]
-    width = max(len(p) + len(r) for p, r in seqs)
-    tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-    mask = torch.zeros(len(seqs), width, device=device)
-    for row, (prompt, response) in enumerate(seqs):
-        tokens[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
-        mask[row, len(prompt):len(prompt) + len(response)] = 1.0
-    refs = torch.tensor([e.get(f"ref_{side}", float("nan")) for side in ("chosen", "rejected") for e in examples],
-                        device=device)  # NaN until the reference log-probs are filled in: never a silent 0
-    return {"tokens": tokens, "mask": mask, "ref": refs, "num_tokens": int(sum(len(p) + len(r) for p, r in seqs))}
+    batch = prompt_response_batch([e[side] for side in ("chosen", "rejected") for e in examples], device)
+    batch["ref"] = torch.tensor([e.get(f"ref_{side}", float("nan")) for side in ("chosen", "rejected")
+                                 for e in examples], device=device)  # NaN until filled in: never a silent 0
+    return batch
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:

@@ -35,13 +35,15 @@ from torch import nn
 
 from llama_mp import cli, distributed
 from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query, load_principles
-from llama_mp.checkpoint import load_into, load_model, load_state, save_params, save_shard
-from llama_mp.jsonl import append_jsonl, read_records
+from llama_mp.batching import right_pad
+from llama_mp.checkpoint import load_model, load_weights, save_params, save_shard
+from llama_mp.jsonl import append_jsonl, read_records, write_json_atomic
 from llama_mp.progress import Progress
 from llama_mp.sampler import Sampler
 from llama_mp.tokenizer import Tokenizer
 from llama_mp.train import TrainConfig, Trainer, parse_task_args, require
-from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model, pad_batch
+from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model
+from step2_reward_model.score import RewardScorer
 from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
 
 
@@ -158,15 +160,11 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         with open(opts.rm_prompt_template, encoding="utf-8") as f:
             builder = PromptBuilder(tokenizer, f.read(), opts.rm_query_len, opts.rm_response_len)
         principles = load_principles(opts.principle_file)
+        scorer = RewardScorer(rm, builder, batch_size=cfg.micro_batch_size)
 
-        @torch.no_grad()
         def reward_fn(rollouts: list[dict]) -> torch.Tensor:
-            seqs = [builder.encode(r["instruction"], r["response"], r["principles"]) for r in rollouts]
-            scores = []
-            for start in range(0, len(seqs), cfg.micro_batch_size):
-                tokens, positions = pad_batch(seqs[start:start + cfg.micro_batch_size], device)
-                scores.append(rm(tokens, positions).float())
-            return torch.cat(scores)
+            return scorer.score([r["instruction"] for r in rollouts], [r["response"] for r in rollouts],
+                                [r["principles"] for r in rollouts])
     else:
         principles = [{"definition": "", "weight": 1}]
     sampler = Sampler(policy, tokenizer, max_batch_size=opts.rollout_batch_size, progress_every=1e9)
@@ -185,8 +183,7 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
                     json.dump({**state, "kl": kl_ctl.state_dict()}, f)
 
     def load_extra(directory: str) -> None:
-        _, shard = load_state(os.path.join(directory, "value"), mp_size, mp_rank)
-        load_into(value.model, shard, os.path.join(directory, "value"))
+        load_weights(value.model, os.path.join(directory, "value"), mp_size, mp_rank)
         head = torch.load(os.path.join(directory, "value", "head.pth"), map_location=device, weights_only=True)
         value.load_state_dict(head, strict=False)
         with open(os.path.join(directory, "ppo_state.json")) as f:
@@ -289,7 +286,7 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
 def rollout_batch(queries: list[list[int]], chosen: list[int], responses: list[list[int]], device) -> dict:
     """prompt + response token rows, right-padded; `start` = where each response begins; `mask` over responses."""
     seqs = [queries[i] + list(r) for i, r in zip(chosen, responses)]
-    tokens, _ = pad_batch(seqs, device)
+    tokens = right_pad(seqs, device)
     length = max(1, max(len(r) for r in responses))
     mask = torch.zeros(len(seqs), length, device=device)
     for row, r in enumerate(responses):
@@ -313,9 +310,7 @@ def main() -> None:
     require(opts, "policy_ckpt", "reward_ckpt", "tokenizer_path")
     info = distributed.init(args.model_parallel_size, seed=cfg.seed)
     if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "ppo": asdict(opts)}, f, indent=1)
+        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), {"train": asdict(cfg), "ppo": asdict(opts)})
     history = run_ppo(opts, cfg, info, resume=args.resume, dtype=cli.resolve_dtype(args.dtype, info.device))
     if info.is_main and history:
         first, last = history[0], history[-1]
