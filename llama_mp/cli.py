@@ -47,10 +47,10 @@ def positive_int(text: str) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every model-loading command shares (names as in Meta's llama examples)."""
-    parser.add_argument("--ckpt_dir", required=True, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")
-    parser.add_argument("--tokenizer_path", required=True, help="SentencePiece model, e.g. data/llama2c/tok512.model")
+    parser.add_argument("--ckpt_dir", required=required, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")
+    parser.add_argument("--tokenizer_path", required=required, help="SentencePiece model, e.g. data/llama2c/tok512.model")
     parser.add_argument("--max_seq_len", type=positive_int, default=None, help="context length (default: params.json's)")
     parser.add_argument("--max_batch_size", type=positive_int, default=32)
     parser.add_argument("--model_parallel_size", type=positive_int, default=None, help="default: the world size")

@@ -142,20 +142,26 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_gen_len: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop: Sequence[str] = (), seed: Union[None, int, Sequence[int]] = None,
-                 truncate: str = "error",
-                 stop_at_eos: bool = True, desc: str = "generate") -> list[Completion]:
+                 truncate: str = "error", stop_at_eos: bool = True, allowed_tokens: Optional[Sequence[int]] = None,
+                 desc: str = "generate") -> list[Completion]:
         """Complete every prompt. `seed`: one int for the call, or one per prompt (a prompt's sample is then the same in
-        any batch: resumable jobs use this); `stop_at_eos=False` goes on past EOS (benchmarks need fixed lengths)."""
+        any batch: resumable jobs use this); `stop_at_eos=False` goes on past EOS (benchmarks need fixed lengths);
+        `allowed_tokens`: generate only these token ids (a value grammar, e.g. digits; log-probs are then those of
+        the restricted distribution)."""
         if max_gen_len < 1 or max_gen_len >= self.max_seq_len:
             raise ValueError(f"max_gen_len {max_gen_len} must be in [1, max_seq_len {self.max_seq_len})")
         encoded = [self.encode(p) for p in prompts]
         fitted = [self._fit(i, ids, self.max_seq_len - max_gen_len, truncate) for i, ids in enumerate(encoded)]
         rng = RowRandom(seed, len(prompts), self.device)
+        mask = None
+        if allowed_tokens is not None:
+            mask = torch.full((self.model.args.vocab_size,), float("-inf"), device=self.device)
+            mask[torch.tensor(sorted(set(allowed_tokens)), dtype=torch.long, device=self.device)] = 0.0
         results: list[Optional[Completion]] = [None] * len(prompts)
         progress = Progress(len(prompts), desc, "prompts", self.progress_every)
         for batch in self._micro_batches([len(ids) for ids, _ in fitted]):
             completions = self._generate_batch([fitted[i][0] for i in batch], batch, max_gen_len, temperature, top_p,
-                                               top_k, list(stop), rng, stop_at_eos)
+                                               top_k, list(stop), rng, stop_at_eos, mask)
             for i, completion in zip(batch, completions):
                 completion.truncated_prompt = fitted[i][1]
                 results[i] = completion
@@ -163,7 +169,8 @@ class Sampler:
         return results
 
     def _generate_batch(self, prompts: list[list[int]], rows: list[int], max_gen_len: int, temperature: float,
-                        top_p: float, top_k: int, stop: list[str], rng: RowRandom, stop_at_eos: bool) -> list[Completion]:
+                        top_p: float, top_k: int, stop: list[str], rng: RowRandom, stop_at_eos: bool,
+                        mask: Optional[torch.Tensor] = None) -> list[Completion]:
         bsz = len(prompts)
         prompt_lengths = [len(p) for p in prompts]
         lengths = torch.tensor(prompt_lengths, device=self.device)
@@ -180,6 +187,8 @@ class Sampler:
         prev = 0
         for cur in range(min_len, total_len):
             logits = self.model(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
+            if mask is not None:
+                logits = logits + mask
             uniform = rng.draw(rows, prompt_lengths, cur) if temperature > 0 else None
             next_token = sample_next(logits, temperature, top_p, top_k, uniform)
             if cur < max_len:  # rows still inside their prompt are teacher-forced

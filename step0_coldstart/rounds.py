@@ -3,9 +3,11 @@
   python -m step0_coldstart.rounds --config configs/synfed_tiny.yaml [--rounds 1] [--workdir runs/tabular]
 
 Stages, each a command of this step run as a subprocess (skipped when its output exists, so a rerun continues):
-  r0_s1 sft_generator -> r0 SFT (train_sft) -> r0_s3 synscore_anchors ->
-  for round k = 1..N: r1_s1/s4 syn_round with generator k-1 -> r1_s5 convert_score_to_prefer -> DPO (step3_rl.train_dpo)
-  -> generator k; finally the last generator is sampled once more, and step0_coldstart.evaluate reports every
+  r0_s1 sft_generator -> r0 SFT (train_sft) -> r0_s2 sft_federated (real training rows) -> r0_s3 synscore_anchors ->
+  for round k = 1..N: r1_s1 syn_addprompt with generator k-1 -> r1_s2 convert_raw_to_csv -> r1_s3 sft_federated
+  (synthetic rows) -> r1_s4 syn_addscore (`scorer`: sklearn, or llm with the generator itself as the scoring model
+  unless `scorer_ckpt` names one) -> r1_s5 convert_score_to_prefer -> DPO (step3_rl.train_dpo) -> generator k;
+  finally the last generator is sampled once more, and step0_coldstart.evaluate reports every
   generator (SFT = generator 0, then each DPO round) beside the naive generator and real rows:
   <workdir>/report.json {dataset: {generator: {...}}} and report.md.
 A round whose samples give no preference pair keeps its generator (the DPO step is skipped, and the report says so).
@@ -20,13 +22,15 @@ import sys
 import yaml
 
 from llama_mp import cli
+from llama_mp.jsonl import write_text_atomic
 
 DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
             "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
-            "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100,
+            "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100, "num_examples": 5,
             "heldout_prompts": 16, "sft_lr": 1e-3, "sft_epochs": 3, "dpo_lr": 1e-4, "dpo_epochs": 1,
             "micro_batch_size": 4, "max_pairs": 1000, "eval_rows": 1000, "num_clusters": 32,
-            "syn_config": "configs/syn_addprompt.yaml"}
+            "syn_config": "configs/syn_addprompt.yaml", "scorer": "sklearn", "scorer_ckpt": None,
+            "fed_clients": 1, "fed_split_method": "none", "sft_max_steps": 0}
 
 
 def run(cmd: list[str], log: str) -> None:
@@ -66,12 +70,17 @@ def main() -> None:
     if not os.path.exists(os.path.join(r0, "sft_train.jsonl")):
         run(["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
              "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg["prompts_per_dataset"]),
-             "--heldout_prompts", str(cfg["heldout_prompts"]), *common], log)
+             "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common], log)
     sft_dir = os.path.join(work, "sft")
     if not os.path.exists(os.path.join(sft_dir, "latest")):
         run(["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
              os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
-             "--epochs", str(cfg["sft_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
+             "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
+             "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
+    fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
+    if not os.path.exists(os.path.join(work, "fed", f"{name}_client_0.train.jsonl")):
+        run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--output_dir",
+             os.path.join(work, "fed"), *fed], log)
     anchors = os.path.join(work, "score_anchors", f"{name}_anchors.csv")
     if not os.path.exists(anchors):
         run(["-m", "step0_coldstart.synscore_anchors", "--dataset", cfg["heldout"], "--num_clusters",
@@ -81,15 +90,28 @@ def main() -> None:
     for k in range(1, opts.rounds + 2):  # the last pass only samples, to evaluate the last generator
         label, ckpt = generators[-1]
         out = os.path.join(work, f"r{k}")
-        if not os.path.exists(os.path.join(out, f"{name}.score.jsonl")):
-            run(["-m", "step0_coldstart.syn_round", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
+        raw, syn_csv, score = (os.path.join(out, f"{name}.{kind}") for kind in ("raw.jsonl", "syn.csv", "score.jsonl"))
+        if not os.path.exists(raw):
+            run(["-m", "step0_coldstart.syn_addprompt", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
                  os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
                  "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common], log)
+        if not os.path.exists(syn_csv):
+            run(["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg["heldout"], "--raw_file", raw,
+                 "--output_file", syn_csv], log)
         if k > opts.rounds:
             break
+        if not os.path.exists(os.path.join(out, "fed", f"{name}_client_0.train.jsonl")):
+            run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--input_file", syn_csv,
+                 "--output_dir", os.path.join(out, "fed"), *fed], log)
+        if not os.path.exists(score):
+            scorer = ["--backend", cfg["scorer"]]
+            if cfg["scorer"] == "llm":
+                scorer += ["--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common]
+            run(["-m", "step0_coldstart.syn_addscore", "--dataset", cfg["heldout"], "--raw_file", raw,
+                 "--output_file", score, "--splits_dir", splits_dir, *scorer], log)
         pairs = os.path.join(out, f"{name}.pref.jsonl")
         if not os.path.exists(pairs):
-            run(["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", os.path.join(out, f"{name}.score.jsonl"),
+            run(["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", score,
                  "--output_file", pairs, "--max_pairs", str(cfg["max_pairs"])], log)
         with open(pairs) as f:
             n_pairs = sum(1 for line in f if line.strip())
@@ -114,8 +136,8 @@ def main() -> None:
     with open(report) as f:
         results = json.load(f)
     from step0_coldstart.evaluate import table
-    with open(os.path.join(work, "report.md"), "w") as f:
-        f.write(table(results) + "\n" + "".join(f"\n- {k}: {v}" for k, v in notes.items()) + "\n")
+    write_text_atomic(os.path.join(work, "report.md"),
+                      table(results) + "\n" + "".join(f"\n- {k}: {v}" for k, v in notes.items()) + "\n")
     print(table(results))
     for k, v in notes.items():
         print(f"note: {k}: {v}")

@@ -1,33 +1,138 @@
-"""How much a synthetic row helps predict the anchors: the `sklearn` scorer back-end of r1_s4.
+"""How much a synthetic row helps predict the anchors (r1_s4): contrast rows, the ds0/ds1 prompts, two back-ends.
 
-A small nearest-neighbour model is fitted on the contrast rows (ds0) and on the contrast rows plus the synthetic row
-(ds1); both predict the anchors' targets; gain_score = score(ds1) - score(ds0), with macro-F1 (classification) or R2
-(regression; the reference's regression scorer was broken) on the anchors. A fast, offline proxy for the `llm` scorer
-(a LLaMA answering the ds0/ds1 prompts), which is not built yet.
+The reference's structure: for every anchor k, up to three *contrast* rows are picked once (KMeans with 4 clusters over
+the real training rows; from each cluster other than the anchor's, one random row whose label differs from the
+anchor's; regression labels are quantile bins). ds0[k] asks for anchor k's target after the contrast rows as solved
+examples; ds1[k] is the same with the synthetic row as the first example. A row's gain_score = score(ds1) - score(ds0)
+over all anchors: how much it helps as a one-shot example.
+
+Back-ends, one interface (`predict(task) -> list of predictions`):
+  - `llm`: a LLaMA answers the ds0/ds1 prompts (text); the answer is extracted as the reference does (classification:
+    exactly one whole-word, case-insensitive label match; regression: the first line is a number).
+  - `sklearn`: a 1-nearest-neighbour model over standardised features, fitted on the example rows of each prompt,
+    predicts the anchor: an offline, fast proxy with the same ds0/ds1 structure.
+Scores: macro-F1 (or MCC) for classification; for regression 1 - sum|prediction - truth| / sum|truth - median|, i.e.
+the error relative to always answering the anchors' median (1 is perfect, 0 no better than the median; the reference's
+regression scorer was broken). A prediction that cannot be extracted counts as wrong (classification) or as the
+median (regression), and `missing` is the fraction of such answers (the reference divided by 2 and dropped them,
+which let a row gain by making the scorer silent).
 """
 
+import re
+from typing import Callable, Optional
+
 import numpy as np
-from sklearn.metrics import f1_score, matthews_corrcoef, r2_score
-from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+from sklearn.cluster import KMeans
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 from step0_coldstart.evaluate import Encoder
-from step0_coldstart.tabular import Schema
+from step0_coldstart.tabular import Schema, answer_text, target_bins, task_question
+
+NO_ANSWER = "<no answer>"
 
 
-def anchor_score(schema: Schema, encoder: Encoder, train: list[dict], anchors: list[dict], metric: str = "f1") -> float:
-    x, y = encoder.distance_matrix(train), [r[schema.target] for r in train]
-    k = min(3, len(train))
+def contrast_rows(schema: Schema, train: list[dict], anchors: list[dict], num_clusters: int = 4,
+                  seed: int = 42) -> list[list[dict]]:
+    """Per anchor: one random training row from each other cluster whose label differs from the anchor's."""
+    encoder = Encoder(schema, train)
+    kmeans = KMeans(n_clusters=min(num_clusters, len(train)), random_state=seed, n_init=4)
+    train_cluster = kmeans.fit_predict(encoder.distance_matrix(train))
+    anchor_cluster = kmeans.predict(encoder.distance_matrix(anchors))
+    labels = target_bins(schema, train + anchors)
+    train_labels, anchor_labels = labels[:len(train)], labels[len(train):]
+    rng = np.random.default_rng(seed)
+    contrasts = []
+    for k in range(len(anchors)):
+        picked = []
+        for cluster in range(kmeans.n_clusters):
+            if cluster == anchor_cluster[k]:
+                continue
+            pool = [i for i in range(len(train)) if train_cluster[i] == cluster and train_labels[i] != anchor_labels[k]]
+            if pool:
+                picked.append(train[int(rng.choice(pool))])
+        contrasts.append(picked)
+    return contrasts
+
+
+def example_text(schema: Schema, row: dict) -> str:
+    return task_question(schema, row) + answer_text(schema, row) + " \n\n"
+
+
+def scoring_prompts(schema: Schema, anchors: list[dict], contrasts: list[list[dict]],
+                    synthetic: Optional[dict] = None) -> list[dict]:
+    """ds0 (synthetic=None) or ds1 prompts: {"question", "gold"} per anchor."""
+    lead = example_text(schema, synthetic) if synthetic is not None else ""
+    return [{"question": lead + "".join(example_text(schema, c) for c in contrast) + task_question(schema, anchor),
+             "gold": answer_text(schema, anchor)} for anchor, contrast in zip(anchors, contrasts)]
+
+
+def extract_answer(schema: Schema, text: str) -> Optional[str]:
+    """The prediction in a model's answer, or None (the reference's rules)."""
     if schema.task == "classification":
-        model = KNeighborsClassifier(n_neighbors=k).fit(x, [str(v) for v in y])
-        truth, predicted = [str(a[schema.target]) for a in anchors], model.predict(encoder.distance_matrix(anchors))
-        return float(matthews_corrcoef(truth, predicted) if metric == "mcc" else
-                     f1_score(truth, predicted, average="macro"))
-    model = KNeighborsRegressor(n_neighbors=k).fit(x, np.array(y, dtype=float))
-    return float(r2_score([float(a[schema.target]) for a in anchors], model.predict(encoder.distance_matrix(anchors))))
+        choices = sorted(set(schema.labels.values()) or set(schema.categories.get(schema.target, [])))
+        found = [c for c in choices if re.search(rf"(?<!\w){re.escape(c)}(?!\w)", text, flags=re.I)]
+        return found[0] if len(found) == 1 else None
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return first.replace(",", "") if re.fullmatch(r"-?\d[0-9,]*(\.\d+)?", first) else None
 
 
-def sklearn_gain(schema: Schema, encoder: Encoder, synthetic: dict, contrast: list[dict], anchors: list[dict],
-                 metric: str = "f1") -> dict:
-    ds0 = anchor_score(schema, encoder, contrast, anchors, metric)
-    ds1 = anchor_score(schema, encoder, [synthetic] + contrast, anchors, metric)
-    return {"ds0": {"score": ds0}, "ds1": {"score": ds1}, "gain_score": ds1 - ds0}
+def anchor_score(schema: Schema, golds: list[str], predictions: list[Optional[str]], metric: str = "f1") -> dict:
+    """{"pairs", "missing", "score"} of predictions (None = no answer) against the anchors' gold answers."""
+    missing = sum(p is None for p in predictions)
+    if schema.task == "classification":
+        predicted = [NO_ANSWER if p is None else p for p in predictions]
+        if metric == "mcc":
+            score = matthews_corrcoef(golds, predicted)
+        else:
+            score = f1_score(golds, predicted, labels=sorted(set(golds)), average="macro", zero_division=0)
+    else:
+        truth = np.array([float(g) for g in golds])
+        median = float(np.median(truth))
+        predicted = np.array([median if p is None else float(p) for p in predictions])
+        spread = np.abs(truth - median).sum()
+        score = 1.0 - np.abs(predicted - truth).sum() / spread if spread > 0 else float(np.allclose(predicted, truth))
+    return {"pairs": len(golds), "missing": missing / max(len(golds), 1), "score": float(score)}
+
+
+class SklearnBackend:
+    """1-nearest neighbour over the prompt's example rows (standardised numbers, one-hot categories)."""
+
+    def __init__(self, schema: Schema, train: list[dict]):
+        self.schema, self.encoder = schema, Encoder(schema, train)
+
+    def predict(self, schema: Schema, anchors: list[dict], contrasts: list[list[dict]],
+                synthetic: Optional[dict]) -> list[Optional[str]]:
+        predictions = []
+        for anchor, contrast in zip(anchors, contrasts):
+            examples = ([synthetic] if synthetic is not None else []) + contrast
+            if not examples:
+                predictions.append(None)
+                continue
+            distances = ((self.encoder.distance_matrix(examples) - self.encoder.distance_matrix([anchor])) ** 2).sum(1)
+            predictions.append(answer_text(schema, examples[int(np.argmin(distances))]))
+        return predictions
+
+
+class LLMBackend:
+    """A LLaMA answers the ds0/ds1 questions; `answer(questions) -> texts` is the sampler call (batched, resumable)."""
+
+    def __init__(self, answer: Callable[[list[str]], list[str]]):
+        self.answer = answer
+
+    def predict(self, schema: Schema, anchors: list[dict], contrasts: list[list[dict]],
+                synthetic: Optional[dict]) -> list[Optional[str]]:
+        questions = [p["question"] for p in scoring_prompts(schema, anchors, contrasts, synthetic)]
+        return [extract_answer(schema, text) for text in self.answer(questions)]
+
+
+def gain(backend, schema: Schema, anchors: list[dict], contrasts: list[list[dict]], synthetic: dict,
+         ds0: dict, metric: str = "f1") -> dict:
+    """{"ds0", "ds1", "gain_score"} of one synthetic row; ds0 is computed once per data set and passed in."""
+    golds = [answer_text(schema, a) for a in anchors]
+    ds1 = anchor_score(schema, golds, backend.predict(schema, anchors, contrasts, synthetic), metric)
+    return {"ds0": ds0, "ds1": ds1, "gain_score": ds1["score"] - ds0["score"]}
+
+
+def baseline(backend, schema: Schema, anchors: list[dict], contrasts: list[list[dict]], metric: str = "f1") -> dict:
+    golds = [answer_text(schema, a) for a in anchors]
+    return anchor_score(schema, golds, backend.predict(schema, anchors, contrasts, None), metric)

@@ -9,7 +9,6 @@ numbers at the mean). Writes <output_dir>/<name>_anchors.csv (the schema's colum
 """
 
 import argparse
-import csv
 import os
 
 import numpy as np
@@ -17,9 +16,8 @@ import yaml
 from sklearn.cluster import KMeans
 
 from llama_mp import cli
-from llama_mp.jsonl import atomic_write
 from step0_coldstart.evaluate import Encoder
-from step0_coldstart.tabular import Schema, load_rows, load_schema, splits
+from step0_coldstart.tabular import Schema, load_rows, load_schema, splits, write_rows_csv
 
 
 def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) -> list[dict]:
@@ -35,17 +33,6 @@ def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) 
         taken.add(index)
         chosen.append(rows[index])
     return chosen
-
-
-def write_csv(path: str, schema: Schema, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(list(schema.columns))
-            for row in rows:
-                writer.writerow(["" if row[c] is None else row[c] for c in schema.columns])
-
-    atomic_write(path, write)
 
 
 def main() -> None:
@@ -65,7 +52,7 @@ def main() -> None:
     scoring = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["val"]]
     chosen = anchors(schema, scoring, num_clusters, int(config.get("seed", 0)))
     path = os.path.join(opts.output_dir, f"{schema.name}_anchors.csv")
-    write_csv(path, schema, chosen)
+    write_rows_csv(path, schema, chosen)
     print(f"wrote {len(chosen)} anchors to {path}")
 
 

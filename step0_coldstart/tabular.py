@@ -3,8 +3,10 @@
 A data set YAML (see configs/tabular/) gives: name, csv, target, task (classification | regression), columns (ordered
 name -> float | int | category), and optionally labels (raw target value -> the text a model writes), missing
 (markers read as a missing value, besides the empty string), strip (strip spaces around values), float_precision
-(decimals written for floats, default 4), split (seed, val and test fractions). Columns of the CSV not listed are
-dropped. A user adds a data set by writing such a file: no code.
+(decimals written for floats, default 4), split (seed, val and test fractions), task_prompt (the question a model
+answers to predict the target from a row's features, with `{}` where the features go; a generic one is made from the
+target and its label texts when absent). Columns of the CSV not listed are dropped. A user adds a data set by writing
+such a file: no code.
 
 Serialisation is strict JSON: the keys in the YAML's column order, floats rounded to float_precision decimals, ints as
 integers, categories as strings, missing values as null; the target written as its label text. The parser is tolerant
@@ -24,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import yaml
 
-from llama_mp.jsonl import write_json_atomic
+from llama_mp.jsonl import atomic_write, write_json_atomic
 
 TYPES = ("float", "int", "category")
 SUCCESS, REDUNDANT_KEY, MISSING_KEY, CONVERSION_ERROR, INVALID_ANSWER = (
@@ -44,6 +46,7 @@ class Schema:
     strip: bool = False
     float_precision: int = 4
     split: dict = field(default_factory=lambda: {"seed": 0, "val": 0.1, "test": 0.2})
+    task_prompt: str = ""
     path: str = ""
     categories: dict[str, list[str]] = field(default_factory=dict)  # filled from the data
 
@@ -63,7 +66,8 @@ def load_schema(path: str, root: Optional[str] = None) -> Schema:
         raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping")
-    known = {"name", "csv", "target", "task", "columns", "labels", "missing", "strip", "float_precision", "split"}
+    known = {"name", "csv", "target", "task", "columns", "labels", "missing", "strip", "float_precision", "split",
+             "task_prompt"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}")
@@ -82,6 +86,9 @@ def load_schema(path: str, root: Optional[str] = None) -> Schema:
         raise ValueError(f"{path}: target {raw['target']!r} is not among the columns")
     if raw["task"] == "regression" and columns[raw["target"]] == "category":
         raise ValueError(f"{path}: a regression target must be float or int")
+    task_prompt = raw.get("task_prompt") or ""
+    if task_prompt and task_prompt.count("{}") != 1:
+        raise ValueError(f"{path}: task_prompt must contain exactly one {{}} where the features go")
     root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     csv_path = raw["csv"] if os.path.isabs(raw["csv"]) else os.path.join(root, raw["csv"])
     schema = Schema(name=raw["name"], csv=csv_path, target=raw["target"], task=raw["task"],
@@ -89,7 +96,8 @@ def load_schema(path: str, root: Optional[str] = None) -> Schema:
                     labels={str(k): str(v) for k, v in (raw.get("labels") or {}).items()},
                     missing=[str(m) for m in raw.get("missing") or []], strip=bool(raw.get("strip", False)),
                     float_precision=int(raw.get("float_precision", 4)),
-                    split={"seed": 0, "val": 0.1, "test": 0.2, **(raw.get("split") or {})}, path=path)
+                    split={"seed": 0, "val": 0.1, "test": 0.2, **(raw.get("split") or {})},
+                    task_prompt=task_prompt, path=path)
     return schema
 
 
@@ -131,6 +139,42 @@ def load_rows(schema: Schema) -> list[dict[str, Any]]:
     return rows
 
 
+def read_rows_csv(path: str, schema: Schema, what: str = "rows") -> list[dict]:
+    """Rows of `schema` from a CSV with its columns (anchors, synthetic rows); empty cells are None."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: {what} CSV not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = []
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                rows.append({c: None if row[c] in ("", None) else cast(row[c], k) for c, k in schema.columns.items()})
+            except (KeyError, ValueError):
+                raise ValueError(f"{path}:{line}: not a row of {schema.name} ({schema.path})") from None
+    return rows
+
+
+def write_rows_csv(path: str, schema: Schema, rows: list[dict]) -> None:
+    """Atomically: the schema's columns, one row per line, None as an empty cell."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(list(schema.columns))
+            for row in rows:
+                writer.writerow(["" if row.get(c) is None else row[c] for c in schema.columns])
+
+    atomic_write(path, write)
+
+
+def target_bins(schema: Schema, rows: list[dict], num_bins: int = 4) -> list[str]:
+    """A discrete label per row: the target itself for classification, its quantile bin (of these rows) for
+    regression (used by the label-skewed federated split and to pick contrast rows)."""
+    values = [r[schema.target] for r in rows]
+    if schema.task == "classification":
+        return [str(v) for v in values]
+    edges = np.unique(np.quantile(np.array(values, dtype=float), np.linspace(0, 1, num_bins + 1)[1:-1]))
+    return [f"bin{int(np.searchsorted(edges, float(v), side='right'))}" for v in values]
+
+
 def cast(value: Any, kind: str):
     if kind == "float":
         number = float(value)
@@ -169,6 +213,41 @@ def target_text(schema: Schema, value) -> Any:
     if schema.task == "classification":
         return schema.labels.get(str(value), str(value))
     return value
+
+
+def features_text(row: dict, schema: Schema) -> str:
+    """The features as the reference's task prompts show them: ' key: value, key: value ', missing as norecord."""
+    parts = []
+    for column in schema.features:
+        value = row.get(column)
+        if value is None:
+            value = "norecord"
+        elif schema.columns[column] == "float":
+            value = round(float(value), schema.float_precision)
+        parts.append(f"{column}: {value}")
+    return " " + ", ".join(parts) + " "
+
+
+def task_question(schema: Schema, row: dict) -> str:
+    """The prediction question for a row (LLM_Q): the data set's task_prompt filled with its features."""
+    template = schema.task_prompt
+    if not template:
+        if schema.task == "classification":
+            choices = sorted(set(schema.labels.values()) or set(schema.categories.get(schema.target, [])))
+            answer = "only one of " + ", ".join(f"'{c}'" for c in choices)
+        else:
+            answer = "only a number"
+        template = (f"Predict {schema.target} from the attributes in the text below. Directly respond with "
+                    f"{answer}. \nText: {{}}. \nAnswer: ")
+    return template.replace("{}", features_text(row, schema))
+
+
+def answer_text(schema: Schema, row: dict) -> str:
+    """The target as a model should answer it: the label text, or the number at float_precision."""
+    value = row[schema.target]
+    if schema.task == "classification":
+        return str(target_text(schema, value))
+    return str(int(value)) if schema.columns[schema.target] == "int" else str(round(float(value), schema.float_precision))
 
 
 def row_to_text(row: dict, schema: Schema) -> str:

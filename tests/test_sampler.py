@@ -157,3 +157,18 @@ def test_shared_prefix_logits_equal_full_sequences(world1, stories_dir, tokenize
     full = [prefix + middle + suffix for middle, suffixes in branches for suffix in suffixes]
     expected = sampler.next_token_logits(full)
     torch.testing.assert_close(torch.cat(shared), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_allowed_tokens_restrict_generation(sampler):
+    digits = [sampler.tokenizer.piece_id(d) for d in "0123456789"]
+    prompts = ["Once upon a time", "Tim had"]
+    outs = sampler.generate(prompts, 12, temperature=1.0, seed=[3, 4], allowed_tokens=digits)
+    assert all(t in digits for out in outs for t in out.tokens) and all(o.text.isdigit() for o in outs)
+    # greedy under the restriction is the argmax over the allowed ids of an unrestricted forward pass
+    greedy = sampler.generate(prompts[:1], 1, temperature=0.0, allowed_tokens=digits)[0].tokens[0]
+    logits = sampler.next_token_logits(prompts[:1])[0]
+    assert greedy == digits[int(logits[digits].argmax())]
+    everything = list(range(sampler.tokenizer.n_words))
+    free = sampler.generate(prompts, 12, temperature=1.0, seed=[3, 4])
+    assert [o.tokens for o in sampler.generate(prompts, 12, temperature=1.0, seed=[3, 4], allowed_tokens=everything)] \
+        == [o.tokens for o in free]

@@ -177,36 +177,3 @@ def test_preference_pairs_follow_the_reference_rules():
                           ("B", "E"), ("E", "C"), ("E", "D")])
     assert all(p["prompt"] == [{"role": "user", "content": "P"}] for p in pairs)
     assert len(preference_pairs(records, max_pairs=4)) == 4
-
-
-def test_sklearn_scorer_rewards_a_helpful_row(tmp_path):
-    from step0_coldstart.evaluate import Encoder
-    from step0_coldstart.scorers import sklearn_gain
-    (tmp_path / "line.csv").write_text("x,y\n" + "".join(f"{i},{i}\n" for i in range(20)))
-    (tmp_path / "line.yaml").write_text(f"name: line\ncsv: {tmp_path / 'line.csv'}\ntarget: y\ntask: regression\n"
-                                        "columns: {x: float, y: float}\n")
-    schema = load_schema(str(tmp_path / "line.yaml"))
-    rows = load_rows(schema)
-    encoder = Encoder(schema, rows)
-    contrast = [{"x": 0.0, "y": 0.0}, {"x": 1.0, "y": 1.0}, {"x": 19.0, "y": 19.0}]  # little near the anchors
-    anchors = [{"x": 10.0, "y": 10.0}, {"x": 11.0, "y": 11.0}, {"x": 0.5, "y": 0.5}]
-    helpful = sklearn_gain(schema, encoder, {"x": 10.5, "y": 10.5}, contrast, anchors)
-    harmful = sklearn_gain(schema, encoder, {"x": 10.5, "y": -30.0}, contrast, anchors)
-    assert helpful["gain_score"] > 0 > harmful["gain_score"]
-
-
-def test_round_scoring_gives_gain_only_to_parsed_samples(loaded, tmp_path):
-    from step0_coldstart.evaluate import Encoder
-    from step0_coldstart.syn_round import read_anchors, score_samples
-    schema, rows = loaded["abalone"]
-    context, anchors = rows[:5], rows[100:110]
-    samples = [{"syn_pmt_id": "p", "syn_id": "p-0", "status": SUCCESS, "result": rows[200]},
-               {"syn_pmt_id": "p", "syn_id": "p-1", "status": INVALID_ANSWER, "result": {}}]
-    scored = score_samples(schema, Encoder(schema, rows), samples, {"p": context}, anchors, "f1")
-    assert scored[0]["status_score"] == 5 and isinstance(scored[0]["gain_score"], float)
-    assert scored[0]["gain_score"] == pytest.approx(scored[0]["ds1"]["score"] - scored[0]["ds0"]["score"])
-    assert scored[1]["status_score"] == 0 and scored[1]["gain_score"] is None
-    bad = tmp_path / "anchors.csv"
-    bad.write_text("Sex,Length\nM,0.4\n")
-    with pytest.raises(ValueError, match="anchors.csv:2: not a row of abalone"):
-        read_anchors(str(bad), schema)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# r0_s1: cold-start SFT data (prompts of in-context rows from SOURCES; prompts only for the held-out DATASET), then
+# the SFT generator (the shared training loop; torchrun on one node, or salloc ... srun --ntasks-per-node 1 bash ...).
+# Extra arguments go to step0_coldstart.train_sft (e.g. --epochs 2 --lr 1e-3; --resume to continue).
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO_ROOT/scripts/tabular_env.sh"
+if [ ! -f "$WORKDIR/r0/sft_train.jsonl" ]; then
+  "$PY" -m step0_coldstart.sft_generator --datasets $SOURCES --heldout "$DATASET" --tokenizer_path "$TOKENIZER" \
+    --output_dir "$WORKDIR/r0" --splits_dir "$SPLITS_DIR" --max_seq_len "$MAX_SEQ_LEN"
+fi
+exec bash "$REPO_ROOT/scripts/launch.sh" step0_coldstart.train_sft --ckpt_dir "$CKPT_DIR" --tokenizer_path "$TOKENIZER" \
+  --train_file "$WORKDIR/r0/sft_train.jsonl" --output_dir "$WORKDIR/sft" --max_seq_len "$MAX_SEQ_LEN" --lr 1e-3 "$@"

@@ -1,0 +1,90 @@
+"""r0_s2 and r1_s3: per-client {input, output} JSONL for the downstream prediction task.
+
+  python -m step0_coldstart.sft_federated --dataset configs/tabular/abalone.yaml --split_type train \
+      --num_client 4 --split_method dirichlet --alpha 0.5 --output_dir runs/tabular/fed        # r0_s2: real rows
+  python -m step0_coldstart.sft_federated --dataset configs/tabular/abalone.yaml --split_type train \
+      --input_file runs/tabular/r1/abalone.syn.csv --output_dir runs/tabular/syn1_fed            # r1_s3: synthetic rows
+
+Rows come from the data set's own split (--split_type train | val | test, the persisted split) or from --input_file, a
+CSV with the schema's columns (the synthetic rows of r1_s2). Each row becomes
+  {"input": the data set's task question filled with the row's features, "output": the target as the model answers it}
+in <output_dir>/<name>_client_<i>.<split_type>.jsonl. Rows without a target are skipped (counted).
+Split methods: `none` gives every client all rows (the reference's scripts use one client); `dirichlet` is the usual
+label-skewed split: for every label, client shares are drawn from Dirichlet(alpha) and that label's rows (shuffled) are
+cut by them, so each row goes to exactly one client. Regression targets are cut into --num_bins quantile bins first.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from llama_mp import cli
+from llama_mp.jsonl import write_jsonl_atomic
+from step0_coldstart.tabular import (Schema, answer_text, load_rows, load_schema, read_rows_csv, splits, target_bins,
+                                     task_question)
+
+
+def client_split(labels: list[str], num_client: int, method: str, alpha: float = 0.5, seed: int = 42) -> list[list[int]]:
+    """Row indices per client."""
+    if method == "none":
+        return [list(range(len(labels))) for _ in range(num_client)]
+    if method != "dirichlet":
+        raise ValueError(f"unknown split method {method!r} (none or dirichlet)")
+    rng = np.random.default_rng(seed)
+    clients: list[list[int]] = [[] for _ in range(num_client)]
+    for label in sorted(set(labels)):
+        members = np.array([i for i, y in enumerate(labels) if y == label])
+        rng.shuffle(members)
+        shares = rng.dirichlet(np.full(num_client, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).round().astype(int)
+        for client, part in enumerate(np.split(members, cuts)):
+            clients[client] += part.tolist()
+    return [sorted(c) for c in clients]
+
+
+def federated_records(schema: Schema, rows: list[dict]) -> list[dict]:
+    return [{"input": task_question(schema, r), "output": answer_text(schema, r)} for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.sft_federated", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="data set YAML")
+    parser.add_argument("--ds_name", default=None, help="name in the output files (default: the YAML's name)")
+    parser.add_argument("--input_file", default=None, help="CSV of rows (default: the data set's own split)")
+    parser.add_argument("--split_type", choices=["train", "val", "test"], default="train")
+    parser.add_argument("--num_client", type=cli.positive_int, default=1)
+    parser.add_argument("--split_method", choices=["none", "dirichlet"], default="none")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--num_bins", type=cli.positive_int, default=4, help="target bins of a regression data set")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--splits_dir", default="runs/tabular/splits")
+    parser.add_argument("--overwrite", action="store_true")
+    opts = parser.parse_args()
+    if opts.alpha <= 0:
+        raise ValueError(f"--alpha must be positive, got {opts.alpha}")
+    schema = load_schema(opts.dataset)
+    real = load_rows(schema)  # also fills the category lists the label texts need
+    if opts.input_file:
+        rows = read_rows_csv(opts.input_file, schema, "input")
+    else:
+        rows = [real[i] for i in splits(schema, len(real), opts.splits_dir)[opts.split_type]]
+    usable = [r for r in rows if r[schema.target] is not None]  # none at all: empty client files (nothing to learn)
+    name = opts.ds_name or schema.name
+    paths = [os.path.join(opts.output_dir, f"{name}_client_{i}.{opts.split_type}.jsonl") for i in range(opts.num_client)]
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not opts.overwrite:
+        raise FileExistsError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
+    clients = client_split(target_bins(schema, usable, opts.num_bins) if usable else [], opts.num_client, opts.split_method, opts.alpha,
+                           opts.seed)
+    records = federated_records(schema, usable)
+    for path, indices in zip(paths, clients):
+        write_jsonl_atomic(path, [records[i] for i in indices])
+    print(f"{len(usable)} rows ({len(rows) - len(usable)} without a target skipped) -> {opts.num_client} clients "
+          f"({opts.split_method}): {[len(c) for c in clients]} rows in {opts.output_dir}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,187 @@
+"""r1_s1: sample synthetic rows from the generator, parse them, and attach the ds0/ds1 scoring prompts.
+
+  python -m step0_coldstart.syn_addprompt --dataset configs/tabular/abalone.yaml --ckpt_dir runs/tabular/sft/checkpoint-N \
+      --tokenizer_path data/llama2c/tok512.model --prompt_file runs/tabular/r0/abalone_prompts.jsonl \
+      --anchor_file runs/tabular/score_anchors/abalone_anchors.csv --output_dir runs/tabular/r1 \
+      [--config configs/syn_addprompt.yaml]
+
+Every held-out prompt is sampled `num_repeat` times with the llama_mp sampler (temperature, top_p, max_gen_len and seed
+from syn_addprompt.yaml; one seed per sample, so a sample is the same in any batch or world size). Prompts are shared
+across data-parallel ranks; finished samples are appended as they go and a rerun resumes. With `guided: true` the keys
+are not left to the model: the schema's keys are written in order and the model writes each value restricted to the
+column's type (a known category or label, scored as a whole; a number from digit tokens, null if they spell none), which a small generator needs
+to produce rows of a table it never saw; the answer has the same text form either way. Each answer is parsed (status + typed values). For the parsed (SUCCESS) rows the ds0/ds1 prompts are
+attached (see scorers.py: contrast rows picked once per anchor from the training split). Outputs:
+  <output_dir>/<name>.raw.jsonl       {"syn_pmt_id", "syn_id", "prompt", "answer", "status", "result",
+                                       "reward_ds0", "reward_ds1"}  (the reference's contract)
+  <output_dir>/<name>.contrast.jsonl  {"anchor": row, "contrast": [rows]} per anchor, read by syn_addscore
+"""
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+
+import numpy as np
+
+import yaml
+
+from llama_mp import cli, jobs
+from llama_mp.jsonl import read_jsonl, write_jsonl_atomic
+from step0_coldstart.scorers import contrast_rows, scoring_prompts
+from step0_coldstart.sft_generator import ANSWER_LEAD
+from step0_coldstart.tabular import (SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits,
+                                     target_text)
+
+DEFAULTS = {"num_repeat": 4, "temperature": 1.0, "top_p": 1.0, "max_gen_len": 256, "seed": 42, "guided": False,
+            "max_value_tokens": 16, "contrast_clusters": 4}
+
+
+def load_config(path: str) -> dict:
+    config = dict(DEFAULTS)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                extra = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config not found") from None
+        unknown = sorted(set(extra) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(DEFAULTS)})")
+        config.update(extra)
+    return config
+
+
+def sample_seed(seed: int, key: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
+
+
+def free_rows(sampler, prompts: list[str], seeds: list[int], config: dict) -> list[str]:
+    outs = sampler.generate(prompts, int(config["max_gen_len"]), float(config["temperature"]), float(config["top_p"]),
+                            seed=seeds, truncate="left", desc="samples")
+    return [out.text for out in outs]
+
+
+@functools.lru_cache(maxsize=8)
+def number_tokens(tokenizer, integer: bool) -> list[int]:
+    """Token ids a number value may use: pieces made of digits, '-' (and '.' for floats), with or without a leading
+    space mark, and the pieces that end a value (starting with ',' or '}', which the stop strings then cut)."""
+    chars = set("0123456789-" if integer else "0123456789.-")
+    allowed = []
+    for token_id in range(tokenizer.n_words):
+        piece = tokenizer.piece(token_id)
+        if piece.startswith("<0x") and len(piece) == 6:  # byte-fallback piece
+            piece = chr(int(piece[3:5], 16))
+        body = piece.lstrip("\u2581")
+        if (body and set(body) <= chars) or piece == "\u2581" or piece[:1] in (",", "}"):
+            allowed.append(token_id)
+    return allowed
+
+
+def choose(sampler, texts: list[str], candidates: list[str], temperature: float, seeds: list[int]) -> list[str]:
+    """One candidate per text, drawn from the model's probability of each candidate as the text's continuation
+    (sum of its tokens' log-probs; argmax at temperature 0). Texts and candidates are encoded together, as in training."""
+    prompts, continuations = [], []
+    for text in texts:
+        seqs = [sampler.encode(text + c) for c in candidates]
+        common = 0
+        while all(len(q) > common + 1 and q[common] == seqs[0][common] for q in seqs):
+            common += 1
+        prompts += [q[:common] for q in seqs]
+        continuations += [q[common:] for q in seqs]
+    logp = [sum(x) for x in sampler.score(prompts, continuations, truncate="left", desc="values")]
+    picks = []
+    for row, seed in enumerate(seeds):
+        scores = np.array(logp[row * len(candidates):(row + 1) * len(candidates)])
+        if temperature <= 0:
+            picks.append(candidates[int(scores.argmax())])
+            continue
+        probs = np.exp((scores - scores.max()) / temperature)
+        u = random.Random(seed).random() * probs.sum()
+        picks.append(candidates[min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(candidates) - 1)])
+    return picks
+
+
+def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: dict) -> list[str]:
+    """Keys written from the schema, each value drawn from the model restricted to the column's type: a category (or
+    a class label) among the known ones; a number from digit tokens (the first number they spell, null if none).
+    One sampler call per column for the whole batch."""
+    temperature, answers = float(config["temperature"]), [ANSWER_LEAD + "{"] * len(prompts)
+    for j, (column, kind) in enumerate(schema.columns.items()):
+        answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
+        texts, column_seeds = [p + a for p, a in zip(prompts, answers)], [s + j for s in seeds]
+        if kind == "category":
+            known = schema.categories.get(column, [])
+            if column == schema.target and schema.task == "classification":
+                known = [target_text(schema, c) for c in known]
+            values = choose(sampler, texts, [json.dumps(c) for c in known], temperature, column_seeds)
+        else:
+            outs = sampler.generate(texts, int(config["max_value_tokens"]), temperature, float(config["top_p"]),
+                                    stop=[",", "}"], seed=column_seeds, truncate="left",
+                                    allowed_tokens=number_tokens(sampler.tokenizer, kind == "int"),
+                                    desc=f"values of {column}")
+            numbers = [re.search(r"-?\d+(\.\d+)?" if kind == "float" else r"-?\d+", out.text) for out in outs]
+            values = [m.group(0) if m else "null" for m in numbers]
+        answers = [a + v for a, v in zip(answers, values)]
+    return [a + "}" for a in answers]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.syn_addprompt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--prompt_file", required=True)
+    parser.add_argument("--anchor_file", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--config", default="configs/syn_addprompt.yaml")
+    parser.add_argument("--splits_dir", default="runs/tabular/splits")
+    parser.add_argument("--overwrite", action="store_true")
+    opts = parser.parse_args()
+    config = load_config(opts.config)
+    schema = load_schema(opts.dataset)
+    rows = load_rows(schema)
+    train = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["train"]]
+    prompts = read_jsonl(opts.prompt_file)
+    for number, p in enumerate(prompts, start=1):
+        if not isinstance(p.get("prompt"), str) or "prompt_id" not in p:
+            raise ValueError(f"{opts.prompt_file}:{number}: needs \"prompt_id\" and \"prompt\" (from sft_generator)")
+    anchors = read_rows_csv(opts.anchor_file, schema, "anchor")
+    info, sampler = cli.build(opts)
+    raw_file = os.path.join(opts.output_dir, f"{schema.name}.raw.jsonl")
+    jobs.prepare(raw_file, {"ckpt_dir": opts.ckpt_dir, "prompt_file": opts.prompt_file,
+                            "anchor_file": opts.anchor_file, **config}, opts.overwrite, info)
+    items = [{"syn_pmt_id": p["prompt_id"], "syn_id": f"{p['prompt_id']}-{r}", "prompt": p["prompt"]}
+             for p in prompts for r in range(int(config["num_repeat"]))]
+    contrasts = contrast_rows(schema, train, anchors, int(config["contrast_clusters"]), int(config["seed"]))
+
+    def process(chunk: list[dict]) -> list[dict]:
+        texts, seeds = [x["prompt"] for x in chunk], [sample_seed(config["seed"], x["syn_id"]) for x in chunk]
+        answers = (guided_rows(sampler, schema, texts, seeds, config) if config["guided"]
+                   else free_rows(sampler, texts, seeds, config))
+        records = []
+        for x, answer in zip(chunk, answers):
+            status, result = parse_row(answer, schema)
+            record = {**x, "answer": answer, "status": status, "result": result}
+            if status == SUCCESS:
+                record["reward_ds0"] = scoring_prompts(schema, anchors, contrasts)
+                record["reward_ds1"] = scoring_prompts(schema, anchors, contrasts, result)
+            records.append(record)
+        return records
+
+    jobs.run(raw_file, items, lambda x: x["syn_id"], sampler.max_batch_size, process, info, "syn_addprompt")
+    samples = jobs.merge(raw_file, lambda r: r["syn_id"], info)
+    if info.is_main:
+        write_jsonl_atomic(os.path.join(opts.output_dir, f"{schema.name}.contrast.jsonl"),
+                           [{"anchor": a, "contrast": c} for a, c in zip(anchors, contrasts)])
+        counts = {}
+        for s in samples:
+            counts[s["status"]] = counts.get(s["status"], 0) + 1
+        print(f"{len(samples)} samples of {schema.name} in {raw_file}: {json.dumps(counts)}", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,115 @@
+"""r1_s4: score every synthetic sample by how much it helps predict the anchors (gain_score) and by its status.
+
+  python -m step0_coldstart.syn_addscore --dataset configs/tabular/abalone.yaml --raw_file runs/tabular/r1/abalone.raw.jsonl \
+      --output_file runs/tabular/r1/abalone.score.jsonl --backend sklearn
+  python -m step0_coldstart.syn_addscore ... --backend llm --ckpt_dir CKPT --tokenizer_path TOK [--model_parallel_size N]
+
+Reads the raw samples and the contrast rows r1_s1 wrote beside them (<name>.contrast.jsonl). For every SUCCESS sample:
+ds0 (the anchors predicted from their contrast rows, computed once), ds1 (the same with the sample as the first
+example), each {"pairs", "missing", "score"}, and gain_score = ds1.score - ds0.score (see scorers.py for the metrics and
+the two back-ends). Every sample gets status_score (SUCCESS 5, REDUNDANT_KEY 3, MISSING_KEY 2, CONVERSION_ERROR 1,
+INVALID_ANSWER 0); a MISSING_KEY answer is rewritten from its parsed values, as the reference does. With `llm`, the
+questions are answered with the llama_mp sampler (temperature 0.5, top_p 0.7, 64 new tokens by default; one seed per
+question), sharded over data-parallel ranks and resumable (<output_file>.answers.jsonl).
+"""
+
+import argparse
+import hashlib
+import os
+
+from llama_mp import cli, jobs
+from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
+from step0_coldstart.scorers import LLMBackend, SklearnBackend, baseline, gain, scoring_prompts
+from step0_coldstart.tabular import MISSING_KEY, STATUS_SCORE, SUCCESS, load_rows, load_schema, row_to_text, splits
+from step0_coldstart.sft_generator import ANSWER_LEAD
+
+
+def question_id(question: str) -> str:
+    return hashlib.sha256(question.encode()).hexdigest()[:20]
+
+
+def llm_answers(opts, schema, anchors, contrasts, samples) -> dict[str, str]:
+    """Every distinct ds0/ds1 question answered once by the scoring LLaMA: {question_id: text}."""
+    questions = {question_id(p["question"]): p["question"] for p in scoring_prompts(schema, anchors, contrasts)}
+    for s in samples:
+        for p in scoring_prompts(schema, anchors, contrasts, s["result"]):
+            questions[question_id(p["question"])] = p["question"]
+    info, sampler = cli.build(opts)
+    answer_file = opts.output_file + ".answers.jsonl"
+    settings = {"ckpt_dir": opts.ckpt_dir, "raw_file": opts.raw_file, "temperature": opts.temperature,
+                "top_p": opts.top_p, "max_gen_len": opts.max_gen_len, "seed": opts.seed}
+    jobs.prepare(answer_file, settings, opts.overwrite, info)
+    items = [{"id": k, "question": q} for k, q in sorted(questions.items())]
+
+    def process(chunk):
+        seeds = [int(hashlib.sha256(f"{opts.seed}:{x['id']}".encode()).hexdigest()[:15], 16) for x in chunk]
+        outs = sampler.generate([x["question"] for x in chunk], opts.max_gen_len, opts.temperature, opts.top_p,
+                                seed=seeds, truncate="left", desc="scoring answers")
+        return [{"id": x["id"], "text": out.text} for x, out in zip(chunk, outs)]
+
+    jobs.run(answer_file, items, lambda x: x["id"], sampler.max_batch_size, process, info, "syn_addscore")
+    merged = jobs.merge(answer_file, lambda r: r["id"], info)
+    return {r["id"]: r["text"] for r in merged} if info.is_main else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step0_coldstart.syn_addscore", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(parser, required=False)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--raw_file", required=True)
+    parser.add_argument("--contrast_file", default=None, help="default: <name>.contrast.jsonl beside --raw_file")
+    parser.add_argument("--output_file", required=True)
+    parser.add_argument("--backend", choices=["sklearn", "llm"], default="sklearn")
+    parser.add_argument("--metric", choices=["f1", "mcc"], default="f1", help="classification metric on the anchors")
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--top_p", type=float, default=0.7)
+    parser.add_argument("--max_gen_len", type=cli.positive_int, default=64)
+    parser.add_argument("--splits_dir", default="runs/tabular/splits")
+    parser.add_argument("--overwrite", action="store_true")
+    opts = parser.parse_args()
+    if os.path.exists(opts.output_file) and not opts.overwrite:
+        raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
+    if opts.backend == "llm" and not (opts.ckpt_dir and opts.tokenizer_path):
+        raise ValueError("--backend llm needs --ckpt_dir and --tokenizer_path (the scoring LLaMA)")
+    schema = load_schema(opts.dataset)
+    rows = load_rows(schema)
+    contrast_file = opts.contrast_file or os.path.join(os.path.dirname(opts.raw_file), f"{schema.name}.contrast.jsonl")
+    anchors, contrasts = [], []
+    for line, record in iter_jsonl(contrast_file):
+        if not isinstance(record.get("anchor"), dict) or not isinstance(record.get("contrast"), list):
+            raise ValueError(f"{contrast_file}:{line}: needs \"anchor\" and \"contrast\" (from syn_addprompt)")
+        anchors.append(record["anchor"])
+        contrasts.append(record["contrast"])
+    samples = []
+    for line, record in iter_jsonl(opts.raw_file):
+        if record.get("status") not in STATUS_SCORE or not isinstance(record.get("result"), dict):
+            raise ValueError(f"{opts.raw_file}:{line}: a raw sample needs \"status\" and a \"result\" object")
+        samples.append(record)
+    parsed = [s for s in samples if s["status"] == SUCCESS]
+    if opts.backend == "llm":
+        answers = llm_answers(opts, schema, anchors, contrasts, parsed)
+        if not answers:
+            return  # other ranks: rank 0 writes the scores
+        backend = LLMBackend(lambda questions: [answers[question_id(q)] for q in questions])
+    else:
+        backend = SklearnBackend(schema, [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["train"]])
+    ds0 = baseline(backend, schema, anchors, contrasts, opts.metric)
+    scored = []
+    for s in samples:
+        record = {k: v for k, v in s.items() if k not in ("reward_ds0", "reward_ds1")}
+        record.update({"ds0": None, "ds1": None, "gain_score": None, "status_score": STATUS_SCORE[s["status"]]})
+        if s["status"] == MISSING_KEY:
+            record["answer"] = ANSWER_LEAD + row_to_text(s["result"], schema)
+        if s["status"] == SUCCESS:
+            record.update(gain(backend, schema, anchors, contrasts, s["result"], ds0, opts.metric))
+        scored.append(record)
+    write_jsonl_atomic(opts.output_file, scored)
+    gains = [r["gain_score"] for r in scored if r["gain_score"] is not None]
+    mean_gain = sum(gains) / len(gains) if gains else float("nan")
+    print(f"scored {len(scored)} samples ({len(gains)} parsed) with {opts.backend}: ds0 score {ds0['score']:.3f}, "
+          f"mean gain {mean_gain:+.3f} -> {opts.output_file}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

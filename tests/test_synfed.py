@@ -1,0 +1,155 @@
+"""SynFed round pieces: federated files, task questions, contrast rows, the scorer back-ends, guided sampling."""
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import ROOT, TOK512, run_cli
+from step0_coldstart.scorers import (LLMBackend, SklearnBackend, anchor_score, baseline, contrast_rows,
+                                     extract_answer, gain, scoring_prompts)
+from step0_coldstart.sft_federated import client_split
+from step0_coldstart.tabular import (SUCCESS, features_text, load_rows, load_schema, parse_row,
+                                     target_bins, task_question)
+
+
+def tiny_schema(tmp_path, task="regression"):
+    (tmp_path / "t.csv").write_text("x,y\n" + "".join(f"{i},{i % 2 if task == 'classification' else i}\n"
+                                                      for i in range(20)))
+    target = "y: category" if task == "classification" else "y: float"
+    labels = 'labels: {"0": "no", "1": "yes"}\n' if task == "classification" else ""
+    (tmp_path / "t.yaml").write_text(f"name: t\ncsv: {tmp_path / 't.csv'}\ntarget: y\ntask: {task}\n{labels}"
+                                     f"columns: {{x: float, {target}}}\n")
+    schema = load_schema(str(tmp_path / "t.yaml"))
+    return schema, load_rows(schema)
+
+
+def test_task_question_and_features_text():
+    schema = load_schema(os.path.join(ROOT, "configs/tabular/adult.yaml"))
+    rows = load_rows(schema)
+    row = dict(rows[0], workclass=None)
+    text = features_text(row, schema)
+    assert text.startswith(" age: 39, workclass: norecord, fnlwgt: 77516, education: Bachelors,")
+    assert text.endswith("native-country: United-States ") and "income" not in text
+    assert task_question(schema, row) == (
+        "Determine whether a person earns over $50K per year based on the personal attributes provided in the text "
+        f"below. Directly respond with only either 'yes' or 'no'. \nText: {text}. \nAnswer: ")
+
+
+def test_regression_targets_binned_into_quantiles(tmp_path):
+    schema, rows = tiny_schema(tmp_path)
+    bins = target_bins(schema, rows, 4)
+    assert [bins.count(f"bin{b}") for b in range(4)] == [5, 5, 5, 5]
+    assert bins[:5] == ["bin0"] * 5 and bins[-5:] == ["bin3"] * 5
+
+
+def test_client_splits():
+    labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    assert client_split(labels, 3, "none") == [list(range(100))] * 3
+    clients = client_split(labels, 4, "dirichlet", alpha=0.5, seed=1)
+    assert sorted(i for c in clients for i in c) == list(range(100))  # a partition
+    assert clients == client_split(labels, 4, "dirichlet", alpha=0.5, seed=1)
+    # label skew: with a small alpha a client's label mix is far from the global 60/30/10; with a huge one it is close
+    def skew(cs):
+        return max(abs(sum(labels[i] == "a" for i in c) / len(c) - 0.6) for c in cs if len(c) >= 10)
+    assert skew(client_split(labels, 4, "dirichlet", alpha=0.05, seed=3)) > 0.25
+    assert skew(client_split(labels, 2, "dirichlet", alpha=1e6, seed=3)) < 0.05
+
+
+def test_federated_cli_writes_clients_and_refuses_to_overwrite(tmp_path):
+    out, splits = tmp_path / "fed", tmp_path / "splits"
+    args = ("-m", "step0_coldstart.sft_federated", "--dataset", f"{ROOT}/configs/tabular/abalone.yaml", "--num_client",
+            "3", "--split_method", "dirichlet", "--output_dir", str(out), "--splits_dir", str(splits))
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for i in range(3) for line in open(out / f"abalone_client_{i}.train.jsonl")]
+    split = json.load(open(splits / "abalone.split.json"))["splits"]
+    assert len(records) == len(split["train"])
+    first = records[0]
+    assert first["input"].startswith("Estimate the number of rings") and re.fullmatch(r"\d+", first["output"])
+    again = run_cli(*args)
+    assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_contrast_rows_come_from_other_clusters_with_other_labels(tmp_path):
+    schema = load_schema(os.path.join(ROOT, "configs/tabular/buddy.yaml"))
+    rows = load_rows(schema)
+    train, anchors = rows[:600], rows[600:610]
+    contrasts = contrast_rows(schema, train, anchors, num_clusters=4, seed=0)
+    assert len(contrasts) == 10 and all(1 <= len(c) <= 3 for c in contrasts)
+    for anchor, contrast in zip(anchors, contrasts):
+        assert all(c in train and c[schema.target] != anchor[schema.target] for c in contrast)
+    assert contrasts == contrast_rows(schema, train, anchors, num_clusters=4, seed=0)
+
+
+def test_sklearn_backend_by_hand(tmp_path):
+    schema, rows = tiny_schema(tmp_path)  # y = x
+    anchors = [{"x": 10.0, "y": 10.0}, {"x": 11.0, "y": 11.0}, {"x": 0.5, "y": 0.5}]
+    contrasts = [[{"x": 0.0, "y": 0.0}, {"x": 19.0, "y": 19.0}]] * 2 + [[{"x": 19.0, "y": 19.0}]]
+    backend = SklearnBackend(schema, rows)
+    ds0 = baseline(backend, schema, anchors, contrasts)
+    # 1-NN: every anchor's nearest contrast is 19 -> errors 9 + 8 + 18.5 = 35.5; |truth - median 10| sums to 10.5
+    assert ds0["score"] == pytest.approx(1 - 35.5 / 10.5) and ds0["missing"] == 0
+    helpful = gain(backend, schema, anchors, contrasts, {"x": 10.5, "y": 10.5}, ds0)
+    assert helpful["ds1"]["score"] == pytest.approx(1 - 11.0 / 10.5)  # all predict 10.5: 0.5 + 0.5 + 10
+    assert helpful["gain_score"] == pytest.approx(24.5 / 10.5)
+    harmful = gain(backend, schema, anchors, contrasts, {"x": 10.5, "y": -30.0}, ds0)
+    assert harmful["gain_score"] == pytest.approx((35.5 - 111.5) / 10.5)
+
+
+def test_llm_backend_with_a_scripted_model(tmp_path):
+    schema, rows = tiny_schema(tmp_path, "classification")
+    anchors = [{"x": 1.0, "y": "1"}, {"x": 2.0, "y": "0"}, {"x": 3.0, "y": "1"}]
+    contrasts = [[{"x": 4.0, "y": "0"}], [{"x": 5.0, "y": "1"}], [{"x": 6.0, "y": "0"}]]
+    seen = []
+
+    def first_example_label(questions):  # a "model" that answers the label of the first solved example
+        seen.extend(questions)
+        return [re.search(r"Answer: (\w+) \n\n", q).group(1) for q in questions]
+
+    backend = LLMBackend(first_example_label)
+    ds0 = baseline(backend, schema, anchors, contrasts)
+    assert ds0 == {"pairs": 3, "missing": 0.0, "score": 0.0}  # contrasts always carry the other label
+    result = gain(backend, schema, anchors, contrasts, {"x": 1.5, "y": "1"}, ds0)
+    # every anchor predicted "yes": F1(yes) = 2 * (2/3 * 1) / (2/3 + 1) = 0.8, F1(no) = 0 -> macro 0.4
+    assert result["ds1"]["score"] == pytest.approx(0.4) and result["gain_score"] == pytest.approx(0.4)
+    ds1_prompts = scoring_prompts(schema, anchors, contrasts, {"x": 1.5, "y": "1"})
+    assert seen[-3:] == [p["question"] for p in ds1_prompts]
+    assert ds1_prompts[0]["question"].startswith(task_question(schema, {"x": 1.5}) + "yes \n\n")
+    assert ds1_prompts[1]["gold"] == "no"
+    silent = anchor_score(schema, ["yes", "no"], [None, None])
+    assert silent["missing"] == 1.0 and silent["score"] == 0.0
+
+
+def test_answer_extraction(tmp_path):
+    classification, _ = tiny_schema(tmp_path, "classification")
+    assert extract_answer(classification, "Yes.") == "yes"
+    assert extract_answer(classification, "yes or no") is None  # two labels
+    assert extract_answer(classification, "yesterday") is None  # whole words only
+    regression, _ = tiny_schema(tmp_path / "..", "regression")
+    assert extract_answer(regression, " 1,234.5\nbecause") == "1234.5"
+    assert extract_answer(regression, "about 12") is None
+    # a missing answer counts as the median 3: errors 2 + 0 + 0 against |truth - 3| = 2 + 0 + 2
+    median_fallback = anchor_score(regression, ["1", "3", "5"], [None, "3", "5"])
+    assert median_fallback["score"] == pytest.approx(0.5) and median_fallback["missing"] == pytest.approx(1 / 3)
+
+
+def test_guided_sampling_writes_every_key_of_an_unseen_table(stories_dir, world1):
+    from llama_mp.checkpoint import load_model
+    from llama_mp.sampler import Sampler
+    from llama_mp.tokenizer import Tokenizer
+    from step0_coldstart.syn_addprompt import DEFAULTS, guided_rows
+    schema = load_schema(os.path.join(ROOT, "configs/tabular/abalone.yaml"))
+    load_rows(schema)
+    sampler = Sampler(load_model(stories_dir, 1, 0, 512), Tokenizer(TOK512), max_batch_size=4)
+    answers = guided_rows(sampler, schema, ["Once upon a time", "Rows:"], [1, 2], dict(DEFAULTS, max_value_tokens=6))
+    for answer in answers:
+        keys = re.findall(r'"([^"]+)": ', answer[answer.index("{"):])
+        assert keys[:len(schema.columns)] == list(schema.columns)
+        status, row = parse_row(answer, schema)
+        assert status == SUCCESS  # keys never missing, values always of their type
+        assert row["Sex"] in schema.categories["Sex"]  # categories are chosen among the known ones
+        numbers = re.findall(r'": ([^,}]*)', answer)[1:]
+        assert all(re.fullmatch(r"-?\d+(\.\d+)?|null", v) for v in numbers), answer
+        assert re.fullmatch(r"-?\d+|null", numbers[-1])  # Rings is an int
