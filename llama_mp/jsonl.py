@@ -40,6 +40,19 @@ def drop_torn_tail(path: str) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+def keep_steps_upto(path: str, step: int) -> None:
+    """A resumed run's metrics: drop the records logged after the checkpoint it resumes from (they are logged again),
+    so the file reads as if the run had never stopped."""
+    if not os.path.exists(path):
+        return
+    drop_torn_tail(path)
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
 def read_records(path: str) -> list[tuple[int, dict]]:
     """(position, record) from a JSON list (position = 1-based index) or a JSONL file (position = line number)."""
     if path.endswith(".json"):

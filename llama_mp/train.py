@@ -29,7 +29,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from llama_mp import cli
 from llama_mp.checkpoint import load_weights, save_params, save_shard, split_dim
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl, write_json_atomic, write_text_atomic
+from llama_mp.jsonl import append_jsonl, keep_steps_upto, write_json_atomic, write_text_atomic
 from llama_mp.model import Transformer
 from llama_mp.progress import Progress
 
@@ -296,6 +296,8 @@ class Trainer:
             self.load_latest()
         os.makedirs(self.cfg.output_dir, exist_ok=True)
         metrics_file = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+        if self.info.is_main:
+            keep_steps_upto(metrics_file, self.step)
         progress = Progress(self.total_steps - self.step, self.task, "steps", every=10.0)
         last = {}
         window_tokens, window_start = 0.0, time.perf_counter()

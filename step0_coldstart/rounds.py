@@ -22,7 +22,7 @@ import sys
 import yaml
 
 from llama_mp import cli
-from llama_mp.jsonl import write_text_atomic
+from llama_mp.jsonl import write_json_atomic, write_text_atomic
 
 DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
             "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
@@ -41,6 +41,14 @@ def run(cmd: list[str], log: str) -> None:
         raise ValueError(f"{log}: stage {' '.join(cmd[1:3])} failed (exit {result.returncode}); see the log")
 
 
+def train(directory: str, cmd: list[str], log: str) -> None:
+    """A training stage: skipped once finished (<dir>/.done); a killed one continues from its last checkpoint."""
+    if os.path.exists(os.path.join(directory, ".done")):
+        return
+    run(cmd + (["--resume"] if os.path.exists(os.path.join(directory, "latest")) else []), log)
+    write_text_atomic(os.path.join(directory, ".done"), "")
+
+
 def latest_checkpoint(directory: str) -> str:
     with open(os.path.join(directory, "latest")) as f:
         return os.path.join(directory, f.read().strip())
@@ -52,6 +60,7 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="YAML overriding the defaults above")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", default="runs/tabular")
+    parser.add_argument("--ckpt_dir", default=None, help="the starting checkpoint (overrides the config's ckpt_dir)")
     opts = parser.parse_args()
     cfg = dict(DEFAULTS)
     if opts.config:
@@ -61,24 +70,27 @@ def main() -> None:
         if unknown:
             raise ValueError(f"{opts.config}: unknown keys {unknown}")
         cfg.update(extra)
+    cfg["ckpt_dir"] = opts.ckpt_dir or cfg["ckpt_dir"]
+    if not os.path.exists(os.path.join(cfg["ckpt_dir"], "params.json")):
+        raise FileNotFoundError(f"{cfg['ckpt_dir']}: no checkpoint (convert one: python -m llama_mp.convert llama2c ...)")
     work = opts.workdir
     os.makedirs(work, exist_ok=True)
     log, splits_dir = os.path.join(work, "rounds.log"), os.path.join(work, "splits")
     name = os.path.splitext(os.path.basename(cfg["heldout"]))[0]
     common = ["--tokenizer_path", cfg["tokenizer_path"], "--max_seq_len", str(cfg["max_seq_len"])]
     r0 = os.path.join(work, "r0")
-    if not os.path.exists(os.path.join(r0, "sft_train.jsonl")):
+    if not os.path.exists(os.path.join(r0, "lengths.json")):  # its last output
         run(["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
              "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg["prompts_per_dataset"]),
              "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common], log)
     sft_dir = os.path.join(work, "sft")
-    if not os.path.exists(os.path.join(sft_dir, "latest")):
-        run(["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
+    train(sft_dir, ["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
              os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
              "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
              "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
     fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
-    if not os.path.exists(os.path.join(work, "fed", f"{name}_client_0.train.jsonl")):
+    last_client = f"{name}_client_{cfg['fed_clients'] - 1}.train.jsonl"  # written last
+    if not os.path.exists(os.path.join(work, "fed", last_client)):
         run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--output_dir",
              os.path.join(work, "fed"), *fed], log)
     anchors = os.path.join(work, "score_anchors", f"{name}_anchors.csv")
@@ -100,7 +112,7 @@ def main() -> None:
                  "--output_file", syn_csv], log)
         if k > opts.rounds:
             break
-        if not os.path.exists(os.path.join(out, "fed", f"{name}_client_0.train.jsonl")):
+        if not os.path.exists(os.path.join(out, "fed", last_client)):
             run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--input_file", syn_csv,
                  "--output_dir", os.path.join(out, "fed"), *fed], log)
         if not os.path.exists(score):
@@ -120,8 +132,7 @@ def main() -> None:
             generators.append((f"dpo{k}", ckpt))
             continue
         dpo_dir = os.path.join(work, f"dpo{k}")
-        if not os.path.exists(os.path.join(dpo_dir, "latest")):
-            run(["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key", "rejected",
+        train(dpo_dir, ["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key", "rejected",
                  "--prompt_format", "plain", "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]), "--epochs",
                  str(cfg["dpo_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]),
                  "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512", *common], log)
@@ -136,6 +147,7 @@ def main() -> None:
     with open(report) as f:
         results = json.load(f)
     from step0_coldstart.evaluate import table
+    write_json_atomic(os.path.join(work, "notes.json"), notes)
     write_text_atomic(os.path.join(work, "report.md"),
                       table(results) + "\n" + "".join(f"\n- {k}: {v}" for k, v in notes.items()) + "\n")
     print(table(results))

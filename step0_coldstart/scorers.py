@@ -9,8 +9,9 @@ over all anchors: how much it helps as a one-shot example.
 Back-ends, one interface (`predict(task) -> list of predictions`):
   - `llm`: a LLaMA answers the ds0/ds1 prompts (text); the answer is extracted as the reference does (classification:
     exactly one whole-word, case-insensitive label match; regression: the first line is a number).
-  - `sklearn`: a 1-nearest-neighbour model over standardised features, fitted on the example rows of each prompt,
-    predicts the anchor: an offline, fast proxy with the same ds0/ds1 structure.
+  - `sklearn`: a nearest-neighbour model over standardised features (all example rows of the prompt, weighted by
+    inverse distance) predicts the anchor: an offline, fast proxy with the same ds0/ds1 structure. Weighting every
+    example keeps the gain continuous, so two rows far from every anchor are still ranked (ties teach nothing).
 Scores: macro-F1 (or MCC) for classification; for regression 1 - sum|prediction - truth| / sum|truth - median|, i.e.
 the error relative to always answering the anchors' median (1 is perfect, 0 no better than the median; the reference's
 regression scorer was broken). A prediction that cannot be extracted counts as wrong (classification) or as the
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import f1_score, matthews_corrcoef
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
 from step0_coldstart.evaluate import Encoder
 from step0_coldstart.tabular import Schema, answer_text, target_bins, task_question
@@ -95,7 +97,8 @@ def anchor_score(schema: Schema, golds: list[str], predictions: list[Optional[st
 
 
 class SklearnBackend:
-    """1-nearest neighbour over the prompt's example rows (standardised numbers, one-hot categories)."""
+    """Inverse-distance-weighted neighbours over the prompt's example rows (standardised numbers, one-hot categories):
+    scikit-learn's KNeighbors with weights="distance" and every example as a neighbour."""
 
     def __init__(self, schema: Schema, train: list[dict]):
         self.schema, self.encoder = schema, Encoder(schema, train)
@@ -108,8 +111,14 @@ class SklearnBackend:
             if not examples:
                 predictions.append(None)
                 continue
-            distances = ((self.encoder.distance_matrix(examples) - self.encoder.distance_matrix([anchor])) ** 2).sum(1)
-            predictions.append(answer_text(schema, examples[int(np.argmin(distances))]))
+            x, y = self.encoder.distance_matrix(examples), [answer_text(schema, e) for e in examples]
+            query = self.encoder.distance_matrix([anchor])
+            if schema.task == "classification":
+                model = KNeighborsClassifier(n_neighbors=len(examples), weights="distance").fit(x, y)
+                predictions.append(str(model.predict(query)[0]))
+            else:
+                model = KNeighborsRegressor(n_neighbors=len(examples), weights="distance").fit(x, [float(v) for v in y])
+                predictions.append(repr(float(model.predict(query)[0])))
         return predictions
 
 

@@ -37,7 +37,7 @@ from llama_mp import cli, distributed
 from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query, load_principles
 from llama_mp.batching import right_pad
 from llama_mp.checkpoint import load_model, load_weights, save_params, save_shard
-from llama_mp.jsonl import append_jsonl, read_records, write_json_atomic
+from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_records, write_json_atomic, write_jsonl_atomic
 from llama_mp.progress import Progress
 from llama_mp.sampler import Sampler
 from llama_mp.tokenizer import Tokenizer
@@ -205,6 +205,8 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     if resume:
         trainer.load_latest()
     os.makedirs(os.path.join(cfg.output_dir, "rollouts"), exist_ok=True)
+    if info.is_main:
+        keep_steps_upto(os.path.join(cfg.output_dir, "metrics.jsonl"), state["ppo_step"])
     history = []
     per_step = opts.rollout_batch_size * info.data_parallel_size
     progress = Progress(opts.ppo_steps - state["ppo_step"], "ppo", "steps")
@@ -273,9 +275,9 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         history.append(record)
         if info.is_main:
             append_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), [record])
-            append_jsonl(os.path.join(cfg.output_dir, "rollouts", f"step_{step + 1}.jsonl"),
-                         [{k: v for k, v in r.items() if k != "tokens"} | {"score": float(s)}
-                          for r, s in zip(rollouts, raw_score)])
+            write_jsonl_atomic(os.path.join(cfg.output_dir, "rollouts", f"step_{step + 1}.jsonl"),
+                               [{k: v for k, v in r.items() if k != "tokens"} | {"score": float(s)}
+                                for r, s in zip(rollouts, raw_score)])
         progress.update(1)
         if cfg.save_every and state["ppo_step"] % cfg.save_every == 0 and state["ppo_step"] < opts.ppo_steps:
             trainer.save()

@@ -151,6 +151,9 @@ def test_resume_equals_an_uninterrupted_ppo_run(world1, stories_dir, tmp_path):
     whole = torch.load(tmp_path / "whole" / "checkpoint-16" / "value" / "head.pth", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "checkpoint-16" / "value" / "head.pth", weights_only=True)
     assert torch.equal(whole["head.weight"], cut["head.weight"])
+    metrics = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("whole", "cut")}
+    assert [r["step"] for r in metrics["cut"]] == [1, 2, 3, 4]  # step 3, logged before the crash, is not repeated
+    assert [r["reward/mean"] for r in metrics["cut"]] == [r["reward/mean"] for r in metrics["whole"]]
 
 
 def whiten_half(rank_values):

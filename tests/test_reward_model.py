@@ -153,6 +153,11 @@ def test_resume_equals_an_uninterrupted_run(world1, stories_dir, tokenizer, tmp_
     assert torch.equal(rm.head.weight, resumed.head.weight)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "whole" / "metrics.jsonl")]
     assert steps == list(range(1, 10))
+    # the resumed run's metrics read as the uninterrupted run's: step 5, logged before the crash, is not repeated
+    cut = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    whole_metrics = [json.loads(line) for line in open(tmp_path / "whole" / "metrics.jsonl")]
+    assert [r["step"] for r in cut] == steps
+    assert [r["loss"] for r in cut] == [r["loss"] for r in whole_metrics]
 
 
 def test_bad_training_input_fails_with_one_line(stories_dir, tmp_path):

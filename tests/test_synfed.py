@@ -84,18 +84,30 @@ def test_contrast_rows_come_from_other_clusters_with_other_labels(tmp_path):
 
 
 def test_sklearn_backend_by_hand(tmp_path):
-    schema, rows = tiny_schema(tmp_path)  # y = x
+    schema, rows = tiny_schema(tmp_path)  # y = x; standardising one feature scales every distance alike
     anchors = [{"x": 10.0, "y": 10.0}, {"x": 11.0, "y": 11.0}, {"x": 0.5, "y": 0.5}]
     contrasts = [[{"x": 0.0, "y": 0.0}, {"x": 19.0, "y": 19.0}]] * 2 + [[{"x": 19.0, "y": 19.0}]]
     backend = SklearnBackend(schema, rows)
+
+    def idw(x, points):  # inverse-distance-weighted mean of the examples' y
+        weights = [1 / abs(x - px) for px, _ in points]
+        return sum(w * py for w, (_, py) in zip(weights, points)) / sum(weights)
+
+    def score(predictions):  # 1 - sum |error| / sum |truth - median 10|
+        return 1 - sum(abs(p - a["y"]) for p, a in zip(predictions, anchors)) / (0 + 1 + 9.5)
+
+    pairs = [[(0, 0), (19, 19)], [(0, 0), (19, 19)], [(19, 19)]]
     ds0 = baseline(backend, schema, anchors, contrasts)
-    # 1-NN: every anchor's nearest contrast is 19 -> errors 9 + 8 + 18.5 = 35.5; |truth - median 10| sums to 10.5
-    assert ds0["score"] == pytest.approx(1 - 35.5 / 10.5) and ds0["missing"] == 0
-    helpful = gain(backend, schema, anchors, contrasts, {"x": 10.5, "y": 10.5}, ds0)
-    assert helpful["ds1"]["score"] == pytest.approx(1 - 11.0 / 10.5)  # all predict 10.5: 0.5 + 0.5 + 10
-    assert helpful["gain_score"] == pytest.approx(24.5 / 10.5)
-    harmful = gain(backend, schema, anchors, contrasts, {"x": 10.5, "y": -30.0}, ds0)
-    assert harmful["gain_score"] == pytest.approx((35.5 - 111.5) / 10.5)
+    assert idw(10, pairs[0]) == pytest.approx(10) and idw(11, pairs[1]) == pytest.approx(11)  # exact on a line
+    assert ds0["score"] == pytest.approx(score([10, 11, 19])) and ds0["missing"] == 0
+    for row in ({"x": 10.5, "y": 10.5}, {"x": 10.5, "y": -30.0}, {"x": 1.0, "y": 1.0}):
+        result = gain(backend, schema, anchors, contrasts, row, ds0)
+        expected = score([idw(a["x"], [(row["x"], row["y"])] + p) for a, p in zip(anchors, pairs)])
+        assert result["ds1"]["score"] == pytest.approx(expected)
+        assert result["gain_score"] == pytest.approx(expected - ds0["score"])
+    helpful = gain(backend, schema, anchors, contrasts, {"x": 1.0, "y": 1.0}, ds0)["gain_score"]
+    harmful = gain(backend, schema, anchors, contrasts, {"x": 10.5, "y": -30.0}, ds0)["gain_score"]
+    assert helpful > 0 > harmful
 
 
 def test_llm_backend_with_a_scripted_model(tmp_path):
@@ -153,3 +165,33 @@ def test_guided_sampling_writes_every_key_of_an_unseen_table(stories_dir, world1
         numbers = re.findall(r'": ([^,}]*)', answer)[1:]
         assert all(re.fullmatch(r"-?\d+(\.\d+)?|null", v) for v in numbers), answer
         assert re.fullmatch(r"-?\d+|null", numbers[-1])  # Rings is an int
+
+
+def test_syn_addscore_llm_backend_end_to_end(stories_dir, tmp_path):
+    schema = load_schema(os.path.join(ROOT, "configs/tabular/abalone.yaml"))
+    rows = load_rows(schema)
+    anchors, contrasts = rows[:2], [[rows[2]], [rows[3]]]
+    with open(tmp_path / "abalone.contrast.jsonl", "w") as f:
+        f.writelines(json.dumps({"anchor": a, "contrast": c}) + "\n" for a, c in zip(anchors, contrasts))
+    samples = [{"syn_pmt_id": "p", "syn_id": f"p-{i}", "prompt": "P", "answer": "A", "status": status, "result": row}
+               for i, (status, row) in enumerate([(SUCCESS, rows[10]), (SUCCESS, rows[11]),
+                                                  ("INVALID_ANSWER", {c: None for c in schema.columns})])]
+    with open(tmp_path / "abalone.raw.jsonl", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    out = tmp_path / "abalone.score.jsonl"
+    args = ("-m", "step0_coldstart.syn_addscore", "--dataset", f"{ROOT}/configs/tabular/abalone.yaml", "--raw_file",
+            str(tmp_path / "abalone.raw.jsonl"), "--output_file", str(out), "--backend", "llm", "--ckpt_dir",
+            stories_dir, "--tokenizer_path", TOK512, "--max_seq_len", "1024", "--max_gen_len", "8",
+            "--splits_dir", str(tmp_path / "splits"))
+    result = run_cli(*args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    scored = [json.loads(line) for line in open(out)]
+    answers = [json.loads(line) for line in open(str(out) + ".answers.jsonl")]
+    assert len(answers) == 2 + 2 * 2  # each distinct question once: ds0 per anchor, ds1 per anchor and sample
+    for record in scored[:2]:
+        assert record["ds0"]["pairs"] == record["ds1"]["pairs"] == 2
+        assert record["gain_score"] == pytest.approx(record["ds1"]["score"] - record["ds0"]["score"])
+        assert record["status_score"] == 5
+    assert scored[2]["gain_score"] is None and scored[2]["status_score"] == 0
+    again = run_cli(*args)
+    assert again.returncode != 0 and "already exists" in again.stderr

@@ -1,0 +1,291 @@
+"""The main job: both pipelines end to end on the embedded default, stage by stage, with a report.
+
+  python scripts/quickstart.py [--config configs/quickstart.yaml] [--run_dir DIR] [--fresh]
+  (bash scripts/quickstart.sh does the same after creating the virtualenv)
+
+Stages (each runs the project's own scripts, under torchrun with `nproc` processes where the step is distributed):
+  llama_mp         convert stories260K to the Meta layout (1 and 2 shards); sample with 2-way tensor parallelism
+  salmon_responses two responses per OASST1 prompt (seeds 42 and 43)
+  salmon_judge     self-judging under the principles, both orders; aggregation into reward-model data and DPO pairs
+  reward_model     the principle-following reward model, evaluated on held-out synthetic and OASST1 human pairs
+  dpo              DPO of the policy on the step-1 pairs
+  ppo              PPO of the policy against the reward model with the RL-time principles
+  tabular          round 0 (SFT generator, anchors), one round of synthetic preference + DPO, ML efficiency
+Each finished stage is recorded in <run_dir>/stages.json (status, seconds, peak memory, figures); a rerun skips
+finished stages and continues an unfinished one where it stopped (every step resumes: jobs from their last record,
+trainers from their last checkpoint), so after a crash or kill -9 the same command ends with the same outputs as an
+uninterrupted run. --fresh starts over. At the end <run_dir>/report.json and report.md are written (and PNG curves when
+matplotlib is installed).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import yaml  # noqa: E402
+
+from llama_mp import cli  # noqa: E402
+from llama_mp.jsonl import read_jsonl, write_json_atomic, write_text_atomic  # noqa: E402
+
+TOKENIZER = os.path.join(ROOT, "data/llama2c/tok512.model")
+STAGES = ["llama_mp", "salmon_responses", "salmon_judge", "reward_model", "dpo", "ppo", "tabular"]
+
+
+def load_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: quickstart config not found") from None
+    for key in ("run_dir", "nproc", "salmon", "tabular"):
+        if key not in config:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return config
+
+
+class Runner:
+    """Runs commands with the stage's log, environment and peak-memory accounting."""
+
+    def __init__(self, run_dir: str, nproc: int):
+        self.run_dir, self.nproc = run_dir, nproc
+        self.log = os.path.join(run_dir, "quickstart.log")
+        self.peak_kb = 0
+
+    def __call__(self, cmd: list[str], env: dict = None) -> None:
+        full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), "OMP_NUM_THREADS": "1",
+                    "TOKENIZER": TOKENIZER, **(env or {})}
+        with open(self.log, "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            process = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(process.pid, 0)  # usage covers the command and every process it waited for
+            process.returncode = os.waitstatus_to_exitcode(status)
+        self.peak_kb = max(self.peak_kb, usage.ru_maxrss)
+        if process.returncode != 0:
+            raise RuntimeError(f"{self.log}: `{' '.join(cmd[:3])} ...` failed (exit {process.returncode}); "
+                               f"see the log")
+
+
+def python(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def script(name: str, *args: str) -> list[str]:
+    return ["bash", os.path.join(ROOT, "scripts", name), *args]
+
+
+def resume_flag(directory: str) -> list[str]:
+    return ["--resume"] if os.path.exists(os.path.join(directory, "latest")) else []
+
+
+def metrics(path: str) -> list[dict]:
+    return read_jsonl(path) if os.path.exists(path) else []
+
+
+def count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ---- the stages: each runs its commands and returns its figures ---------------------------------------------------------
+def stage_llama_mp(run: Runner, d: dict, cfg: dict) -> dict:
+    for mp in (1, 2):
+        out = os.path.join(d["run"], f"stories260K_mp{mp}")
+        run(python("llama_mp.convert", "llama2c", "--input", os.path.join(ROOT, "data/llama2c/stories260K.bin"),
+                   "--output_dir", out, "--model_parallel_size", str(mp), "--overwrite"))
+    samples = os.path.join(d["run"], "samples.jsonl")
+    run(script("launch.sh", "llama_mp.generate", "--ckpt_dir", d["mp2"], "--tokenizer_path", TOKENIZER,
+               "--prompts_file", os.path.join(ROOT, "data/prompts/stories_prompts.jsonl"), "--output_file", samples,
+               "--max_gen_len", "96", "--temperature", "0.7", "--top_p", "0.9", "--seed", "42", "--overwrite"),
+        {"NPROC_PER_NODE": "2"})
+    records = read_jsonl(samples)
+    tokens = sum(len(r["tokens"]) for r in records)
+    return {"outputs": [d["mp1"], d["mp2"], samples], "samples": len(records), "tokens": tokens,
+            "mean_logprob": round(sum(sum(r["logprobs"]) for r in records) / max(tokens, 1), 4),
+            "example": records[0]["prompt"] + records[0]["generation"]}
+
+
+def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
+    s = cfg["salmon"]
+    env = {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s["max_prompts"]),
+           "MAX_GEN_LEN": str(s["max_gen_len"])}
+    for i in (0, 1):  # resumable: a rerun of the same command continues from the last record
+        if not os.path.exists(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")):
+            run(script(f"generate_oasst1_response{i}.sh"), env)
+    responses = [read_jsonl(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")) for i in (0, 1)]
+    texts = [r["output"] for rs in responses for r in rs]
+    return {"outputs": [os.path.join(d["step1"], f"oasst1_response{i}.jsonl") for i in (0, 1)],
+            "prompts": len(responses[0]), "responses": len(texts),
+            "mean_response_chars": round(sum(map(len, texts)) / max(len(texts), 1), 1)}
+
+
+def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
+    s = cfg["salmon"]
+    run(script("generate_synthetic_preference.sh"),
+        {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
+         "MAX_RESPONSE_TOKENS": str(s["max_response_tokens"]), "MAX_INSTRUCTION_TOKENS": str(s["max_instruction_tokens"])})
+    judgments = read_jsonl(os.path.join(d["step1"], "oasst1_preference.jsonl"))
+    with open(os.path.join(d["step1"], "synthetic_preference.json")) as f:
+        pairs = json.load(f)
+    return {"outputs": [os.path.join(d["step1"], n) for n in ("oasst1_preference.jsonl", "synthetic_preference.json",
+                                                               "synthetic_preference_pairs.jsonl")],
+            "judged_pairs": len(judgments), "reward_model_pairs": len(pairs),
+            "dpo_pairs": count_lines(os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"))}
+
+
+def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
+    out = os.path.join(d["run"], "rm")
+    run(script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []), *resume_flag(out)),
+        {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"), "OUTPUT_DIR": out})
+    with open(os.path.join(out, "eval.json")) as f:
+        evaluation = json.load(f)
+    curve = metrics(os.path.join(out, "metrics.jsonl"))
+    return {"outputs": [out], "steps": len(curve), "loss_first": curve[0]["loss"], "loss_last": curve[-1]["loss"],
+            "eval": evaluation}
+
+
+def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
+    out = os.path.join(d["run"], "dpo")
+    run(script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_flag(out)),
+        {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
+         "OUTPUT_DIR": out})
+    curve = metrics(os.path.join(out, "metrics.jsonl"))
+    keys = ("loss", "rewards/margin", "rewards/accuracy")
+    return {"outputs": [out], "steps": len(curve), "first": {k: curve[0].get(k) for k in keys},
+            "last": {k: curve[-1].get(k) for k in keys}}
+
+
+def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
+    out = os.path.join(d["run"], "ppo")
+    run(script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_flag(out)),
+        {"CKPT_DIR": d["mp1"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
+    curve = metrics(os.path.join(out, "metrics.jsonl"))
+    keys = ("reward/mean", "kl", "response_length")
+    return {"outputs": [out], "steps": len(curve), "first": {k: curve[0].get(k) for k in keys},
+            "last": {k: curve[-1].get(k) for k in keys}}
+
+
+def stage_tabular(run: Runner, d: dict, cfg: dict) -> dict:
+    t, work = cfg["tabular"], os.path.join(d["run"], "tabular")
+    run(python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t["config"]), "--workdir", work,
+               "--ckpt_dir", d["mp1"], "--rounds", str(t.get("rounds", 1))))
+    with open(os.path.join(work, "report.json")) as f:
+        report = json.load(f)
+    notes = os.path.join(work, "notes.json")
+    return {"outputs": [work], "ml_efficiency": report,
+            "notes": json.load(open(notes)) if os.path.exists(notes) else {}}
+
+
+RUNNERS = {"llama_mp": stage_llama_mp, "salmon_responses": stage_salmon_responses, "salmon_judge": stage_salmon_judge,
+           "reward_model": stage_reward_model, "dpo": stage_dpo, "ppo": stage_ppo, "tabular": stage_tabular}
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+def plot_curves(d: dict) -> list[str]:
+    """Training curves as PNG when matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    panels = [("reward_model", "rm", ["loss", "accuracy"]), ("dpo", "dpo", ["loss", "rewards/margin"]),
+              ("ppo", "ppo", ["reward/mean", "kl"]), ("tabular_sft", "tabular/sft", ["loss"])]
+    written = []
+    os.makedirs(os.path.join(d["run"], "plots"), exist_ok=True)
+    for name, sub, keys in panels:
+        curve = metrics(os.path.join(d["run"], sub, "metrics.jsonl"))
+        if not curve:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+        for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
+            points = [(r["step"], r[key]) for r in curve if r.get(key) is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points])
+            ax.set_title(f"{name}: {key}")
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        path = os.path.join(d["run"], "plots", f"{name}.png")
+        fig.savefig(path + ".tmp.png")
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def markdown(report: dict) -> str:
+    from step0_coldstart.evaluate import table
+    lines = ["# Quickstart report", "", f"Config: `{report['config']}`; run directory `{report['run_dir']}`.", "",
+             "| stage | status | seconds | peak memory (MiB) | key figures |", "|---|---|---|---|---|"]
+    for name in STAGES:
+        s = report["stages"].get(name, {"status": "not run"})
+        figures = {k: v for k, v in s.get("figures", {}).items() if k not in ("outputs", "ml_efficiency", "example")}
+        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {s.get('peak_rss_mib', '')} | "
+                     f"{json.dumps(figures)[:400]} |")
+    tabular = report["stages"].get("tabular", {}).get("figures", {}).get("ml_efficiency")
+    if tabular:
+        lines += ["", "## ML efficiency of the tabular generators (synthetic rows -> real test split)", "", table(tabular)]
+    example = report["stages"].get("llama_mp", {}).get("figures", {}).get("example")
+    if example:
+        lines += ["", "## A sampled story (2-way tensor parallel)", "", "> " + example.replace("\n", " ")]
+    if report.get("plots"):
+        lines += ["", "## Curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in report["plots"]]
+    lines += ["", f"Total: {report['total_seconds']} s of stage time; peak memory of any one process "
+                  f"{report['peak_rss_mib']} MiB."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python scripts/quickstart.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs/quickstart.yaml"))
+    parser.add_argument("--run_dir", default=None, help="default: the config's run_dir")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    opts = parser.parse_args()
+    cfg = load_config(opts.config)
+    run_dir = os.path.abspath(opts.run_dir or os.path.join(ROOT, cfg["run_dir"]))
+    if opts.fresh and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    d = {"run": run_dir, "mp1": os.path.join(run_dir, "stories260K_mp1"), "mp2": os.path.join(run_dir, "stories260K_mp2"),
+         "step1": os.path.join(run_dir, "step1")}
+    state_file = os.path.join(run_dir, "stages.json")
+    stages = json.load(open(state_file)) if os.path.exists(state_file) else {}
+    for number, name in enumerate(STAGES, start=1):
+        prefix = f"[quickstart {number}/{len(STAGES)} {name}]"
+        if stages.get(name, {}).get("status") == "done":
+            print(f"{prefix} done in an earlier run ({stages[name]['seconds']} s), skipped", flush=True)
+            continue
+        print(f"{prefix} {time.strftime('%H:%M:%S')} started (log: {run_dir}/quickstart.log)", flush=True)
+        run = Runner(run_dir, int(cfg["nproc"]))
+        start = time.perf_counter()
+        try:
+            figures = RUNNERS[name](run, d, cfg)
+        except Exception:
+            stages[name] = {"status": "failed", "seconds": round(time.perf_counter() - start, 1)}
+            write_json_atomic(state_file, stages)
+            raise
+        seconds = round(time.perf_counter() - start, 1)  # of the run that finished it
+        stages[name] = {"status": "done", "seconds": seconds, "peak_rss_mib": round(run.peak_kb / 1024, 1),
+                        "figures": figures}
+        write_json_atomic(state_file, stages)
+        shown = {k: v for k, v in figures.items() if k not in ("outputs", "ml_efficiency", "example")}
+        print(f"{prefix} done in {seconds} s: {json.dumps(shown)[:300]}", flush=True)
+    report = {"config": os.path.relpath(opts.config, ROOT), "run_dir": run_dir, "stages": stages,
+              "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+              "peak_rss_mib": max(s["peak_rss_mib"] for s in stages.values())}
+    report["plots"] = plot_curves(d)
+    write_json_atomic(os.path.join(run_dir, "report.json"), report)
+    text = markdown(report)
+    write_text_atomic(os.path.join(run_dir, "report.md"), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    cli.run(main)
