@@ -69,7 +69,7 @@ class Runner:
             process.returncode = os.waitstatus_to_exitcode(status)
         self.peak_kb = max(self.peak_kb, usage.ru_maxrss)
         if process.returncode != 0:
-            raise RuntimeError(f"{self.log}: `{' '.join(cmd[:3])} ...` failed (exit {process.returncode}); "
+            raise ValueError(f"{self.log}: `{' '.join(cmd[:3])} ...` failed (exit {process.returncode}); "
                                f"see the log")
 
 
@@ -120,9 +120,10 @@ def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
         if not os.path.exists(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")):
             run(script(f"generate_oasst1_response{i}.sh"), env)
     responses = [read_jsonl(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")) for i in (0, 1)]
-    texts = [r["output"] for rs in responses for r in rs]
+    texts = [r["output"] for rs in responses for r in rs if r.get("output") is not None]
     return {"outputs": [os.path.join(d["step1"], f"oasst1_response{i}.jsonl") for i in (0, 1)],
             "prompts": len(responses[0]), "responses": len(texts),
+            "skipped": sum(len(rs) for rs in responses) - len(texts),
             "mean_response_chars": round(sum(map(len, texts)) / max(len(texts), 1), 1)}
 
 

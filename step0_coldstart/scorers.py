@@ -62,8 +62,10 @@ def example_text(schema: Schema, row: dict) -> str:
 
 def scoring_prompts(schema: Schema, anchors: list[dict], contrasts: list[list[dict]],
                     synthetic: Optional[dict] = None) -> list[dict]:
-    """ds0 (synthetic=None) or ds1 prompts: {"question", "gold"} per anchor."""
-    lead = example_text(schema, synthetic) if synthetic is not None else ""
+    """ds0 (synthetic=None) or ds1 prompts: {"question", "gold"} per anchor. A synthetic row without a target cannot be
+    a solved example: its ds1 is ds0 (gain 0)."""
+    usable = synthetic is not None and synthetic.get(schema.target) is not None
+    lead = example_text(schema, synthetic) if usable else ""
     return [{"question": lead + "".join(example_text(schema, c) for c in contrast) + task_question(schema, anchor),
              "gold": answer_text(schema, anchor)} for anchor, contrast in zip(anchors, contrasts)]
 
@@ -107,7 +109,8 @@ class SklearnBackend:
                 synthetic: Optional[dict]) -> list[Optional[str]]:
         predictions = []
         for anchor, contrast in zip(anchors, contrasts):
-            examples = ([synthetic] if synthetic is not None else []) + contrast
+            usable = synthetic is not None and synthetic.get(schema.target) is not None
+            examples = ([synthetic] if usable else []) + contrast
             if not examples:
                 predictions.append(None)
                 continue

@@ -52,7 +52,7 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     quickstart(whole)
     full_seconds = time.perf_counter() - start
     kills = 0
-    for fraction in (0.15, 0.3, 0.3, 0.3):  # each rerun continues; the kills land in different stages
+    for fraction in (0.2, 0.35, 0.35):  # each rerun continues; the kills land in different stages
         kills += quickstart(cut, kill_after=max(3.0, fraction * full_seconds))
     quickstart(cut)
     assert kills >= 3  # it really was interrupted, mid-stage
@@ -76,3 +76,17 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
         assert steps[0] == steps[1], sub
     markdown = open(os.path.join(whole, "report.md")).read()
     assert "| reward_model | done |" in markdown and "ML efficiency" in markdown
+    # the tabular round's files: guided rows parse, parsed rows carry one ds1 prompt per anchor and a gain
+    tabular = os.path.join(whole, "tabular")
+    raw = [json.loads(line) for line in open(os.path.join(tabular, "r1", "abalone.raw.jsonl"))]
+    assert len(raw) == 2 * 2  # 2 held-out prompts x num_repeat 2
+    parsed = [r for r in raw if r["status"] == "SUCCESS"]
+    assert parsed and all(len(r["reward_ds1"]) == 4 for r in parsed)
+    scored = [json.loads(line) for line in open(os.path.join(tabular, "r1", "abalone.score.jsonl"))]
+    assert all((r["gain_score"] is None) == (r["status"] != "SUCCESS") for r in scored)
+    with open(os.path.join(tabular, "r1", "abalone.syn.csv")) as f:
+        assert sum(1 for _ in f) == 1 + len(parsed)
+    fed = [json.loads(line) for line in open(os.path.join(tabular, "r1", "fed", "abalone_client_0.train.jsonl"))]
+    assert len(fed) == sum(r["result"]["Rings"] is not None for r in parsed)
+    assert set(report["whole"]["stages"]["tabular"]["figures"]["ml_efficiency"]["abalone"]) == {"real", "naive", "sft",
+                                                                                                 "dpo1"}

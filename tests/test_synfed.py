@@ -195,3 +195,13 @@ def test_syn_addscore_llm_backend_end_to_end(stories_dir, tmp_path):
     assert scored[2]["gain_score"] is None and scored[2]["status_score"] == 0
     again = run_cli(*args)
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_a_row_without_a_target_gains_nothing(tmp_path):
+    schema, rows = tiny_schema(tmp_path)
+    anchors, contrasts = [{"x": 10.0, "y": 10.0}], [[{"x": 0.0, "y": 0.0}]]
+    backend = SklearnBackend(schema, rows)
+    ds0 = baseline(backend, schema, anchors, contrasts)
+    assert gain(backend, schema, anchors, contrasts, {"x": 10.0, "y": None}, ds0)["gain_score"] == 0.0
+    assert scoring_prompts(schema, anchors, contrasts, {"x": 10.0, "y": None}) == scoring_prompts(schema, anchors,
+                                                                                                  contrasts)
