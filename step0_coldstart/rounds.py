@@ -26,8 +26,8 @@ from llama_mp.jsonl import write_json_atomic, write_text_atomic
 
 DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
             "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
-            "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100, "num_examples": 5,
-            "heldout_prompts": 16, "sft_lr": 1e-3, "sft_epochs": 3, "dpo_lr": 1e-4, "dpo_epochs": 1,
+            "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100,
+            "num_examples": 5, "heldout_prompts": 16, "sft_lr": 1e-3, "sft_epochs": 3, "dpo_lr": 1e-4, "dpo_epochs": 1,
             "micro_batch_size": 4, "max_pairs": 1000, "eval_rows": 1000, "num_clusters": 32,
             "syn_config": "configs/syn_addprompt.yaml", "scorer": "sklearn", "scorer_ckpt": None,
             "fed_clients": 1, "fed_split_method": "none", "sft_max_steps": 0}
@@ -85,9 +85,9 @@ def main() -> None:
              "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common], log)
     sft_dir = os.path.join(work, "sft")
     train(sft_dir, ["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
-             os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
-             "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
-             "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
+                    os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
+                    "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
+                    "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
     fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
     last_client = f"{name}_client_{cfg['fed_clients'] - 1}.train.jsonl"  # written last
     if not os.path.exists(os.path.join(work, "fed", last_client)):
@@ -132,10 +132,10 @@ def main() -> None:
             generators.append((f"dpo{k}", ckpt))
             continue
         dpo_dir = os.path.join(work, f"dpo{k}")
-        train(dpo_dir, ["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key", "rejected",
-                 "--prompt_format", "plain", "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]), "--epochs",
-                 str(cfg["dpo_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]),
-                 "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512", *common], log)
+        train(dpo_dir, ["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key",
+                        "rejected", "--prompt_format", "plain", "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]),
+                        "--epochs", str(cfg["dpo_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]),
+                        "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512", *common], log)
         generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
     synthetic = []
     for k, (label, _) in enumerate(generators, start=1):

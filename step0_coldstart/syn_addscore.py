@@ -16,6 +16,7 @@ question), sharded over data-parallel ranks and resumable (<output_file>.answers
 import argparse
 import hashlib
 import os
+from typing import Optional
 
 from llama_mp import cli, jobs
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
@@ -28,8 +29,9 @@ def question_id(question: str) -> str:
     return hashlib.sha256(question.encode()).hexdigest()[:20]
 
 
-def llm_answers(opts, schema, anchors, contrasts, samples) -> dict[str, str]:
-    """Every distinct ds0/ds1 question answered once by the scoring LLaMA: {question_id: text}."""
+def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str, str]]:
+    """Every distinct ds0/ds1 question answered once by the scoring LLaMA: {question_id: text} on rank 0, None on the
+    other ranks."""
     questions = {question_id(p["question"]): p["question"] for p in scoring_prompts(schema, anchors, contrasts)}
     for s in samples:
         for p in scoring_prompts(schema, anchors, contrasts, s["result"]):
@@ -49,7 +51,7 @@ def llm_answers(opts, schema, anchors, contrasts, samples) -> dict[str, str]:
 
     jobs.run(answer_file, items, lambda x: x["id"], sampler.max_batch_size, process, info, "syn_addscore")
     merged = jobs.merge(answer_file, lambda r: r["id"], info)
-    return {r["id"]: r["text"] for r in merged} if info.is_main else {}
+    return {r["id"]: r["text"] for r in merged} if info.is_main else None
 
 
 def main() -> None:
@@ -89,7 +91,7 @@ def main() -> None:
     parsed = [s for s in samples if s["status"] == SUCCESS]
     if opts.backend == "llm":
         answers = llm_answers(opts, schema, anchors, contrasts, parsed)
-        if not answers:
+        if answers is None:
             return  # other ranks: rank 0 writes the scores
         backend = LLMBackend(lambda questions: [answers[question_id(q)] for q in questions])
     else:
