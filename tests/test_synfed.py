@@ -205,3 +205,31 @@ def test_a_row_without_a_target_gains_nothing(tmp_path):
     assert gain(backend, schema, anchors, contrasts, {"x": 10.0, "y": None}, ds0)["gain_score"] == 0.0
     assert scoring_prompts(schema, anchors, contrasts, {"x": 10.0, "y": None}) == scoring_prompts(schema, anchors,
                                                                                                   contrasts)
+
+
+def test_bad_round_inputs_fail_with_one_line(tmp_path):
+    abalone = f"{ROOT}/configs/tabular/abalone.yaml"
+    raw = tmp_path / "abalone.raw.jsonl"
+    raw.write_text('{"syn_id": "a", "status": "SUCCESS"}\n')
+    checks = [
+        (("-m", "step0_coldstart.convert_raw_to_csv", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
+          str(tmp_path / "out.csv")), "abalone.raw.jsonl:1: a raw sample needs"),
+        (("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
+          str(tmp_path / "score.jsonl"), "--splits_dir", str(tmp_path / "splits")), "abalone.contrast.jsonl"),
+        (("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
+          str(tmp_path / "score.jsonl"), "--backend", "llm"), "--backend llm needs --ckpt_dir"),
+    ]
+    bad_csv = tmp_path / "syn.csv"
+    bad_csv.write_text("Sex,Length\nM,0.4\n")
+    checks.append((("-m", "step0_coldstart.sft_federated", "--dataset", abalone, "--input_file", str(bad_csv),
+                    "--output_dir", str(tmp_path / "fed"), "--splits_dir", str(tmp_path / "splits")),
+                   "syn.csv:2: not a row of abalone"))
+    bad_config = tmp_path / "syn.yaml"
+    bad_config.write_text("num_repeats: 3\n")
+    checks.append((("-m", "step0_coldstart.syn_addprompt", "--dataset", abalone, "--ckpt_dir", "x", "--tokenizer_path",
+                    TOK512, "--prompt_file", str(raw), "--anchor_file", "a.csv", "--output_dir", str(tmp_path),
+                    "--config", str(bad_config)), "syn.yaml: unknown keys ['num_repeats']"))
+    for args, message in checks:
+        result = run_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (args[1], result.stderr)
