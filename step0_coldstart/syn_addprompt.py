@@ -124,7 +124,8 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
                                     allowed_tokens=number_tokens(sampler.tokenizer, kind == "int"),
                                     desc=f"values of {column}")
             numbers = [re.search(r"-?\d+(\.\d+)?" if kind == "float" else r"-?\d+", out.text) for out in outs]
-            values = [m.group(0) if m else "null" for m in numbers]
+            cast = int if kind == "int" else float  # written back as JSON: "-0112" is not a JSON number
+            values = [json.dumps(cast(m.group(0))) if m else "null" for m in numbers]
         answers = [a + v for a, v in zip(answers, values)]
     return [a + "}" for a in answers]
 
