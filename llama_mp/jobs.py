@@ -71,6 +71,17 @@ def run(output_file: str, items: Sequence, item_key: Callable, chunk_size: int,
 
     All ranks of a model-parallel group call `process` together (they compute as one); its rank 0 appends."""
     parts = parts_dir(output_file)
+    chunking = {"chunk_size": chunk_size, "items": len(items)}  # chunk c means the same items only under these
+    chunking_file = os.path.join(parts, "chunking.json")
+    if os.path.exists(chunking_file):
+        with open(chunking_file) as f:
+            before = json.load(f)
+        if before != chunking:
+            raise ValueError(f"{parts}: started with {before['items']} items in chunks of {before['chunk_size']}, now "
+                             f"{len(items)} in chunks of {chunk_size}: resume with the same items and batch size "
+                             f"(--max_batch_size), or pass --overwrite")
+    elif info.is_main:
+        write_json_atomic(chunking_file, chunking)
     done = done_chunks(parts)
     chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
     mine = [c for c in range(len(chunks)) if c % info.data_parallel_size == info.data_parallel_rank and c not in done]

@@ -83,23 +83,9 @@ def check_config_keys(yaml_path: Optional[str], *config_classes) -> None:
     """A key of the YAML file that no config class knows is a typo, not something to ignore."""
     if yaml_path:
         known = {f.name for cls in config_classes for f in fields(cls)}
-        unknown = sorted(set(_read_yaml(yaml_path)) - known)
+        unknown = sorted(set(cli.read_yaml(yaml_path)) - known)
         if unknown:
             raise ValueError(f"{yaml_path}: unknown options {unknown}")
-
-
-def _read_yaml(yaml_path: str) -> dict:
-    import yaml
-    try:
-        with open(yaml_path) as f:
-            loaded = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{yaml_path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{yaml_path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{yaml_path}: expected a mapping of options")
-    return loaded
 
 
 def load_config(cls, opts, yaml_path: Optional[str]):
@@ -107,7 +93,7 @@ def load_config(cls, opts, yaml_path: Optional[str]):
     type (a bool field takes only a YAML boolean or a true/false flag)."""
     values = {}
     if yaml_path:
-        loaded = _read_yaml(yaml_path)
+        loaded = cli.read_yaml(yaml_path)
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in loaded.items() if k in names}
     values.update({f.name: getattr(opts, f.name) for f in fields(cls) if getattr(opts, f.name, None) is not None})

@@ -29,8 +29,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import yaml  # noqa: E402
-
 from llama_mp import cli  # noqa: E402
 from llama_mp.jsonl import read_jsonl, write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -39,11 +37,7 @@ STAGES = ["llama_mp", "salmon_responses", "salmon_judge", "reward_model", "dpo",
 
 
 def load_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: quickstart config not found") from None
+    config = cli.read_yaml(path)
     for key in ("run_dir", "nproc", "salmon", "tabular"):
         if key not in config:
             raise ValueError(f"{path}: missing key {key!r}")

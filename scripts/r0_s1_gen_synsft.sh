@@ -5,9 +5,11 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/tabular_env.sh"
-if [ ! -f "$WORKDIR/r0/sft_train.jsonl" ]; then
+if [ ! -f "$WORKDIR/r0/lengths.json" ]; then  # its last output
   "$PY" -m step0_coldstart.sft_generator --datasets $SOURCES --heldout "$DATASET" --tokenizer_path "$TOKENIZER" \
     --output_dir "$WORKDIR/r0" --splits_dir "$SPLITS_DIR" --max_seq_len "$MAX_SEQ_LEN"
 fi
-exec bash "$REPO_ROOT/scripts/launch.sh" step0_coldstart.train_sft --ckpt_dir "$CKPT_DIR" --tokenizer_path "$TOKENIZER" \
-  --train_file "$WORKDIR/r0/sft_train.jsonl" --output_dir "$WORKDIR/sft" --max_seq_len "$MAX_SEQ_LEN" --lr 1e-3 "$@"
+resume=$([ -f "$WORKDIR/sft/latest" ] && echo --resume || true)  # a killed run continues from its last checkpoint
+bash "$REPO_ROOT/scripts/launch.sh" step0_coldstart.train_sft --ckpt_dir "$CKPT_DIR" --tokenizer_path "$TOKENIZER" \
+  --train_file "$WORKDIR/r0/sft_train.jsonl" --output_dir "$WORKDIR/sft" --max_seq_len "$MAX_SEQ_LEN" --lr 2e-3 $resume "$@"
+touch "$WORKDIR/sft/.done"

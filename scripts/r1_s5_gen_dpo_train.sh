@@ -11,6 +11,8 @@ if [ ! -f "$PAIRS" ]; then
   "$PY" -m step0_coldstart.convert_score_to_prefer --score_file "$WORKDIR/r$ROUND/$NAME.score.jsonl" \
     --output_file "$PAIRS" --max_pairs "${MAX_PAIRS:-1000}"
 fi
-exec bash "$REPO_ROOT/scripts/launch.sh" step3_rl.train_dpo --ckpt_dir "$GEN_CKPT" --tokenizer_path "$TOKENIZER" \
+resume=$([ -f "$WORKDIR/dpo$ROUND/latest" ] && echo --resume || true)
+bash "$REPO_ROOT/scripts/launch.sh" step3_rl.train_dpo --ckpt_dir "$GEN_CKPT" --tokenizer_path "$TOKENIZER" \
   --train_file "$PAIRS" --rejected_key rejected --prompt_format plain --output_dir "$WORKDIR/dpo$ROUND" \
-  --max_seq_len "$MAX_SEQ_LEN" --max_prompt_len "$MAX_SEQ_LEN" --max_response_len 512 "$@"
+  --max_seq_len "$MAX_SEQ_LEN" --max_prompt_len "$MAX_SEQ_LEN" --max_response_len 512 $resume "$@"
+touch "$WORKDIR/dpo$ROUND/.done"

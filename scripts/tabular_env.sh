@@ -11,13 +11,13 @@ SOURCES="${SOURCES:-$REPO_ROOT/configs/tabular/adult.yaml $REPO_ROOT/configs/tab
 WORKDIR="${WORKDIR:-$REPO_ROOT/runs/tabular}"
 ROUND="${ROUND:-1}"
 MAX_SEQ_LEN="${MAX_SEQ_LEN:-1536}"
-NAME="$(basename "$DATASET" .yaml)"
+PY="${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}"
+NAME="$(PYTHONPATH="$REPO_ROOT" "$PY" -c 'import sys; from step0_coldstart.tabular import load_schema; print(load_schema(sys.argv[1]).name)' "$DATASET")"
 SPLITS_DIR="$WORKDIR/splits"
 RAW_FILE="$WORKDIR/r$ROUND/$NAME.raw.jsonl"
-PY="${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 latest() { echo "$1/$(cat "$1/latest")"; }
-if [ -z "${GEN_CKPT:-}" ]; then
-  if [ "$ROUND" -gt 1 ] && [ -f "$WORKDIR/dpo$((ROUND - 1))/latest" ]; then GEN_CKPT="$(latest "$WORKDIR/dpo$((ROUND - 1))")"
-  elif [ -f "$WORKDIR/sft/latest" ]; then GEN_CKPT="$(latest "$WORKDIR/sft")"; fi
+if [ -z "${GEN_CKPT:-}" ]; then  # a finished training (.done), never an intermediate checkpoint
+  if [ "$ROUND" -gt 1 ] && [ -f "$WORKDIR/dpo$((ROUND - 1))/.done" ]; then GEN_CKPT="$(latest "$WORKDIR/dpo$((ROUND - 1))")"
+  elif [ -f "$WORKDIR/sft/.done" ]; then GEN_CKPT="$(latest "$WORKDIR/sft")"; fi
 fi

@@ -15,7 +15,6 @@ the closest real training record (standardised numbers, one-hot categories; over
 """
 
 import argparse
-import csv
 import json
 
 import numpy as np
@@ -24,7 +23,7 @@ from sklearn.metrics import f1_score, r2_score
 
 from llama_mp import cli
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
-from step0_coldstart.tabular import SUCCESS, Schema, load_rows, load_schema, parse_row, splits
+from step0_coldstart.tabular import SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits
 
 
 class Encoder:
@@ -106,12 +105,11 @@ def naive_rows(schema: Schema, train: list[dict], n: int, seed: int, bins: int =
 
 def synthetic_rows(path: str, schema: Schema) -> tuple[list[dict], int]:
     """(valid typed rows, rows read) from a JSONL of model outputs / row objects, or a CSV."""
-    if path.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            raw = list(csv.DictReader(f))
-        texts = [json.dumps(r) for r in raw]
-    else:
-        texts = [r["text"] if isinstance(r.get("text"), str) else json.dumps(r) for _, r in iter_jsonl(path)]
+    if path.endswith(".csv"):  # typed rows with the schema's columns (r1_s2): empty cells are missing values
+        rows = read_rows_csv(path, schema, "synthetic")
+        return [r for r in rows if r[schema.target] is not None], len(rows)
+    texts = [next((r[k] for k in ("text", "answer") if isinstance(r.get(k), str)), None) or json.dumps(r)
+             for _, r in iter_jsonl(path)]  # model outputs ("text", or r1_s1's raw "answer") or row objects
     valid = []
     for text in texts:
         status, values = parse_row(text, schema)

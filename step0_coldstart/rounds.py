@@ -2,7 +2,8 @@
 
   python -m step0_coldstart.rounds --config configs/synfed_tiny.yaml [--rounds 1] [--workdir runs/tabular]
 
-Stages, each a command of this step run as a subprocess (skipped when its output exists, so a rerun continues):
+Stages, each a command of this step run as a subprocess; a stage is skipped once its last output exists (training
+stages: once marked done), and an unfinished one is rerun or resumed, so a rerun after a kill continues:
   r0_s1 sft_generator -> r0 SFT (train_sft) -> r0_s2 sft_federated (real training rows) -> r0_s3 synscore_anchors ->
   for round k = 1..N: r1_s1 syn_addprompt with generator k-1 -> r1_s2 convert_raw_to_csv -> r1_s3 sft_federated
   (synthetic rows) -> r1_s4 syn_addscore (`scorer`: sklearn, or llm with the generator itself as the scoring model
@@ -19,10 +20,9 @@ import os
 import subprocess
 import sys
 
-import yaml
-
 from llama_mp import cli
 from llama_mp.jsonl import write_json_atomic, write_text_atomic
+from step0_coldstart.tabular import load_schema
 
 DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
             "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
@@ -64,8 +64,7 @@ def main() -> None:
     opts = parser.parse_args()
     cfg = dict(DEFAULTS)
     if opts.config:
-        with open(opts.config, encoding="utf-8") as f:
-            extra = yaml.safe_load(f) or {}
+        extra = cli.read_yaml(opts.config)
         unknown = sorted(set(extra) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"{opts.config}: unknown keys {unknown}")
@@ -76,7 +75,7 @@ def main() -> None:
     work = opts.workdir
     os.makedirs(work, exist_ok=True)
     log, splits_dir = os.path.join(work, "rounds.log"), os.path.join(work, "splits")
-    name = os.path.splitext(os.path.basename(cfg["heldout"]))[0]
+    name = load_schema(cfg["heldout"]).name  # every stage names its files after the data set
     common = ["--tokenizer_path", cfg["tokenizer_path"], "--max_seq_len", str(cfg["max_seq_len"])]
     r0 = os.path.join(work, "r0")
     if not os.path.exists(os.path.join(r0, "lengths.json")):  # its last output
@@ -88,7 +87,8 @@ def main() -> None:
                     os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
                     "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
                     "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
-    fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
+    fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir,
+           "--overwrite"]  # deterministic: a kill between client files is redone whole
     last_client = f"{name}_client_{cfg['fed_clients'] - 1}.train.jsonl"  # written last
     if not os.path.exists(os.path.join(work, "fed", last_client)):
         run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--output_dir",
@@ -139,8 +139,8 @@ def main() -> None:
         generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
     synthetic = []
     for k, (label, _) in enumerate(generators, start=1):
-        csv_file = os.path.join(work, f"r{k}", f"{name}.syn.csv")
-        synthetic += ["--synthetic", f"{label}={csv_file}"]
+        raw_file = os.path.join(work, f"r{k}", f"{name}.raw.jsonl")  # every sample: the valid share is of them all
+        synthetic += ["--synthetic", f"{label}={raw_file}"]
     report = os.path.join(work, "report.json")
     run(["-m", "step0_coldstart.evaluate", "--dataset", cfg["heldout"], "--n_rows", str(cfg["eval_rows"]),
          "--splits_dir", splits_dir, "--output_file", report, *synthetic], log)

@@ -6,7 +6,7 @@ anchor's; regression labels are quantile bins). ds0[k] asks for anchor k's targe
 examples; ds1[k] is the same with the synthetic row as the first example. A row's gain_score = score(ds1) - score(ds0)
 over all anchors: how much it helps as a one-shot example.
 
-Back-ends, one interface (`predict(task) -> list of predictions`):
+Back-ends, one interface (`predict(schema, anchors, contrasts, synthetic) -> one prediction per anchor`):
   - `llm`: a LLaMA answers the ds0/ds1 prompts (text); the answer is extracted as the reference does (classification:
     exactly one whole-word, case-insensitive label match; regression: the first line is a number).
   - `sklearn`: a nearest-neighbour model over standardised features (all example rows of the prompt, weighted by

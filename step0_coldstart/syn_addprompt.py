@@ -27,8 +27,6 @@ import re
 
 import numpy as np
 
-import yaml
-
 from llama_mp import cli, jobs
 from llama_mp.jsonl import read_jsonl, write_jsonl_atomic
 from step0_coldstart.scorers import contrast_rows, scoring_prompts
@@ -36,6 +34,7 @@ from step0_coldstart.sft_generator import ANSWER_LEAD
 from step0_coldstart.tabular import (SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits,
                                      target_text)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"num_repeat": 4, "temperature": 1.0, "top_p": 1.0, "max_gen_len": 256, "seed": 42, "guided": False,
             "max_value_tokens": 16, "contrast_clusters": 4}
 
@@ -43,11 +42,7 @@ DEFAULTS = {"num_repeat": 4, "temperature": 1.0, "top_p": 1.0, "max_gen_len": 25
 def load_config(path: str) -> dict:
     config = dict(DEFAULTS)
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                extra = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config not found") from None
+        extra = cli.read_yaml(path)
         unknown = sorted(set(extra) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(DEFAULTS)})")
@@ -84,6 +79,8 @@ def number_tokens(tokenizer, integer: bool) -> list[int]:
 def choose(sampler, texts: list[str], candidates: list[str], temperature: float, seeds: list[int]) -> list[str]:
     """One candidate per text, drawn from the model's probability of each candidate as the text's continuation
     (sum of its tokens' log-probs; argmax at temperature 0). Texts and candidates are encoded together, as in training."""
+    if not candidates:  # a column with no known value (empty in every training row)
+        return ["null"] * len(texts)
     prompts, continuations = [], []
     for text in texts:
         seqs = [sampler.encode(text + c) for c in candidates]
@@ -105,16 +102,17 @@ def choose(sampler, texts: list[str], candidates: list[str], temperature: float,
     return picks
 
 
-def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: dict) -> list[str]:
+def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: dict,
+                categories: dict[str, list[str]]) -> list[str]:
     """Keys written from the schema, each value drawn from the model restricted to the column's type: a category (or
-    a class label) among the known ones; a number from digit tokens (the first number they spell, null if none).
+    a class label) among `categories` (those of the training split: no value seen only in test rows); a number from digit tokens (the first number they spell, null if none).
     One sampler call per column for the whole batch."""
     temperature, answers = float(config["temperature"]), [ANSWER_LEAD + "{"] * len(prompts)
     for j, (column, kind) in enumerate(schema.columns.items()):
         answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
         texts, column_seeds = [p + a for p, a in zip(prompts, answers)], [s + j for s in seeds]
         if kind == "category":
-            known = schema.categories.get(column, [])
+            known = categories.get(column, [])
             if column == schema.target and schema.task == "classification":
                 known = [target_text(schema, c) for c in known]
             values = choose(sampler, texts, [json.dumps(c) for c in known], temperature, column_seeds)
@@ -138,7 +136,7 @@ def main() -> None:
     parser.add_argument("--prompt_file", required=True)
     parser.add_argument("--anchor_file", required=True)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--config", default="configs/syn_addprompt.yaml")
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs/syn_addprompt.yaml"))
     parser.add_argument("--splits_dir", default="runs/tabular/splits")
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
@@ -153,15 +151,22 @@ def main() -> None:
     anchors = read_rows_csv(opts.anchor_file, schema, "anchor")
     info, sampler = cli.build(opts)
     raw_file = os.path.join(opts.output_dir, f"{schema.name}.raw.jsonl")
-    jobs.prepare(raw_file, {"ckpt_dir": opts.ckpt_dir, "prompt_file": opts.prompt_file,
-                            "anchor_file": opts.anchor_file, **config}, opts.overwrite, info)
+    jobs.prepare(raw_file, {"ckpt_dir": opts.ckpt_dir, "tokenizer_path": opts.tokenizer_path, "dataset": opts.dataset,
+                            "max_seq_len": opts.max_seq_len, "prompt_file": opts.prompt_file,
+                            "anchor_file": opts.anchor_file, "splits_dir": opts.splits_dir, **config},
+                 opts.overwrite, info)
     items = [{"syn_pmt_id": p["prompt_id"], "syn_id": f"{p['prompt_id']}-{r}", "prompt": p["prompt"]}
              for p in prompts for r in range(int(config["num_repeat"]))]
     contrasts = contrast_rows(schema, train, anchors, int(config["contrast_clusters"]), int(config["seed"]))
+    if info.is_main:  # deterministic; written first, so that a raw file never exists without it
+        write_jsonl_atomic(os.path.join(opts.output_dir, f"{schema.name}.contrast.jsonl"),
+                           [{"anchor": a, "contrast": c} for a, c in zip(anchors, contrasts)])
+    categories = {c: sorted({str(r[c]) for r in train if r[c] is not None})
+                  for c, kind in schema.columns.items() if kind == "category"}
 
     def process(chunk: list[dict]) -> list[dict]:
         texts, seeds = [x["prompt"] for x in chunk], [sample_seed(config["seed"], x["syn_id"]) for x in chunk]
-        answers = (guided_rows(sampler, schema, texts, seeds, config) if config["guided"]
+        answers = (guided_rows(sampler, schema, texts, seeds, config, categories) if config["guided"]
                    else free_rows(sampler, texts, seeds, config))
         records = []
         for x, answer in zip(chunk, answers):
@@ -176,8 +181,6 @@ def main() -> None:
     jobs.run(raw_file, items, lambda x: x["syn_id"], sampler.max_batch_size, process, info, "syn_addprompt")
     samples = jobs.merge(raw_file, lambda r: r["syn_id"], info)
     if info.is_main:
-        write_jsonl_atomic(os.path.join(opts.output_dir, f"{schema.name}.contrast.jsonl"),
-                           [{"anchor": a, "contrast": c} for a, c in zip(anchors, contrasts)])
         counts = {}
         for s in samples:
             counts[s["status"]] = counts.get(s["status"], 0) + 1

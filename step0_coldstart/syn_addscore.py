@@ -10,7 +10,8 @@ example), each {"pairs", "missing", "score"}, and gain_score = ds1.score - ds0.s
 the two back-ends). Every sample gets status_score (SUCCESS 5, REDUNDANT_KEY 3, MISSING_KEY 2, CONVERSION_ERROR 1,
 INVALID_ANSWER 0); a MISSING_KEY answer is rewritten from its parsed values, as the reference does. With `llm`, the
 questions are answered with the llama_mp sampler (temperature 0.5, top_p 0.7, 64 new tokens by default; one seed per
-question), sharded over data-parallel ranks and resumable (<output_file>.answers.jsonl).
+question), sharded over data-parallel ranks and resumable: answers are appended as they finish and merged into
+<output_file>.answers.jsonl, which a rerun reuses.
 """
 
 import argparse
@@ -18,10 +19,11 @@ import hashlib
 import os
 from typing import Optional
 
-from llama_mp import cli, jobs
-from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
+from llama_mp import cli, distributed, jobs
+from llama_mp.jsonl import iter_jsonl, read_jsonl, write_jsonl_atomic
 from step0_coldstart.scorers import LLMBackend, SklearnBackend, baseline, gain, scoring_prompts
-from step0_coldstart.tabular import MISSING_KEY, STATUS_SCORE, SUCCESS, load_rows, load_schema, row_to_text, splits
+from step0_coldstart.tabular import (MISSING_KEY, STATUS_SCORE, SUCCESS, check_row, load_rows, load_schema, row_to_text,
+                                     splits)
 from step0_coldstart.sft_generator import ANSWER_LEAD
 
 
@@ -31,14 +33,20 @@ def question_id(question: str) -> str:
 
 def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str, str]]:
     """Every distinct ds0/ds1 question answered once by the scoring LLaMA: {question_id: text} on rank 0, None on the
-    other ranks."""
+    other ranks. Answers already merged by a run that was stopped before writing its scores are reused."""
     questions = {question_id(p["question"]): p["question"] for p in scoring_prompts(schema, anchors, contrasts)}
     for s in samples:
         for p in scoring_prompts(schema, anchors, contrasts, s["result"]):
             questions[question_id(p["question"])] = p["question"]
-    info, sampler = cli.build(opts)
     answer_file = opts.output_file + ".answers.jsonl"
-    settings = {"ckpt_dir": opts.ckpt_dir, "raw_file": opts.raw_file, "temperature": opts.temperature,
+    if os.path.exists(answer_file) and not opts.overwrite:
+        answers = {r["id"]: r["text"] for r in read_jsonl(answer_file)}
+        if set(questions) - set(answers):
+            raise ValueError(f"{answer_file}: answers other questions than these samples ask (pass --overwrite)")
+        return answers if distributed.global_rank() == 0 else None
+    info, sampler = cli.build(opts)
+    settings = {"ckpt_dir": opts.ckpt_dir, "tokenizer_path": opts.tokenizer_path, "max_seq_len": opts.max_seq_len,
+                "raw_file": opts.raw_file, "contrast_file": opts.contrast_file, "temperature": opts.temperature,
                 "top_p": opts.top_p, "max_gen_len": opts.max_gen_len, "seed": opts.seed}
     jobs.prepare(answer_file, settings, opts.overwrite, info)
     items = [{"id": k, "question": q} for k, q in sorted(questions.items())]
@@ -77,16 +85,19 @@ def main() -> None:
     schema = load_schema(opts.dataset)
     rows = load_rows(schema)
     contrast_file = opts.contrast_file or os.path.join(os.path.dirname(opts.raw_file), f"{schema.name}.contrast.jsonl")
+    opts.contrast_file = contrast_file
     anchors, contrasts = [], []
     for line, record in iter_jsonl(contrast_file):
         if not isinstance(record.get("anchor"), dict) or not isinstance(record.get("contrast"), list):
             raise ValueError(f"{contrast_file}:{line}: needs \"anchor\" and \"contrast\" (from syn_addprompt)")
-        anchors.append(record["anchor"])
-        contrasts.append(record["contrast"])
+        anchors.append(check_row(record["anchor"], schema, f"{contrast_file}:{line}"))
+        contrasts.append([check_row(c, schema, f"{contrast_file}:{line}") for c in record["contrast"]])
     samples = []
     for line, record in iter_jsonl(opts.raw_file):
         if record.get("status") not in STATUS_SCORE or not isinstance(record.get("result"), dict):
             raise ValueError(f"{opts.raw_file}:{line}: a raw sample needs \"status\" and a \"result\" object")
+        if record["status"] == SUCCESS:
+            record["result"] = check_row(record["result"], schema, f"{opts.raw_file}:{line}", need_target=False)
         samples.append(record)
     parsed = [s for s in samples if s["status"] == SUCCESS]
     if opts.backend == "llm":

@@ -12,12 +12,14 @@ import argparse
 import os
 
 import numpy as np
-import yaml
 from sklearn.cluster import KMeans
 
 from llama_mp import cli
 from step0_coldstart.evaluate import Encoder
 from step0_coldstart.tabular import Schema, load_rows, load_schema, splits, write_rows_csv
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) -> list[dict]:
@@ -39,19 +41,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.synscore_anchors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--config", default="configs/synscore_anchors.yaml")
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs/synscore_anchors.yaml"))
     parser.add_argument("--num_clusters", type=int, default=None)
     parser.add_argument("--output_dir", default="runs/tabular/score_anchors")
     parser.add_argument("--splits_dir", default="runs/tabular/splits")
+    parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    with open(opts.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
+    config = cli.read_yaml(opts.config)
     num_clusters = opts.num_clusters or int(config.get("num_clusters", 32))
     schema = load_schema(opts.dataset)
     rows = load_rows(schema)
     scoring = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["val"]]
     chosen = anchors(schema, scoring, num_clusters, int(config.get("seed", 0)))
     path = os.path.join(opts.output_dir, f"{schema.name}_anchors.csv")
+    if os.path.exists(path) and not opts.overwrite:
+        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
     write_rows_csv(path, schema, chosen)
     print(f"wrote {len(chosen)} anchors to {path}")
 

@@ -153,6 +153,20 @@ def read_rows_csv(path: str, schema: Schema, what: str = "rows") -> list[dict]:
     return rows
 
 
+def check_row(row, schema: Schema, where: str, need_target: bool = True) -> dict:
+    """A row object read from a file (anchor, contrast or synthetic row), typed; a ValueError naming `where` when it is
+    not a row of the schema (a wrong type, or no target where one is needed)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: not a row object")
+    try:
+        typed = {c: None if row.get(c) is None else cast(row[c], k) for c, k in schema.columns.items()}
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: not a row of {schema.name} ({schema.path})") from None
+    if need_target and typed[schema.target] is None:
+        raise ValueError(f"{where}: the row has no {schema.target}")
+    return typed
+
+
 def write_rows_csv(path: str, schema: Schema, rows: list[dict]) -> None:
     """Atomically: the schema's columns, one row per line, None as an empty cell."""
     def write(tmp):

@@ -68,7 +68,7 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
                 "step1/synthetic_preference.json", "step1/synthetic_preference_pairs.jsonl", "rm/eval.json",
                 "tabular/r1/abalone.raw.jsonl", "tabular/r1/abalone.score.jsonl", "tabular/report.json"):
         assert open(os.path.join(whole, rel), "rb").read() == open(os.path.join(cut, rel), "rb").read(), rel
-    for sub in ("rm", "dpo", "ppo", "tabular/sft"):
+    for sub in ("rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):
         a, b = final_checkpoint(os.path.join(whole, sub)), final_checkpoint(os.path.join(cut, sub))
         assert same_weights(os.path.join(a, "consolidated.00.pth"), os.path.join(b, "consolidated.00.pth")), sub
     for sub in ("rm", "dpo", "ppo"):  # curves read as if never stopped

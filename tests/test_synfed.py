@@ -5,8 +5,10 @@ import os
 import re
 
 import pytest
+from sklearn.cluster import KMeans
 
 from conftest import ROOT, TOK512, run_cli
+from step0_coldstart.evaluate import Encoder
 from step0_coldstart.scorers import (LLMBackend, SklearnBackend, anchor_score, baseline, contrast_rows,
                                      extract_answer, gain, scoring_prompts)
 from step0_coldstart.sft_federated import client_split
@@ -78,8 +80,15 @@ def test_contrast_rows_come_from_other_clusters_with_other_labels(tmp_path):
     train, anchors = rows[:600], rows[600:610]
     contrasts = contrast_rows(schema, train, anchors, num_clusters=4, seed=0)
     assert len(contrasts) == 10 and all(1 <= len(c) <= 3 for c in contrasts)
+    # the clusters, recomputed: the reference's KMeans(4) over standardised / one-hot training rows
+    encoder = Encoder(schema, train)
+    kmeans = KMeans(n_clusters=4, random_state=0, n_init=4).fit(encoder.distance_matrix(train))
+    cluster = {json.dumps(r, sort_keys=True): int(k) for r, k in zip(train, kmeans.labels_)}
     for anchor, contrast in zip(anchors, contrasts):
         assert all(c in train and c[schema.target] != anchor[schema.target] for c in contrast)
+        clusters = [cluster[json.dumps(c, sort_keys=True)] for c in contrast]
+        own = int(kmeans.predict(encoder.distance_matrix([anchor]))[0])
+        assert len(set(clusters)) == len(clusters) and own not in clusters  # one per other cluster
     assert contrasts == contrast_rows(schema, train, anchors, num_clusters=4, seed=0)
 
 
@@ -139,7 +148,8 @@ def test_answer_extraction(tmp_path):
     assert extract_answer(classification, "Yes.") == "yes"
     assert extract_answer(classification, "yes or no") is None  # two labels
     assert extract_answer(classification, "yesterday") is None  # whole words only
-    regression, _ = tiny_schema(tmp_path / "..", "regression")
+    (tmp_path / "r").mkdir()
+    regression, _ = tiny_schema(tmp_path / "r", "regression")
     assert extract_answer(regression, " 1,234.5\nbecause") == "1234.5"
     assert extract_answer(regression, "about 12") is None
     # a missing answer counts as the median 3: errors 2 + 0 + 0 against |truth - 3| = 2 + 0 + 2
@@ -155,13 +165,15 @@ def test_guided_sampling_writes_every_key_of_an_unseen_table(stories_dir, world1
     schema = load_schema(os.path.join(ROOT, "configs/tabular/abalone.yaml"))
     load_rows(schema)
     sampler = Sampler(load_model(stories_dir, 1, 0, 512), Tokenizer(TOK512), max_batch_size=4)
-    answers = guided_rows(sampler, schema, ["Once upon a time", "Rows:"], [1, 2], dict(DEFAULTS, max_value_tokens=6))
+    categories = {"Sex": ["F", "M"]}  # as if "I" were never seen in training rows: it must never be written
+    answers = guided_rows(sampler, schema, ["Once upon a time", "Rows:"], [1, 2], dict(DEFAULTS, max_value_tokens=6),
+                          categories)
     for answer in answers:
         keys = re.findall(r'"([^"]+)": ', answer[answer.index("{"):])
         assert keys[:len(schema.columns)] == list(schema.columns)
         status, row = parse_row(answer, schema)
         assert status == SUCCESS  # keys never missing, values always of their type
-        assert row["Sex"] in schema.categories["Sex"]  # categories are chosen among the known ones
+        assert row["Sex"] in ("F", "M")  # categories are chosen among the given ones
         numbers = re.findall(r'": ([^,}]*)', answer)[1:]
         assert all(re.fullmatch(r"-?\d+(\.\d+)?|null", v) for v in numbers), answer
         assert re.fullmatch(r"-?\d+|null", numbers[-1])  # Rings is an int
@@ -195,6 +207,12 @@ def test_syn_addscore_llm_backend_end_to_end(stories_dir, tmp_path):
     assert scored[2]["gain_score"] is None and scored[2]["status_score"] == 0
     again = run_cli(*args)
     assert again.returncode != 0 and "already exists" in again.stderr
+    # killed after the answers were merged but before the scores were written: the rerun reuses the answers
+    first = open(out).read()
+    os.remove(out)
+    resumed = run_cli(*args, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert open(out).read() == first
 
 
 def test_a_row_without_a_target_gains_nothing(tmp_path):
@@ -219,6 +237,11 @@ def test_bad_round_inputs_fail_with_one_line(tmp_path):
         (("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
           str(tmp_path / "score.jsonl"), "--backend", "llm"), "--backend llm needs --ckpt_dir"),
     ]
+    contrast = tmp_path / "abalone.contrast.jsonl"
+    contrast.write_text(json.dumps({"anchor": {"Sex": "M", "Length": 0.4, "Rings": None}, "contrast": []}) + "\n")
+    checks.append((("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
+                    str(tmp_path / "score.jsonl"), "--contrast_file", str(contrast)),
+                   "abalone.contrast.jsonl:1: the row has no Rings"))
     bad_csv = tmp_path / "syn.csv"
     bad_csv.write_text("Sex,Length\nM,0.4\n")
     checks.append((("-m", "step0_coldstart.sft_federated", "--dataset", abalone, "--input_file", str(bad_csv),
