@@ -105,8 +105,8 @@ def choose(sampler, texts: list[str], candidates: list[str], temperature: float,
 def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: dict,
                 categories: dict[str, list[str]]) -> list[str]:
     """Keys written from the schema, each value drawn from the model restricted to the column's type: a category (or
-    a class label) among `categories` (those of the training split: no value seen only in test rows); a number from digit tokens (the first number they spell, null if none).
-    One sampler call per column for the whole batch."""
+    a class label) among `categories` (those of the training split: no value seen only in test rows); a number from
+    digit tokens (the first number they spell, null if none). One sampler call per column for the whole batch."""
     temperature, answers = float(config["temperature"]), [ANSWER_LEAD + "{"] * len(prompts)
     for j, (column, kind) in enumerate(schema.columns.items()):
         answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
@@ -122,8 +122,8 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
                                     allowed_tokens=number_tokens(sampler.tokenizer, kind == "int"),
                                     desc=f"values of {column}")
             numbers = [re.search(r"-?\d+(\.\d+)?" if kind == "float" else r"-?\d+", out.text) for out in outs]
-            cast = int if kind == "int" else float  # written back as JSON: "-0112" is not a JSON number
-            values = [json.dumps(cast(m.group(0))) if m else "null" for m in numbers]
+            to_number = int if kind == "int" else float  # written back as JSON: "-0112" is not a JSON number
+            values = [json.dumps(to_number(m.group(0))) if m else "null" for m in numbers]
         answers = [a + v for a, v in zip(answers, values)]
     return [a + "}" for a in answers]
 
