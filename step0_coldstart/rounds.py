@@ -11,6 +11,8 @@ stages: once marked done), and an unfinished one is rerun or resumed, so a rerun
   finally the last generator is sampled once more, and step0_coldstart.evaluate reports every
   generator (SFT = generator 0, then each DPO round) beside the naive generator and real rows:
   <workdir>/report.json {dataset: {generator: {...}}} and report.md.
+The stages that load a model (SFT, sampling, the llm scorer, DPO) go through scripts/launch.sh: torchrun with
+NPROC_PER_NODE processes on one machine, or the tasks of an srun step.
 A round whose samples give no preference pair keeps its generator (the DPO step is skipped, and the report says so).
 """
 
@@ -24,6 +26,7 @@ from llama_mp import cli
 from llama_mp.jsonl import write_json_atomic, write_text_atomic
 from step0_coldstart.tabular import load_schema
 
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "launch.sh")
 DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
             "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
             "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100,
@@ -33,10 +36,13 @@ DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.ya
             "fed_clients": 1, "fed_split_method": "none", "sft_max_steps": 0}
 
 
-def run(cmd: list[str], log: str) -> None:
-    print(f"[rounds] {' '.join(cmd[2:6])} ...", flush=True)
+def run(cmd: list[str], log: str, launch: bool = False) -> None:
+    """`python -m MODULE ARGS` (cmd = ["-m", MODULE, ARGS...]); launch=True: through scripts/launch.sh, i.e. torchrun
+    with NPROC_PER_NODE processes (or srun tasks), for the stages that load a model."""
+    print(f"[rounds] {' '.join(cmd[1:6])} ...", flush=True)
+    argv = ["bash", LAUNCH, *cmd[1:]] if launch else [sys.executable, *cmd]
     with open(log, "a") as f:
-        result = subprocess.run([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT)
+        result = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise ValueError(f"{log}: stage {' '.join(cmd[1:3])} failed (exit {result.returncode}); see the log")
 
@@ -45,7 +51,7 @@ def train(directory: str, cmd: list[str], log: str) -> None:
     """A training stage: skipped once finished (<dir>/.done); a killed one continues from its last checkpoint."""
     if os.path.exists(os.path.join(directory, ".done")):
         return
-    run(cmd + (["--resume"] if os.path.exists(os.path.join(directory, "latest")) else []), log)
+    run(cmd + (["--resume"] if os.path.exists(os.path.join(directory, "latest")) else []), log, launch=True)
     write_text_atomic(os.path.join(directory, ".done"), "")
 
 
@@ -106,7 +112,8 @@ def main() -> None:
         if not os.path.exists(raw):
             run(["-m", "step0_coldstart.syn_addprompt", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
                  os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
-                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common], log)
+                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common], log,
+                launch=True)
         if not os.path.exists(syn_csv):
             run(["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg["heldout"], "--raw_file", raw,
                  "--output_file", syn_csv], log)
@@ -120,7 +127,7 @@ def main() -> None:
             if cfg["scorer"] == "llm":
                 scorer += ["--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common]
             run(["-m", "step0_coldstart.syn_addscore", "--dataset", cfg["heldout"], "--raw_file", raw,
-                 "--output_file", score, "--splits_dir", splits_dir, *scorer], log)
+                 "--output_file", score, "--splits_dir", splits_dir, *scorer], log, launch=cfg["scorer"] == "llm")
         pairs = os.path.join(out, f"{name}.pref.jsonl")
         if not os.path.exists(pairs):
             run(["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", score,
