@@ -4,8 +4,9 @@
   response = "\\n" + answer, ended by the stop string "\\n\\n### User"
 """
 
-import json
 import os
+
+from llama_mp.jsonl import read_json
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_META_PROMPT = os.path.join(DATA, "salmon/dromedary_inference_prompt.txt")
@@ -32,13 +33,7 @@ def split_tokens(tokenizer, prompt: str, response: str) -> tuple[list[int], list
 
 
 def load_principles(path: str, fields: tuple[str, ...] = ("dimension", "definition")) -> list[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            principles = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    principles = read_json(path)
     if not isinstance(principles, list) or not principles:
         raise ValueError(f"{path}: expected a non-empty JSON list of principles")
     for number, principle in enumerate(principles, start=1):

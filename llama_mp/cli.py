@@ -47,23 +47,6 @@ def positive_int(text: str) -> int:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_yaml(path: str) -> dict:
-    """A YAML file of options as a dict; a missing file, bad YAML or a non-mapping is a one-line error naming it."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of options")
-    return loaded
-
-
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every model-loading command shares (names as in Meta's llama examples)."""
     parser.add_argument("--ckpt_dir", required=required, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")

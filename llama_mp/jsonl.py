@@ -1,4 +1,5 @@
-"""Files: JSON Lines read with errors that name the file and line, appended as work finishes, and atomic writes."""
+"""Files: JSON, JSON Lines and YAML read with errors that name the file (and line), JSONL appended as work finishes,
+and atomic writes."""
 
 import json
 import os
@@ -53,16 +54,38 @@ def keep_steps_upto(path: str, step: int) -> None:
         write_text_atomic(path, "".join(kept))
 
 
+def read_json(path: str):
+    """A whole JSON file; a missing file or bad JSON is a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def read_yaml(path: str, what: str = "config file") -> dict:
+    """A YAML file of options as a dict; a missing file, bad YAML or a non-mapping is a one-line error naming it."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of options")
+    return loaded
+
+
 def read_records(path: str) -> list[tuple[int, dict]]:
     """(position, record) from a JSON list (position = 1-based index) or a JSONL file (position = line number)."""
     if path.endswith(".json"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        data = read_json(path)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a JSON list of objects")
         return list(enumerate(data, start=1))

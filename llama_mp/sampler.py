@@ -21,6 +21,7 @@ Prompt too long for `max_seq_len - max_gen_len`: truncate="error" raises PromptT
 and the last tokens that fit.
 """
 
+import hashlib
 import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -71,6 +72,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
     u = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
     return choice if order is None else order.gather(-1, choice[:, None])[:, 0]
+
+
+def derive_seed(*parts) -> int:
+    """A seed for one item (a prompt, a rollout, a sample) from the run's seed and the item's key: samples of a job then
+    do not depend on its batching, its world size or the order in which it is resumed."""
+    return int(hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:15], 16)
 
 
 class RowRandom:

@@ -29,7 +29,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from llama_mp import cli
 from llama_mp.checkpoint import load_weights, save_params, save_shard, split_dim
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl, keep_steps_upto, write_json_atomic, write_text_atomic
+from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_yaml, write_json_atomic, write_text_atomic
 from llama_mp.model import Transformer
 from llama_mp.progress import Progress
 
@@ -83,7 +83,7 @@ def check_config_keys(yaml_path: Optional[str], *config_classes) -> None:
     """A key of the YAML file that no config class knows is a typo, not something to ignore."""
     if yaml_path:
         known = {f.name for cls in config_classes for f in fields(cls)}
-        unknown = sorted(set(cli.read_yaml(yaml_path)) - known)
+        unknown = sorted(set(read_yaml(yaml_path)) - known)
         if unknown:
             raise ValueError(f"{yaml_path}: unknown options {unknown}")
 
@@ -93,7 +93,7 @@ def load_config(cls, opts, yaml_path: Optional[str]):
     type (a bool field takes only a YAML boolean or a true/false flag)."""
     values = {}
     if yaml_path:
-        loaded = cli.read_yaml(yaml_path)
+        loaded = read_yaml(yaml_path)
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in loaded.items() if k in names}
     values.update({f.name: getattr(opts, f.name) for f in fields(cls) if getattr(opts, f.name, None) is not None})
@@ -107,6 +107,11 @@ def load_config(cls, opts, yaml_path: Optional[str]):
         except (TypeError, ValueError):
             raise ValueError(f"{yaml_path or 'flags'}: {key} must be {kind.__name__}, got {value!r}") from None
     return config
+
+
+def resume_args(output_dir: str) -> list[str]:
+    """["--resume"] when <output_dir> holds a checkpoint: how a driver reruns a killed training command."""
+    return ["--resume"] if os.path.exists(os.path.join(output_dir, "latest")) else []
 
 
 def parse_task_args(parser, task_options) -> tuple:

@@ -30,14 +30,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llama_mp import cli  # noqa: E402
-from llama_mp.jsonl import read_jsonl, write_json_atomic, write_text_atomic  # noqa: E402
+from llama_mp.jsonl import read_jsonl, read_yaml, write_json_atomic, write_text_atomic  # noqa: E402
+from llama_mp.train import resume_args  # noqa: E402
 
 TOKENIZER = os.path.join(ROOT, "data/llama2c/tok512.model")
 STAGES = ["llama_mp", "salmon_responses", "salmon_judge", "reward_model", "dpo", "ppo", "tabular"]
 
 
 def load_config(path: str) -> dict:
-    config = cli.read_yaml(path)
+    config = read_yaml(path)
     for key in ("run_dir", "nproc", "salmon", "tabular"):
         if key not in config:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -73,10 +74,6 @@ def python(module: str, *args: str) -> list[str]:
 
 def script(name: str, *args: str) -> list[str]:
     return ["bash", os.path.join(ROOT, "scripts", name), *args]
-
-
-def resume_flag(directory: str) -> list[str]:
-    return ["--resume"] if os.path.exists(os.path.join(directory, "latest")) else []
 
 
 def metrics(path: str) -> list[dict]:
@@ -137,7 +134,7 @@ def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "rm")
-    run(script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []), *resume_flag(out)),
+    run(script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []), *resume_args(out)),
         {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"), "OUTPUT_DIR": out})
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
@@ -148,7 +145,7 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "dpo")
-    run(script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_flag(out)),
+    run(script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_args(out)),
         {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
          "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
@@ -159,7 +156,7 @@ def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "ppo")
-    run(script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_flag(out)),
+    run(script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_args(out)),
         {"CKPT_DIR": d["mp1"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("reward/mean", "kl", "response_length")

@@ -23,7 +23,8 @@ from sklearn.metrics import f1_score, r2_score
 
 from llama_mp import cli
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
-from step0_coldstart.tabular import SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits
+from step0_coldstart.tabular import (SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits,
+                                     target_bins)
 
 
 class Encoder:
@@ -89,12 +90,7 @@ def score(schema: Schema, encoder: Encoder, train: list[dict], test: list[dict],
 def naive_rows(schema: Schema, train: list[dict], n: int, seed: int, bins: int = 10) -> list[dict]:
     """Each column drawn independently from the training rows of the same target class (or target quantile bin)."""
     rng = np.random.default_rng(seed)
-    if schema.task == "classification":
-        groups = np.array([str(r[schema.target]) for r in train])
-    else:
-        y = np.array([float(r[schema.target]) for r in train])
-        edges = np.unique(np.quantile(y, np.linspace(0, 1, bins + 1)[1:-1]))
-        groups = np.digitize(y, edges).astype(str)
+    groups = np.array(target_bins(schema, train, bins))
     members = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}
     rows = []
     for _ in range(n):

@@ -23,7 +23,8 @@ import subprocess
 import sys
 
 from llama_mp import cli
-from llama_mp.jsonl import write_json_atomic, write_text_atomic
+from llama_mp.jsonl import read_yaml, write_json_atomic, write_text_atomic
+from llama_mp.train import resume_args
 from step0_coldstart.tabular import load_schema
 
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "launch.sh")
@@ -51,7 +52,7 @@ def train(directory: str, cmd: list[str], log: str) -> None:
     """A training stage: skipped once finished (<dir>/.done); a killed one continues from its last checkpoint."""
     if os.path.exists(os.path.join(directory, ".done")):
         return
-    run(cmd + (["--resume"] if os.path.exists(os.path.join(directory, "latest")) else []), log, launch=True)
+    run(cmd + resume_args(directory), log, launch=True)
     write_text_atomic(os.path.join(directory, ".done"), "")
 
 
@@ -70,7 +71,7 @@ def main() -> None:
     opts = parser.parse_args()
     cfg = dict(DEFAULTS)
     if opts.config:
-        extra = cli.read_yaml(opts.config)
+        extra = read_yaml(opts.config)
         unknown = sorted(set(extra) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"{opts.config}: unknown keys {unknown}")

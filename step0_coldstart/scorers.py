@@ -103,7 +103,7 @@ class SklearnBackend:
     scikit-learn's KNeighbors with weights="distance" and every example as a neighbour."""
 
     def __init__(self, schema: Schema, train: list[dict]):
-        self.schema, self.encoder = schema, Encoder(schema, train)
+        self.encoder = Encoder(schema, train)
 
     def predict(self, schema: Schema, anchors: list[dict], contrasts: list[list[dict]],
                 synthetic: Optional[dict]) -> list[Optional[str]]:

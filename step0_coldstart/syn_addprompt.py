@@ -19,7 +19,6 @@ attached (see scorers.py: contrast rows picked once per anchor from the training
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import random
@@ -28,7 +27,8 @@ import re
 import numpy as np
 
 from llama_mp import cli, jobs
-from llama_mp.jsonl import read_jsonl, write_jsonl_atomic
+from llama_mp.jsonl import read_jsonl, read_yaml, write_jsonl_atomic
+from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import contrast_rows, scoring_prompts
 from step0_coldstart.sft_generator import ANSWER_LEAD
 from step0_coldstart.tabular import (SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits,
@@ -42,16 +42,12 @@ DEFAULTS = {"num_repeat": 4, "temperature": 1.0, "top_p": 1.0, "max_gen_len": 25
 def load_config(path: str) -> dict:
     config = dict(DEFAULTS)
     if path:
-        extra = cli.read_yaml(path)
+        extra = read_yaml(path)
         unknown = sorted(set(extra) - set(DEFAULTS))
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(DEFAULTS)})")
         config.update(extra)
     return config
-
-
-def sample_seed(seed: int, key: str) -> int:
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 def free_rows(sampler, prompts: list[str], seeds: list[int], config: dict) -> list[str]:
@@ -165,7 +161,7 @@ def main() -> None:
                   for c, kind in schema.columns.items() if kind == "category"}
 
     def process(chunk: list[dict]) -> list[dict]:
-        texts, seeds = [x["prompt"] for x in chunk], [sample_seed(config["seed"], x["syn_id"]) for x in chunk]
+        texts, seeds = [x["prompt"] for x in chunk], [derive_seed(config["seed"], x["syn_id"]) for x in chunk]
         answers = (guided_rows(sampler, schema, texts, seeds, config, categories) if config["guided"]
                    else free_rows(sampler, texts, seeds, config))
         records = []

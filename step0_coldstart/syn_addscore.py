@@ -21,6 +21,7 @@ from typing import Optional
 
 from llama_mp import cli, distributed, jobs
 from llama_mp.jsonl import iter_jsonl, read_jsonl, write_jsonl_atomic
+from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import LLMBackend, SklearnBackend, baseline, gain, scoring_prompts
 from step0_coldstart.tabular import (MISSING_KEY, STATUS_SCORE, SUCCESS, check_row, load_rows, load_schema, row_to_text,
                                      splits)
@@ -52,7 +53,7 @@ def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str,
     items = [{"id": k, "question": q} for k, q in sorted(questions.items())]
 
     def process(chunk):
-        seeds = [int(hashlib.sha256(f"{opts.seed}:{x['id']}".encode()).hexdigest()[:15], 16) for x in chunk]
+        seeds = [derive_seed(opts.seed, x["id"]) for x in chunk]
         outs = sampler.generate([x["question"] for x in chunk], opts.max_gen_len, opts.temperature, opts.top_p,
                                 seed=seeds, truncate="left", desc="scoring answers")
         return [{"id": x["id"], "text": out.text} for x, out in zip(chunk, outs)]

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from llama_mp import cli
+from llama_mp.jsonl import read_yaml
 from step0_coldstart.evaluate import Encoder
 from step0_coldstart.tabular import Schema, load_rows, load_schema, splits, write_rows_csv
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--splits_dir", default="runs/tabular/splits")
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    config = cli.read_yaml(opts.config)
+    config = read_yaml(opts.config)
     num_clusters = opts.num_clusters or int(config.get("num_clusters", 32))
     schema = load_schema(opts.dataset)
     rows = load_rows(schema)

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-import yaml
 
-from llama_mp.jsonl import atomic_write, write_json_atomic
+from llama_mp.jsonl import atomic_write, read_yaml, write_json_atomic
 
 TYPES = ("float", "int", "category")
 SUCCESS, REDUNDANT_KEY, MISSING_KEY, CONVERSION_ERROR, INVALID_ANSWER = (
@@ -57,15 +56,7 @@ class Schema:
 
 def load_schema(path: str, root: Optional[str] = None) -> Schema:
     """A Schema from YAML, checked: every problem is a one-line error naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: data set YAML not found") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping")
+    raw = read_yaml(path, "data set YAML")
     known = {"name", "csv", "target", "task", "columns", "labels", "missing", "strip", "float_precision", "split",
              "task_prompt"}
     unknown = sorted(set(raw) - known)
@@ -146,10 +137,10 @@ def read_rows_csv(path: str, schema: Schema, what: str = "rows") -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = []
         for line, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                rows.append({c: None if row[c] in ("", None) else cast(row[c], k) for c, k in schema.columns.items()})
-            except (KeyError, ValueError):
-                raise ValueError(f"{path}:{line}: not a row of {schema.name} ({schema.path})") from None
+            if any(row.get(c) is None for c in schema.columns):  # a column the header lacks, or a short line
+                raise ValueError(f"{path}:{line}: not a row of {schema.name} ({schema.path})")
+            cells = {c: None if row[c] == "" else row[c] for c in schema.columns}
+            rows.append(check_row(cells, schema, f"{path}:{line}", need_target=False))
     return rows
 
 

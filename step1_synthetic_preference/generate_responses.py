@@ -14,15 +14,11 @@ batch it ran in or on the number of processes.
 """
 
 import argparse
-import hashlib
 
 from llama_mp import cli, jobs
 from llama_mp.chat import DEFAULT_META_PROMPT, STOP, dromedary_query
+from llama_mp.sampler import derive_seed
 from step1_synthetic_preference.common import DEFAULT_PROMPTS, load_prompts, read_text
-
-
-def prompt_seed(seed: int, pid: str) -> int:
-    return int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:15], 16)
 
 
 def main() -> None:
@@ -58,7 +54,7 @@ def main() -> None:
     def process(chunk: list[dict]) -> list[dict]:
         fits = [p for p in chunk if len(queries[p["id"]]) <= limit]
         completions = sampler.generate([queries[p["id"]] for p in fits], opts.max_gen_len, opts.temperature,
-                                       opts.top_p, stop=[opts.stop], seed=[prompt_seed(opts.seed, p["id"]) for p in fits],
+                                       opts.top_p, stop=[opts.stop], seed=[derive_seed(opts.seed, p["id"]) for p in fits],
                                        desc="responses")
         by_id = {p["id"]: c for p, c in zip(fits, completions)}
         records = []

@@ -20,7 +20,6 @@ response length, share unfinished, seconds in generation / scoring / update; rol
 """
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -39,7 +38,7 @@ from llama_mp.batching import right_pad
 from llama_mp.checkpoint import load_model, load_weights, save_params, save_shard
 from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_records, write_json_atomic, write_jsonl_atomic
 from llama_mp.progress import Progress
-from llama_mp.sampler import Sampler
+from llama_mp.sampler import Sampler, derive_seed
 from llama_mp.tokenizer import Tokenizer
 from llama_mp.train import TrainConfig, Trainer, parse_task_args, require
 from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model
@@ -102,10 +101,6 @@ def weighted_sample(rng: random.Random, principles: list[dict], k: int) -> list[
         pick = rng.choices(range(len(pool)), weights=[p.get("weight", 1) for p in pool])[0]
         chosen.append(pool.pop(pick)["definition"])
     return chosen
-
-
-def rollout_seed(seed: int, step: int, index: int) -> int:
-    return int(hashlib.sha256(f"{seed}:{step}:{index}".encode()).hexdigest()[:15], 16)
 
 
 def forward_logp_values(module: PolicyAndValue, batch: dict, temperature: float, with_value: bool = True):
@@ -218,10 +213,10 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         chosen = [int(order[(first + j) % len(keep)]) for j in range(opts.rollout_batch_size)]
         t0 = time.perf_counter()
         completions = sampler.generate([queries[i] for i in chosen], opts.max_gen_len, opts.temperature,
-                                       stop=[STOP], seed=[rollout_seed(cfg.seed, step, first + j)
+                                       stop=[STOP], seed=[derive_seed(cfg.seed, step, first + j)
                                                            for j in range(len(chosen))])
         t1 = time.perf_counter()
-        rng = random.Random(rollout_seed(cfg.seed, step, -1 - info.data_parallel_rank))
+        rng = random.Random(derive_seed(cfg.seed, step, -1 - info.data_parallel_rank))
         rollouts = [{"prompt_index": i, "instruction": prompts[i]["instruction"], "response": c.text,
                      "finish_reason": c.finish_reason, "tokens": c.tokens,
                      "principles": weighted_sample(rng, principles, opts.num_principles)}
@@ -254,7 +249,7 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         current["batch"] = batch
         # 4. update: epochs over shuffled minibatches, each one optimizer step of the shared loop
         stats = []
-        shuffle = np.random.default_rng(rollout_seed(cfg.seed, step, -1000))
+        shuffle = np.random.default_rng(derive_seed(cfg.seed, step, -1000))
         for _ in range(opts.ppo_epochs):
             perm = shuffle.permutation(len(rollouts))
             for m in range(minibatches):

@@ -102,6 +102,27 @@ def test_bad_yaml_and_csv_give_clear_errors(tmp_path):
         load_rows(schema)
 
 
+def test_unreadable_yaml_and_csv_rows_give_clear_errors(loaded, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml: data set YAML not found"):
+        load_schema(str(tmp_path / "nope.yaml"))
+    (tmp_path / "bad.yaml").write_text("name: [x\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        load_schema(str(tmp_path / "bad.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="list.yaml: expected a mapping"):
+        load_schema(str(tmp_path / "list.yaml"))
+    from step0_coldstart.tabular import read_rows_csv
+    schema, _ = loaded["abalone"]
+    header = ",".join(schema.columns)
+    (tmp_path / "rows.csv").write_text(f"{header}\nM,0.4,0.3,0.1,0.5,0.2,0.1,0.15,9\nF,,0.3,0.1,0.5,0.2,0.1,0.15,\n"
+                                       f"M,abc,0.3,0.1,0.5,0.2,0.1,0.15,9\n")
+    with pytest.raises(ValueError, match="rows.csv:4: not a row of abalone"):
+        read_rows_csv(str(tmp_path / "rows.csv"), schema)
+    (tmp_path / "rows.csv").write_text(f"{header}\nM,0.4,0.3,0.1,0.5,0.2,0.1,0.15,9\nF,,0.3,0.1,0.5,0.2,0.1,0.15,\n")
+    rows = read_rows_csv(str(tmp_path / "rows.csv"), schema)
+    assert rows[0]["Rings"] == 9 and rows[0]["Length"] == 0.4 and rows[1]["Length"] is None and rows[1]["Rings"] is None
+
+
 def test_ml_efficiency_real_naive_and_a_synthetic_file(loaded, tmp_path):
     from step0_coldstart.evaluate import evaluate, synthetic_rows
     schema, rows = loaded["abalone"]
