@@ -7,10 +7,13 @@ so a test can build several groups in one process.
 """
 
 import contextlib
+import ctypes
 import datetime
 import io
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -50,9 +53,36 @@ def first_host(nodelist: str) -> str:
     return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], item)
 
 
+def end_with_launcher() -> None:
+    """Under torchrun: have the kernel SIGKILL this worker the moment its torchrun agent dies.
+
+    torchrun starts each worker as the leader of a session of its own, so a kill -9 of the launcher's process group
+    (a killed job or driver) leaves the workers running, re-parented to init, still writing into the run directory a
+    rerun is using. PR_SET_PDEATHSIG ties each worker's life to the agent's. A worker already re-parented (its agent
+    died before this call) exits at once. Only torchrun's workers themselves (session leaders) are bound; Linux only."""
+    global _bound_to_launcher
+    if _bound_to_launcher or "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    _bound_to_launcher = True
+    if os.getsid(0) != os.getpid():  # a process started by a worker, or torchrun's agent itself: not a worker
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before the request took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1
+_bound_to_launcher = False
+end_with_launcher()  # at import: before a worker does anything else
+
+
 def _environment() -> tuple[int, int, int, Optional[str]]:
     """(rank, world_size, local_rank, init_method) from torchrun, srun, or nothing (a world of one)."""
     env = os.environ
+    end_with_launcher()
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (or anything that sets the env:// variables)
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://"
     # srun with one task per process. Only srun sets SLURM_STEP_NUM_TASKS; an sbatch script (SLURM_PROCID=0 and
@@ -119,6 +149,4 @@ def barrier() -> None:
 
 
 if __name__ == "__main__":  # used by scripts/launch.sh where `scontrol` is missing
-    import sys
-
     print(first_host(sys.argv[1]))

@@ -6,8 +6,10 @@ most the chunk in flight. A rerun of the same command skips every chunk that has
 the number of processes may change between runs), and redoes the rest; deterministic work (per-item seeds) makes the
 redone chunk identical. `merge` then writes the output file atomically, one record per key, in key order.
 
-The settings that determine the records are stored in `<output>.parts/settings.json`; resuming with other settings
-is refused, as is replacing an existing output without `overwrite`.
+The settings that determine the records are kept in the output's record (llama_mp.outputs: `<output>.status.json`,
+"running" until the merged file is written, then "complete"); resuming with other settings is refused, as is replacing
+a finished output without `overwrite`. A run killed after writing the output but before recording it is finished
+again by a rerun (every chunk is done: the merge rewrites the same file).
 """
 
 import json
@@ -17,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch.distributed as dist
 
+from llama_mp import outputs
 from llama_mp.distributed import DistInfo, barrier
 from llama_mp.jsonl import append_jsonl, drop_torn_tail, read_jsonl, write_json_atomic, write_jsonl_atomic
 from llama_mp.progress import Progress
@@ -47,22 +50,15 @@ def prepare(output_file: str, settings: dict, overwrite: bool, info: DistInfo) -
 
 def _prepare_parts(output_file: str, settings: dict, overwrite: bool) -> None:
     parts = parts_dir(output_file)
-    if os.path.exists(output_file) and not overwrite:
-        raise FileExistsError(f"{output_file}: already exists (pass --overwrite to replace it)")
+    if outputs.is_complete([output_file]) and os.path.isdir(parts) and not overwrite:
+        shutil.rmtree(parts)  # left by a kill between the record and the clean-up
+    if os.path.isdir(parts) and outputs.read_record([output_file]) is None and not overwrite:
+        raise ValueError(f"{parts}: an unfinished run without its record ({outputs.record_path([output_file])}); "
+                         f"pass --overwrite to start over")
+    outputs.claim([output_file], settings, overwrite)  # the settings of a resumed run must equal the first run's
     if overwrite and os.path.exists(parts):
         shutil.rmtree(parts)
     os.makedirs(parts, exist_ok=True)
-    settings_file = os.path.join(parts, "settings.json")
-    settings = json.loads(json.dumps(settings))  # normalise (tuples -> lists) before comparing
-    if os.path.exists(settings_file):
-        with open(settings_file) as f:
-            previous = json.load(f)
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise ValueError(f"{parts}: an unfinished run made with other settings ({', '.join(changed)}); rerun "
-                             f"with the same flags to resume, or pass --overwrite to start over")
-    else:
-        write_json_atomic(settings_file, settings)
 
 
 def run(output_file: str, items: Sequence, item_key: Callable, chunk_size: int,
@@ -132,6 +128,7 @@ def merge(output_file: str, record_key: Callable[[dict], object], info: DistInfo
         write_json_atomic(output_file, records)
     else:
         write_jsonl_atomic(output_file, records)
+    outputs.complete([output_file])
     shutil.rmtree(parts)
     barrier()
     return records

@@ -3,6 +3,7 @@ and atomic writes."""
 
 import json
 import os
+import signal
 from typing import Callable, Iterable
 
 
@@ -98,6 +99,24 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     write(tmp)
     os.replace(tmp, path)
+    _crash_test_point()
+
+
+def _crash_test_point() -> None:
+    """Kill tests: with LLAMA_MP_RENAME_COUNTER=FILE every atomic rename of a run appends a byte to FILE; the process
+    that makes rename number LLAMA_MP_STOP_AT_RENAME stops itself right after it (SIGSTOP), so that the test can kill
+    the whole job at exactly that instant."""
+    counter = os.environ.get("LLAMA_MP_RENAME_COUNTER")
+    if not counter:
+        return
+    fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b".")
+        count = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if str(count) == os.environ.get("LLAMA_MP_STOP_AT_RENAME"):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -11,8 +11,10 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/default_model.sh"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/runs/step1}"
-if [ -f "$OUT_DIR/oasst1_preference.jsonl" ] && [[ " $* " != *" --overwrite "* ]]; then
-  echo "[judge] $OUT_DIR/oasst1_preference.jsonl exists: judging skipped (pass --overwrite to redo it)"
+PY="${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}"
+complete() { PYTHONPATH="$REPO_ROOT" "$PY" -m llama_mp.outputs "$@"; }  # the outputs' record says complete
+if complete "$OUT_DIR/oasst1_preference.jsonl" && [[ " $* " != *" --overwrite "* ]]; then
+  echo "[judge] $OUT_DIR/oasst1_preference.jsonl is complete: judging skipped (pass --overwrite to redo it)"
 else
 bash "$REPO_ROOT/scripts/launch.sh" step1_synthetic_preference.synthetic_preference \
   --ckpt_dir "$CKPT_DIR" --tokenizer_path "$TOKENIZER" \
@@ -25,11 +27,10 @@ bash "$REPO_ROOT/scripts/launch.sh" step1_synthetic_preference.synthetic_prefere
 fi
 # The aggregation is a single CPU process: only the first task of an allocation runs it.
 overwrite=$([[ " $* " == *" --overwrite "* ]] && echo --overwrite || true)
-if [ -f "$OUT_DIR/synthetic_preference.json" ] && [ -z "$overwrite" ]; then
-  echo "[aggregate] $OUT_DIR/synthetic_preference.json exists: aggregation skipped (pass --overwrite to redo it)"
+if complete "$OUT_DIR/synthetic_preference.json" "$OUT_DIR/synthetic_preference_pairs.jsonl" && [ -z "$overwrite" ]; then
+  echo "[aggregate] $OUT_DIR/synthetic_preference.json is complete: aggregation skipped (pass --overwrite to redo it)"
 elif [ "${SLURM_PROCID:-0}" = "0" ]; then
-  "${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}" \
-    -m step1_synthetic_preference.aggregate_synthetic_preference \
+  "$PY" -m step1_synthetic_preference.aggregate_synthetic_preference \
     --response_files "$OUT_DIR/oasst1_response0.jsonl" "$OUT_DIR/oasst1_response1.jsonl" \
     --preference_file "$OUT_DIR/oasst1_preference.jsonl" --output_file "$OUT_DIR/synthetic_preference.json" \
     --min_response_chars "${MIN_RESPONSE_CHARS:-16}" ${AGGREGATE_FLAGS:-} $overwrite

@@ -11,25 +11,27 @@ Stages (each runs the project's own scripts, under torchrun with `nproc` process
   dpo              DPO of the policy on the step-1 pairs
   ppo              PPO of the policy against the reward model with the RL-time principles
   tabular          round 0 (SFT generator, anchors), one round of synthetic preference + DPO, ML efficiency
-Each finished stage is recorded in <run_dir>/stages.json (status, seconds, peak memory, figures); a rerun skips
-finished stages and continues an unfinished one where it stopped (every step resumes: jobs from their last record,
-trainers from their last checkpoint), so after a crash or kill -9 the same command ends with the same outputs as an
-uninterrupted run. --fresh starts over. At the end <run_dir>/report.json and report.md are written (and PNG curves when
+Each command of a stage is a step of llama_mp.stages: recorded in <run_dir>/stages.json once its outputs are
+written, with the stage's status, seconds, peak memory and figures; a rerun skips finished steps and continues an
+unfinished one where it stopped (jobs from their last chunk, trainers from their last checkpoint), so after a crash or
+kill -9 at any instant the same command ends with the same outputs as an uninterrupted run. The run directory is
+locked while a run (or any command of a killed one) uses it. --fresh starts over. At the end <run_dir>/report.json and report.md are written (and PNG curves when
 matplotlib is installed).
 """
 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llama_mp import cli  # noqa: E402
+from llama_mp.stages import RunDir  # noqa: E402
 from llama_mp.jsonl import read_jsonl, read_yaml, write_json_atomic, write_text_atomic  # noqa: E402
 from llama_mp.train import resume_args  # noqa: E402
 
@@ -48,10 +50,14 @@ def load_config(path: str) -> dict:
 class Runner:
     """Runs commands with the stage's log, environment and peak-memory accounting."""
 
-    def __init__(self, run_dir: str, nproc: int):
-        self.run_dir, self.nproc = run_dir, nproc
-        self.log = os.path.join(run_dir, "quickstart.log")
+    def __init__(self, rd: RunDir, nproc: int):
+        self.rd, self.nproc = rd, nproc
+        self.log = os.path.join(rd.path, "quickstart.log")
         self.peak_kb = 0
+
+    def step(self, name: str, cmd: Callable[[], list[str]], env: dict = None, outputs: list[str] = None) -> None:
+        """One command as a step of the run directory (skipped once recorded); cmd is built when it runs."""
+        self.rd.step(name, lambda: self(cmd(), env), outputs)
 
     def __call__(self, cmd: list[str], env: dict = None) -> None:
         full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), "OMP_NUM_THREADS": "1",
@@ -59,7 +65,8 @@ class Runner:
         with open(self.log, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            process = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                       pass_fds=(self.rd.lock_fd,))
             _, status, usage = os.wait4(process.pid, 0)  # usage covers the command and every process it waited for
             process.returncode = os.waitstatus_to_exitcode(status)
         self.peak_kb = max(self.peak_kb, usage.ru_maxrss)
@@ -87,14 +94,16 @@ def count_lines(path: str) -> int:
 
 # ---- the stages: each runs its commands and returns its figures ---------------------------------------------------------
 def stage_llama_mp(run: Runner, d: dict, cfg: dict) -> dict:
-    for mp in (1, 2):
+    for mp in (1, 2):  # deterministic: a step killed midway is redone whole (--overwrite of its own output)
         out = os.path.join(d["run"], f"stories260K_mp{mp}")
-        run(python("llama_mp.convert", "llama2c", "--input", os.path.join(ROOT, "data/llama2c/stories260K.bin"),
-                   "--output_dir", out, "--model_parallel_size", str(mp), "--overwrite"))
+        run.step(f"convert_mp{mp}", lambda out=out, mp=mp: python(
+            "llama_mp.convert", "llama2c", "--input", os.path.join(ROOT, "data/llama2c/stories260K.bin"),
+            "--output_dir", out, "--model_parallel_size", str(mp), "--overwrite"))
     samples = os.path.join(d["run"], "samples.jsonl")
-    run(script("launch.sh", "llama_mp.generate", "--ckpt_dir", d["mp2"], "--tokenizer_path", TOKENIZER,
-               "--prompts_file", os.path.join(ROOT, "data/prompts/stories_prompts.jsonl"), "--output_file", samples,
-               "--max_gen_len", "96", "--temperature", "0.7", "--top_p", "0.9", "--seed", "42", "--overwrite"),
+    run.step("generate", lambda: script(
+        "launch.sh", "llama_mp.generate", "--ckpt_dir", d["mp2"], "--tokenizer_path", TOKENIZER,
+        "--prompts_file", os.path.join(ROOT, "data/prompts/stories_prompts.jsonl"), "--output_file", samples,
+        "--max_gen_len", "96", "--temperature", "0.7", "--top_p", "0.9", "--seed", "42", "--overwrite"),
         {"NPROC_PER_NODE": "2"})
     records = read_jsonl(samples)
     tokens = sum(len(r["tokens"]) for r in records)
@@ -107,9 +116,9 @@ def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
     s = cfg["salmon"]
     env = {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s["max_prompts"]),
            "MAX_GEN_LEN": str(s["max_gen_len"])}
-    for i in (0, 1):  # resumable: a rerun of the same command continues from the last record
-        if not os.path.exists(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")):
-            run(script(f"generate_oasst1_response{i}.sh"), env)
+    for i in (0, 1):  # resumable: a rerun of the same command continues from the last chunk
+        run.step(f"response{i}", lambda i=i: script(f"generate_oasst1_response{i}.sh"), env,
+                 [os.path.join(d["step1"], f"oasst1_response{i}.jsonl")])
     responses = [read_jsonl(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")) for i in (0, 1)]
     texts = [r["output"] for rs in responses for r in rs if r.get("output") is not None]
     return {"outputs": [os.path.join(d["step1"], f"oasst1_response{i}.jsonl") for i in (0, 1)],
@@ -120,9 +129,13 @@ def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
     s = cfg["salmon"]
-    run(script("generate_synthetic_preference.sh"),
-        {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
-         "MAX_RESPONSE_TOKENS": str(s["max_response_tokens"]), "MAX_INSTRUCTION_TOKENS": str(s["max_instruction_tokens"])})
+    env = {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
+           "MAX_RESPONSE_TOKENS": str(s["max_response_tokens"]), "MAX_INSTRUCTION_TOKENS": str(s["max_instruction_tokens"])}
+    # the script judges, then aggregates; each part skips itself once complete
+    run.step("judge", lambda: script("generate_synthetic_preference.sh"), env,
+             [os.path.join(d["step1"], "oasst1_preference.jsonl")])
+    run.step("aggregate", lambda: script("generate_synthetic_preference.sh"), env,
+             [os.path.join(d["step1"], n) for n in ("synthetic_preference.json", "synthetic_preference_pairs.jsonl")])
     judgments = read_jsonl(os.path.join(d["step1"], "oasst1_preference.jsonl"))
     with open(os.path.join(d["step1"], "synthetic_preference.json")) as f:
         pairs = json.load(f)
@@ -134,8 +147,10 @@ def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "rm")
-    run(script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []), *resume_args(out)),
-        {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"), "OUTPUT_DIR": out})
+    run.step("reward_model", lambda: script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []),
+                                            *resume_args(out)),
+             {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
+              "OUTPUT_DIR": out})
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
     curve = metrics(os.path.join(out, "metrics.jsonl"))
@@ -145,9 +160,9 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "dpo")
-    run(script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_args(out)),
-        {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
-         "OUTPUT_DIR": out})
+    run.step("dpo", lambda: script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_args(out)),
+             {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
+              "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("loss", "rewards/margin", "rewards/accuracy")
     return {"outputs": [out], "steps": len(curve), "first": {k: curve[0].get(k) for k in keys},
@@ -156,8 +171,8 @@ def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "ppo")
-    run(script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_args(out)),
-        {"CKPT_DIR": d["mp1"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
+    run.step("ppo", lambda: script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_args(out)),
+             {"CKPT_DIR": d["mp1"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("reward/mean", "kl", "response_length")
     return {"outputs": [out], "steps": len(curve), "first": {k: curve[0].get(k) for k in keys},
@@ -166,8 +181,8 @@ def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_tabular(run: Runner, d: dict, cfg: dict) -> dict:
     t, work = cfg["tabular"], os.path.join(d["run"], "tabular")
-    run(python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t["config"]), "--workdir", work,
-               "--ckpt_dir", d["mp1"], "--rounds", str(t.get("rounds", 1))))
+    run.step("tabular", lambda: python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t["config"]),
+                                       "--workdir", work, "--ckpt_dir", d["mp1"], "--rounds", str(t.get("rounds", 1))))
     with open(os.path.join(work, "report.json")) as f:
         report = json.load(f)
     notes = os.path.join(work, "notes.json")
@@ -242,33 +257,28 @@ def main() -> None:
     opts = parser.parse_args()
     cfg = load_config(opts.config)
     run_dir = os.path.abspath(opts.run_dir or os.path.join(ROOT, cfg["run_dir"]))
-    if opts.fresh and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    rd = RunDir(run_dir, fresh=opts.fresh)
     d = {"run": run_dir, "mp1": os.path.join(run_dir, "stories260K_mp1"), "mp2": os.path.join(run_dir, "stories260K_mp2"),
          "step1": os.path.join(run_dir, "step1")}
-    state_file = os.path.join(run_dir, "stages.json")
-    stages = json.load(open(state_file)) if os.path.exists(state_file) else {}
     for number, name in enumerate(STAGES, start=1):
         prefix = f"[quickstart {number}/{len(STAGES)} {name}]"
-        if stages.get(name, {}).get("status") == "done":
-            print(f"{prefix} done in an earlier run ({stages[name]['seconds']} s), skipped", flush=True)
+        if rd.stage(name):
+            print(f"{prefix} done in an earlier run ({rd.stage(name)['seconds']} s), skipped", flush=True)
             continue
         print(f"{prefix} {time.strftime('%H:%M:%S')} started (log: {run_dir}/quickstart.log)", flush=True)
-        run = Runner(run_dir, int(cfg["nproc"]))
+        run = Runner(rd, int(cfg["nproc"]))
         start = time.perf_counter()
         try:
             figures = RUNNERS[name](run, d, cfg)
         except Exception:
-            stages[name] = {"status": "failed", "seconds": round(time.perf_counter() - start, 1)}
-            write_json_atomic(state_file, stages)
+            rd.record_stage(name, {"status": "failed", "seconds": round(time.perf_counter() - start, 1)})
             raise
         seconds = round(time.perf_counter() - start, 1)  # of the run that finished it
-        stages[name] = {"status": "done", "seconds": seconds, "peak_rss_mib": round(run.peak_kb / 1024, 1),
-                        "figures": figures}
-        write_json_atomic(state_file, stages)
+        rd.record_stage(name, {"status": "done", "seconds": seconds, "peak_rss_mib": round(run.peak_kb / 1024, 1),
+                               "figures": figures})
         shown = {k: v for k, v in figures.items() if k not in ("outputs", "ml_efficiency", "example")}
         print(f"{prefix} done in {seconds} s: {json.dumps(shown)[:300]}", flush=True)
+    stages = rd.state["stages"]
     report = {"config": os.path.relpath(opts.config, ROOT), "run_dir": run_dir, "stages": stages,
               "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
               "peak_rss_mib": max(s["peak_rss_mib"] for s in stages.values())}

@@ -8,9 +8,8 @@ becomes one row; missing values stay empty cells.
 """
 
 import argparse
-import os
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import iter_jsonl
 from step0_coldstart.tabular import STATUS_SCORE, SUCCESS, load_schema, write_rows_csv
 
@@ -24,8 +23,6 @@ def main() -> None:
     parser.add_argument("--status", nargs="+", default=[SUCCESS], choices=sorted(STATUS_SCORE))
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    if os.path.exists(opts.output_file) and not opts.overwrite:
-        raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
     schema = load_schema(opts.dataset)
     rows, total = [], 0
     for line, record in iter_jsonl(opts.raw_file):
@@ -34,7 +31,9 @@ def main() -> None:
             raise ValueError(f"{opts.raw_file}:{line}: a raw sample needs \"status\" and a \"result\" object")
         if record["status"] in opts.status:
             rows.append(record["result"])
+    outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     write_rows_csv(opts.output_file, schema, rows)
+    outputs.complete([opts.output_file])
     print(f"wrote {len(rows)} of {total} samples to {opts.output_file}")
 
 

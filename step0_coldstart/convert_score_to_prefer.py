@@ -12,11 +12,10 @@ format step3_rl.train_dpo reads: {"prompt": [user message], "chosen": [assistant
 """
 
 import argparse
-import os
 import random
 from itertools import combinations
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 from step0_coldstart.tabular import STATUS_SCORE, SUCCESS
 
@@ -61,16 +60,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    if os.path.exists(opts.output_file) and not opts.overwrite:
-        raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
     records = []
     for line, r in iter_jsonl(opts.score_file):
         missing = [k for k in ("syn_pmt_id", "prompt", "answer", "status") if k not in r]
         if missing:
             raise ValueError(f"{opts.score_file}:{line}: scored sample has no {missing[0]!r}")
         records.append(r)
+    outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     pairs = preference_pairs(records, opts.max_pairs, opts.seed)
     write_jsonl_atomic(opts.output_file, pairs)
+    outputs.complete([opts.output_file])
     print(f"wrote {len(pairs)} preference pairs from {len(records)} samples to {opts.output_file}")
 
 

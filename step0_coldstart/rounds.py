@@ -2,8 +2,9 @@
 
   python -m step0_coldstart.rounds --config configs/synfed_tiny.yaml [--rounds 1] [--workdir runs/tabular]
 
-Stages, each a command of this step run as a subprocess; a stage is skipped once its last output exists (training
-stages: once marked done), and an unfinished one is rerun or resumed, so a rerun after a kill continues:
+Stages, each a command of this step run as a subprocess and a step of llama_mp.stages (recorded in
+<workdir>/stages.json once its outputs are written; an unfinished one is rerun and resumes), so a rerun after a kill
+at any instant continues where it stopped:
   r0_s1 sft_generator -> r0 SFT (train_sft) -> r0_s2 sft_federated (real training rows) -> r0_s3 synscore_anchors ->
   for round k = 1..N: r1_s1 syn_addprompt with generator k-1 -> r1_s2 convert_raw_to_csv -> r1_s3 sft_federated
   (synthetic rows) -> r1_s4 syn_addscore (`scorer`: sklearn, or llm with the generator itself as the scoring model
@@ -24,6 +25,7 @@ import sys
 
 from llama_mp import cli
 from llama_mp.jsonl import read_yaml, write_json_atomic, write_text_atomic
+from llama_mp.stages import RunDir
 from llama_mp.train import resume_args
 from step0_coldstart.tabular import load_schema
 
@@ -37,23 +39,24 @@ DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.ya
             "fed_clients": 1, "fed_split_method": "none", "sft_max_steps": 0}
 
 
-def run(cmd: list[str], log: str, launch: bool = False) -> None:
+def run(cmd: list[str], log: str, launch: bool = False, lock_fd: int = None) -> None:
     """`python -m MODULE ARGS` (cmd = ["-m", MODULE, ARGS...]); launch=True: through scripts/launch.sh, i.e. torchrun
     with NPROC_PER_NODE processes (or srun tasks), for the stages that load a model."""
     print(f"[rounds] {' '.join(cmd[1:6])} ...", flush=True)
     argv = ["bash", LAUNCH, *cmd[1:]] if launch else [sys.executable, *cmd]
     with open(log, "a") as f:
-        result = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT)
+        result = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, pass_fds=(lock_fd,) if lock_fd else ())
     if result.returncode != 0:
         raise ValueError(f"{log}: stage {' '.join(cmd[1:3])} failed (exit {result.returncode}); see the log")
 
 
-def train(directory: str, cmd: list[str], log: str) -> None:
-    """A training stage: skipped once finished (<dir>/.done); a killed one continues from its last checkpoint."""
-    if os.path.exists(os.path.join(directory, ".done")):
-        return
-    run(cmd + resume_args(directory), log, launch=True)
-    write_text_atomic(os.path.join(directory, ".done"), "")
+def train(rd: RunDir, name: str, directory: str, cmd: list[str], log: str) -> None:
+    """A training step: a killed one continues from its last checkpoint. <dir>/.done tells the r1_* scripts that the
+    training is finished (they pick the generator by it)."""
+    def finish():
+        run(cmd + resume_args(directory), log, launch=True, lock_fd=rd.lock_fd)
+        write_text_atomic(os.path.join(directory, ".done"), "")
+    rd.step(name, finish)
 
 
 def latest_checkpoint(directory: str) -> str:
@@ -80,59 +83,58 @@ def main() -> None:
     if not os.path.exists(os.path.join(cfg["ckpt_dir"], "params.json")):
         raise FileNotFoundError(f"{cfg['ckpt_dir']}: no checkpoint (convert one: python -m llama_mp.convert llama2c ...)")
     work = opts.workdir
-    os.makedirs(work, exist_ok=True)
+    rd = RunDir(work)
+
+    def step(name: str, outputs: list[str], cmd: list[str], launch: bool = False) -> None:
+        rd.step(name, lambda: run(cmd, log, launch, rd.lock_fd), outputs)
+
     log, splits_dir = os.path.join(work, "rounds.log"), os.path.join(work, "splits")
     name = load_schema(cfg["heldout"]).name  # every stage names its files after the data set
     common = ["--tokenizer_path", cfg["tokenizer_path"], "--max_seq_len", str(cfg["max_seq_len"])]
     r0 = os.path.join(work, "r0")
-    if not os.path.exists(os.path.join(r0, "lengths.json")):  # its last output
-        run(["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
+    step("r0_s1", [os.path.join(r0, n) for n in ("sft_train.jsonl", f"{name}_prompts.jsonl", "lengths.json")],
+         ["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
              "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg["prompts_per_dataset"]),
-             "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common], log)
+             "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common])
     sft_dir = os.path.join(work, "sft")
-    train(sft_dir, ["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
+    train(rd, "sft", sft_dir, ["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
                     os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
                     "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
                     "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
-    fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir,
-           "--overwrite"]  # deterministic: a kill between client files is redone whole
-    last_client = f"{name}_client_{cfg['fed_clients'] - 1}.train.jsonl"  # written last
-    if not os.path.exists(os.path.join(work, "fed", last_client)):
-        run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--output_dir",
-             os.path.join(work, "fed"), *fed], log)
+    fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
+    clients = lambda d: [os.path.join(d, f"{name}_client_{i}.train.jsonl") for i in range(cfg["fed_clients"])]  # noqa: E731
+    step("r0_s2", clients(os.path.join(work, "fed")),
+         ["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--output_dir", os.path.join(work, "fed"),
+          *fed])
     anchors = os.path.join(work, "score_anchors", f"{name}_anchors.csv")
-    if not os.path.exists(anchors):
-        run(["-m", "step0_coldstart.synscore_anchors", "--dataset", cfg["heldout"], "--num_clusters",
-             str(cfg["num_clusters"]), "--output_dir", os.path.dirname(anchors), "--splits_dir", splits_dir], log)
+    step("r0_s3", [anchors], ["-m", "step0_coldstart.synscore_anchors", "--dataset", cfg["heldout"], "--num_clusters",
+             str(cfg["num_clusters"]), "--output_dir", os.path.dirname(anchors), "--splits_dir", splits_dir])
     generators = [("sft", latest_checkpoint(sft_dir))]
     notes = {}
     for k in range(1, opts.rounds + 2):  # the last pass only samples, to evaluate the last generator
         label, ckpt = generators[-1]
         out = os.path.join(work, f"r{k}")
         raw, syn_csv, score = (os.path.join(out, f"{name}.{kind}") for kind in ("raw.jsonl", "syn.csv", "score.jsonl"))
-        if not os.path.exists(raw):
-            run(["-m", "step0_coldstart.syn_addprompt", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
+        step(f"r{k}_s1", [raw], ["-m", "step0_coldstart.syn_addprompt", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
                  os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
-                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common], log,
-                launch=True)
-        if not os.path.exists(syn_csv):
-            run(["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg["heldout"], "--raw_file", raw,
-                 "--output_file", syn_csv], log)
+                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common],
+             launch=True)
+        step(f"r{k}_s2", [syn_csv], ["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg["heldout"],
+                                     "--raw_file", raw, "--output_file", syn_csv])
         if k > opts.rounds:
             break
-        if not os.path.exists(os.path.join(out, "fed", last_client)):
-            run(["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--input_file", syn_csv,
-                 "--output_dir", os.path.join(out, "fed"), *fed], log)
-        if not os.path.exists(score):
-            scorer = ["--backend", cfg["scorer"]]
-            if cfg["scorer"] == "llm":
-                scorer += ["--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common]
-            run(["-m", "step0_coldstart.syn_addscore", "--dataset", cfg["heldout"], "--raw_file", raw,
-                 "--output_file", score, "--splits_dir", splits_dir, *scorer], log, launch=cfg["scorer"] == "llm")
+        step(f"r{k}_s3", clients(os.path.join(out, "fed")),
+             ["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--input_file", syn_csv,
+              "--output_dir", os.path.join(out, "fed"), *fed])
+        scorer = ["--backend", cfg["scorer"]]
+        if cfg["scorer"] == "llm":
+            scorer += ["--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common]
+        step(f"r{k}_s4", [score], ["-m", "step0_coldstart.syn_addscore", "--dataset", cfg["heldout"], "--raw_file", raw,
+                                   "--output_file", score, "--splits_dir", splits_dir, *scorer],
+             launch=cfg["scorer"] == "llm")
         pairs = os.path.join(out, f"{name}.pref.jsonl")
-        if not os.path.exists(pairs):
-            run(["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", score,
-                 "--output_file", pairs, "--max_pairs", str(cfg["max_pairs"])], log)
+        step(f"r{k}_s5", [pairs], ["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", score,
+                                   "--output_file", pairs, "--max_pairs", str(cfg["max_pairs"])])
         with open(pairs) as f:
             n_pairs = sum(1 for line in f if line.strip())
         if n_pairs == 0:
@@ -140,7 +142,7 @@ def main() -> None:
             generators.append((f"dpo{k}", ckpt))
             continue
         dpo_dir = os.path.join(work, f"dpo{k}")
-        train(dpo_dir, ["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key",
+        train(rd, f"dpo{k}", dpo_dir, ["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key",
                         "rejected", "--prompt_format", "plain", "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]),
                         "--epochs", str(cfg["dpo_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]),
                         "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512", *common], log)
@@ -150,8 +152,8 @@ def main() -> None:
         raw_file = os.path.join(work, f"r{k}", f"{name}.raw.jsonl")  # every sample: the valid share is of them all
         synthetic += ["--synthetic", f"{label}={raw_file}"]
     report = os.path.join(work, "report.json")
-    run(["-m", "step0_coldstart.evaluate", "--dataset", cfg["heldout"], "--n_rows", str(cfg["eval_rows"]),
-         "--splits_dir", splits_dir, "--output_file", report, *synthetic], log)
+    step("evaluate", [report], ["-m", "step0_coldstart.evaluate", "--dataset", cfg["heldout"], "--n_rows",
+                                str(cfg["eval_rows"]), "--splits_dir", splits_dir, "--output_file", report, *synthetic])
     with open(report) as f:
         results = json.load(f)
     from step0_coldstart.evaluate import table

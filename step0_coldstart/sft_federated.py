@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import write_jsonl_atomic
 from step0_coldstart.tabular import (Schema, answer_text, load_rows, load_schema, read_rows_csv, splits, target_bins,
                                      task_question)
@@ -74,14 +74,13 @@ def main() -> None:
     usable = [r for r in rows if r[schema.target] is not None]  # none at all: empty client files (nothing to learn)
     name = opts.ds_name or schema.name
     paths = [os.path.join(opts.output_dir, f"{name}_client_{i}.{opts.split_type}.jsonl") for i in range(opts.num_client)]
-    existing = [p for p in paths if os.path.exists(p)]
-    if existing and not opts.overwrite:
-        raise FileExistsError(f"{existing[0]}: already exists (pass --overwrite to replace it)")
+    outputs.claim(paths, outputs.command_settings(opts), opts.overwrite)
     clients = client_split(target_bins(schema, usable, opts.num_bins) if usable else [], opts.num_client, opts.split_method, opts.alpha,
                            opts.seed)
     records = federated_records(schema, usable)
     for path, indices in zip(paths, clients):
         write_jsonl_atomic(path, [records[i] for i in indices])
+    outputs.complete(paths)
     print(f"{len(usable)} rows ({len(rows) - len(usable)} without a target skipped) -> {opts.num_client} clients "
           f"({opts.split_method}): {[len(c) for c in clients]} rows in {opts.output_dir}")
 

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from sklearn.cluster import KMeans
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import read_yaml
 from step0_coldstart.evaluate import Encoder
 from step0_coldstart.tabular import Schema, load_rows, load_schema, splits, write_rows_csv
@@ -55,9 +55,9 @@ def main() -> None:
     scoring = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["val"]]
     chosen = anchors(schema, scoring, num_clusters, int(config.get("seed", 0)))
     path = os.path.join(opts.output_dir, f"{schema.name}_anchors.csv")
-    if os.path.exists(path) and not opts.overwrite:
-        raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    outputs.claim([path], outputs.command_settings(opts), opts.overwrite)
     write_rows_csv(path, schema, chosen)
+    outputs.complete([path])
     print(f"wrote {len(chosen)} anchors to {path}")
 
 

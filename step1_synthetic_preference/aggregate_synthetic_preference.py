@@ -32,7 +32,7 @@ from collections import Counter
 
 import numpy as np
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
 from llama_mp.chat import load_principles
 from step1_synthetic_preference.common import DEFAULT_PRINCIPLES, instruction_text, load_pairs, response_files
@@ -172,9 +172,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     opts = parser.parse_args()
     pairs_file = opts.pairs_file or os.path.splitext(opts.output_file)[0] + "_pairs.jsonl"
-    for path in (opts.output_file, pairs_file):
-        if os.path.exists(path) and not opts.overwrite:
-            raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
     principles = {p["dimension"]: p for p in load_principles(opts.principle_file,
                                                              ("dimension", "definition", "negative_definition"))}
     unknown = [d for d in opts.dimensions if d not in principles]
@@ -186,9 +183,11 @@ def main() -> None:
     if unjudged:
         raise ValueError(f"{opts.preference_file}: judgments for prompt id {unjudged[0]} that is not a pair of the "
                          f"response files")
+    outputs.claim([opts.output_file, pairs_file], outputs.command_settings(opts), opts.overwrite)
     records, stats = aggregate(pairs, judgments, principles, opts.dimensions, opts)
     write_jsonl_atomic(pairs_file, [as_chosen_rejected(r) for r in records])
     write_json_atomic(opts.output_file, records)
+    outputs.complete([opts.output_file, pairs_file])
     print(f"wrote {len(records)} records from {len(pairs)} pairs to {opts.output_file} and {pairs_file} "
           f"({', '.join(f'{k}: {v}' for k, v in sorted(stats.items()) if k != 'records' and v)})", flush=True)
 

@@ -12,7 +12,7 @@ prompts from the OASST1 train split, is the default prompt set of the later comm
 import argparse
 import os
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
 from step1_synthetic_preference.common import DATA, prompt_id
 
@@ -48,10 +48,10 @@ def main() -> None:
     parser.add_argument("--output_file", required=True)
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    if os.path.exists(opts.output_file) and not opts.overwrite:
-        raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
     prompts = oasst1_prompts(opts.messages_file)
+    outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     write_json_atomic(opts.output_file, prompts)
+    outputs.complete([opts.output_file])
     print(f"wrote {len(prompts)} prompts to {opts.output_file}")
 
 

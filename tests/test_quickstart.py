@@ -15,21 +15,53 @@ from conftest import ROOT
 CONFIG = os.path.join(ROOT, "tests/data/quickstart_tiny.yaml")
 
 
-def quickstart(run_dir, kill_after=None):
-    """Run the quickstart; with kill_after (seconds) SIGKILL its whole process group then. True if it was killed."""
+def quickstart(run_dir, kill_after=None, stop_at_rename=None, counter=None):
+    """Run the quickstart; SIGKILL its whole process group after kill_after seconds, or right after the run's
+    atomic rename number stop_at_rename (counted in `counter` across runs; the renaming process stops itself there).
+    True if it was killed; a killed run leaves no process behind."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    if counter:
+        env["LLAMA_MP_RENAME_COUNTER"] = counter
+    if stop_at_rename:
+        env["LLAMA_MP_STOP_AT_RENAME"] = str(stop_at_rename)
     with open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".out"), "a") as out:
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config", CONFIG,
                                     "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        try:
-            process.wait(timeout=kill_after if kill_after else 900)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return True
+        deadline = time.time() + (kill_after or 900)
+        while process.poll() is None:
+            if time.time() > deadline or (stop_at_rename and renames(counter) >= stop_at_rename):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                assert no_process_uses(run_dir)
+                return True
+            time.sleep(0.02)
     assert process.returncode == 0, open(out.name).read()[-3000:]
     return False
+
+
+def renames(counter):
+    return os.path.getsize(counter) if os.path.exists(counter) else 0
+
+
+def no_process_uses(run_dir, wait=10.0):
+    """No live process names run_dir on its command line (workers of the killed run end with their launcher)."""
+    deadline = time.time() + wait
+    while True:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().decode(errors="replace")
+                with open(f"/proc/{pid}/stat") as f:
+                    zombie = f.read().split(")")[-1].split()[0] == "Z"
+            except OSError:
+                continue
+            if run_dir in cmdline and not zombie:
+                left.append(pid)
+        if not left or time.time() > deadline:
+            return not left
+        time.sleep(0.1)
 
 
 def weights(path):
@@ -49,13 +81,24 @@ def final_checkpoint(directory):
 def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     start = time.perf_counter()
-    quickstart(whole)
+    quickstart(whole, counter=str(tmp_path / "whole.renames"))
     full_seconds = time.perf_counter() - start
+    total_renames = renames(str(tmp_path / "whole.renames"))
+    # 11 kills spread over the whole run, each rerun itself killed again: 6 right after an atomic rename of a final
+    # file or record (a fraction of the uninterrupted run's renames; the count goes on across reruns, which redo
+    # some), 5 after a tenth of the run's time from the rerun's start (mid-command: sampling, training)
+    at_renames = [max(1, int(total_renames * f)) for f in (0.08, 0.25, 0.4, 0.55, 0.7, 0.88)]
+    plan = [("rename", at_renames[0]), ("time", 0.1), ("rename", at_renames[1]), ("time", 0.1),
+            ("rename", at_renames[2]), ("time", 0.1), ("rename", at_renames[3]), ("time", 0.1),
+            ("rename", at_renames[4]), ("time", 0.1), ("rename", at_renames[5])]
     kills = 0
-    for fraction in (0.2, 0.35, 0.35):  # each rerun continues; the kills land in different stages
-        kills += quickstart(cut, kill_after=max(3.0, fraction * full_seconds))
+    for kind, value in plan:
+        if kind == "time":
+            kills += quickstart(cut, kill_after=max(3.0, value * full_seconds), counter=str(tmp_path / "cut.renames"))
+        elif renames(str(tmp_path / "cut.renames")) < value:
+            kills += quickstart(cut, stop_at_rename=value, counter=str(tmp_path / "cut.renames"))
     quickstart(cut)
-    assert kills >= 3  # it really was interrupted, mid-stage
+    assert kills >= 10  # it really was interrupted, all over the run
     report = {name: json.load(open(os.path.join(d, "report.json"))) for name, d in (("whole", whole), ("cut", cut))}
     assert [s["status"] for s in report["whole"]["stages"].values()] == ["done"] * 7
     assert set(report["whole"]["stages"]) == set(report["cut"]["stages"])
