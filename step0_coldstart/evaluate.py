@@ -23,48 +23,8 @@ from sklearn.metrics import f1_score, r2_score
 
 from llama_mp import cli
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
-from step0_coldstart.tabular import (SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits,
-                                     target_bins)
-
-
-class Encoder:
-    """Rows -> numeric matrices: numbers as floats (NaN when missing), categories as codes for the booster, and a
-    standardised / one-hot version for distances."""
-
-    def __init__(self, schema: Schema, rows: list[dict]):
-        self.schema, self.features = schema, schema.features
-        self.codes = {c: {v: i for i, v in enumerate(schema.categories[c])} for c in self.features
-                      if schema.columns[c] == "category"}
-        numeric = [c for c in self.features if c not in self.codes]
-        values = {c: np.array([r[c] if r[c] is not None else np.nan for r in rows], dtype=float) for c in numeric}
-        self.mean = {c: np.nanmean(v) for c, v in values.items()}
-        self.std = {c: (np.nanstd(v) or 1.0) for c, v in values.items()}
-
-    def booster_matrix(self, rows: list[dict]) -> np.ndarray:
-        out = np.full((len(rows), len(self.features)), np.nan)
-        for j, c in enumerate(self.features):
-            for i, r in enumerate(rows):
-                v = r.get(c)
-                if v is not None:
-                    out[i, j] = self.codes[c].get(str(v), np.nan) if c in self.codes else float(v)
-        return out
-
-    def categorical_mask(self) -> list[bool]:
-        return [c in self.codes for c in self.features]
-
-    def distance_matrix(self, rows: list[dict]) -> np.ndarray:
-        parts = []
-        for c in self.features:
-            if c in self.codes:
-                block = np.zeros((len(rows), len(self.codes[c])))
-                for i, r in enumerate(rows):
-                    if r.get(c) is not None and str(r[c]) in self.codes[c]:
-                        block[i, self.codes[c][str(r[c])]] = 1.0
-                parts.append(block)
-            else:
-                col = np.array([float(r[c]) if r.get(c) is not None else self.mean[c] for r in rows])
-                parts.append(((col - self.mean[c]) / self.std[c])[:, None])
-        return np.concatenate(parts, axis=1)
+from step0_coldstart.tabular import (SUCCESS, Encoder, Schema, load_rows, load_schema, parse_row, read_rows_csv,
+                                     splits, target_bins)
 
 
 def target_vector(schema: Schema, rows: list[dict]) -> np.ndarray:

@@ -27,8 +27,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import f1_score, matthews_corrcoef
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
-from step0_coldstart.evaluate import Encoder
-from step0_coldstart.tabular import Schema, answer_text, target_bins, task_question
+from step0_coldstart.tabular import Encoder, Schema, answer_text, target_bins, task_question
 
 NO_ANSWER = "<no answer>"
 

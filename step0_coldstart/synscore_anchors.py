@@ -16,8 +16,7 @@ from sklearn.cluster import KMeans
 
 from llama_mp import cli, outputs
 from llama_mp.jsonl import read_yaml
-from step0_coldstart.evaluate import Encoder
-from step0_coldstart.tabular import Schema, load_rows, load_schema, splits, write_rows_csv
+from step0_coldstart.tabular import Encoder, Schema, load_rows, load_schema, splits, write_rows_csv
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -170,6 +170,46 @@ def write_rows_csv(path: str, schema: Schema, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
+class Encoder:
+    """Rows -> numeric matrices: numbers as floats (NaN when missing), categories as codes for the booster, and a
+    standardised / one-hot version for distances."""
+
+    def __init__(self, schema: Schema, rows: list[dict]):
+        self.schema, self.features = schema, schema.features
+        self.codes = {c: {v: i for i, v in enumerate(schema.categories[c])} for c in self.features
+                      if schema.columns[c] == "category"}
+        numeric = [c for c in self.features if c not in self.codes]
+        values = {c: np.array([r[c] if r[c] is not None else np.nan for r in rows], dtype=float) for c in numeric}
+        self.mean = {c: np.nanmean(v) for c, v in values.items()}
+        self.std = {c: (np.nanstd(v) or 1.0) for c, v in values.items()}
+
+    def booster_matrix(self, rows: list[dict]) -> np.ndarray:
+        out = np.full((len(rows), len(self.features)), np.nan)
+        for j, c in enumerate(self.features):
+            for i, r in enumerate(rows):
+                v = r.get(c)
+                if v is not None:
+                    out[i, j] = self.codes[c].get(str(v), np.nan) if c in self.codes else float(v)
+        return out
+
+    def categorical_mask(self) -> list[bool]:
+        return [c in self.codes for c in self.features]
+
+    def distance_matrix(self, rows: list[dict]) -> np.ndarray:
+        parts = []
+        for c in self.features:
+            if c in self.codes:
+                block = np.zeros((len(rows), len(self.codes[c])))
+                for i, r in enumerate(rows):
+                    if r.get(c) is not None and str(r[c]) in self.codes[c]:
+                        block[i, self.codes[c][str(r[c])]] = 1.0
+                parts.append(block)
+            else:
+                col = np.array([float(r[c]) if r.get(c) is not None else self.mean[c] for r in rows])
+                parts.append(((col - self.mean[c]) / self.std[c])[:, None])
+        return np.concatenate(parts, axis=1)
+
+
 def target_bins(schema: Schema, rows: list[dict], num_bins: int = 4) -> list[str]:
     """A discrete label per row: the target itself for classification, its quantile bin (of these rows) for
     regression (used by the label-skewed federated split and to pick contrast rows)."""
@@ -253,6 +293,10 @@ def answer_text(schema: Schema, row: dict) -> str:
     if schema.task == "classification":
         return str(target_text(schema, value))
     return str(int(value)) if schema.columns[schema.target] == "int" else str(round(float(value), schema.float_precision))
+
+
+# What the generator writes before a row: its SFT answers start so, and sampling and scoring continue from it.
+ANSWER_LEAD = "Here's a new JSON format sample that approximates the key patterns of the samples above:\n"
 
 
 def row_to_text(row: dict, schema: Schema) -> str:

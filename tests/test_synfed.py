@@ -8,7 +8,7 @@ import pytest
 from sklearn.cluster import KMeans
 
 from conftest import ROOT, TOK512, run_cli
-from step0_coldstart.evaluate import Encoder
+from step0_coldstart.tabular import Encoder
 from step0_coldstart.scorers import (LLMBackend, SklearnBackend, anchor_score, baseline, contrast_rows,
                                      extract_answer, gain, scoring_prompts)
 from step0_coldstart.sft_federated import client_split
