@@ -11,7 +11,7 @@ import torch.distributed as dist
 from llama_mp import distributed
 from llama_mp.checkpoint import load_model
 from llama_mp.sampler import Sampler
-from llama_mp.tokenizer import Tokenizer
+from llama_mp.tokenizer import load_tokenizer
 
 
 def run(main: Callable[[], None]) -> None:
@@ -50,7 +50,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every model-loading command shares (names as in Meta's llama examples)."""
     parser.add_argument("--ckpt_dir", required=required, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")
-    parser.add_argument("--tokenizer_path", required=required, help="SentencePiece model, e.g. data/llama2c/tok512.model")
+    parser.add_argument("--tokenizer_path", default=None,
+                        help="a SentencePiece .model (e.g. data/llama2c/tok512.model), a tokenizer.json, or a directory "
+                             "carrying one (default: --ckpt_dir, when it carries tokenizer.json or tokenizer.model)")
     parser.add_argument("--max_seq_len", type=positive_int, default=None, help="context length (default: params.json's)")
     parser.add_argument("--max_batch_size", type=positive_int, default=32)
     parser.add_argument("--model_parallel_size", type=positive_int, default=None, help="default: the world size")
@@ -66,7 +68,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def build(opts: argparse.Namespace) -> tuple[distributed.DistInfo, Sampler]:
     """Join the process group and load the model shard and tokenizer for this rank."""
     info = distributed.init(opts.model_parallel_size, seed=opts.seed)
-    tokenizer = Tokenizer(opts.tokenizer_path)
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     dtype = resolve_dtype(opts.dtype, info.device)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=dtype)

@@ -8,6 +8,13 @@ A prompts file has one JSON object per line with a "prompt" string; other fields
 srun: prompts are split across data-parallel replicas and rank 0 writes the output file (atomically, in input order).
 Each prompt is sampled with its own seed (from --seed and its position), so results do not depend on the number of
 processes or the batching.
+
+--chat_format (default auto) says how a prompt reaches the model:
+  none       the prompt is completed as given (a base model: stories260K, Llama-2)
+  template   the prompt is a user turn of the checkpoint's own chat template (tokenizer_config.json's chat_template:
+             ChatML for SmolLM2), followed by the assistant's generation prompt; the turn's end is a stop id
+  dromedary  the prompt is the instruction of a Dromedary query (llama_mp/chat.py), "\n\n### User" stops it
+  auto       template when the tokenizer carries a chat template (an instruction model), else none
 """
 
 import argparse
@@ -17,6 +24,7 @@ import os
 import torch.distributed as dist
 
 from llama_mp import cli
+from llama_mp.chat import chat_format
 from llama_mp.jsonl import read_jsonl, write_jsonl_atomic
 
 
@@ -34,6 +42,8 @@ def main() -> None:
     parser.add_argument("--top_p", type=float, default=0.9)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--stop", action="append", default=[], help='stop string, e.g. "\\n\\n### User" (repeatable)')
+    parser.add_argument("--chat_format", choices=["auto", "none", "template", "dromedary"], default="auto",
+                        help="how prompts are wrapped (see above); auto: the checkpoint's chat template if it has one")
     parser.add_argument("--truncate", choices=["error", "left"], default="error",
                         help="a prompt too long for max_seq_len - max_gen_len: refuse it, or keep BOS + its end")
     opts = parser.parse_args()
@@ -52,9 +62,16 @@ def main() -> None:
         records = [{"prompt": p} for p in opts.prompt]
 
     info, sampler = cli.build(opts)
+    choice = opts.chat_format
+    if choice == "auto":  # an instruction model (its tokenizer carries a chat template) gets it, a base model nothing
+        choice = "template" if sampler.tokenizer.chat_template else "none"
+    wrap, stop = (lambda prompt: prompt), opts.stop
+    if choice != "none":
+        chat = chat_format(sampler.tokenizer, choice)
+        wrap, stop = chat.query, opts.stop + [s for s in chat.stop if s not in opts.stop]
     mine = list(range(info.data_parallel_rank, len(records), info.data_parallel_size))
-    completions = sampler.generate([records[i]["prompt"] for i in mine], opts.max_gen_len, opts.temperature,
-                                   opts.top_p, opts.top_k, opts.stop, seed=[opts.seed * 1_000_003 + i for i in mine],
+    completions = sampler.generate([wrap(records[i]["prompt"]) for i in mine], opts.max_gen_len, opts.temperature,
+                                   opts.top_p, opts.top_k, stop, seed=[opts.seed * 1_000_003 + i for i in mine],
                                    truncate=opts.truncate)
     results = [(i, {**records[i], "generation": c.text, "finish_reason": c.finish_reason, "tokens": c.tokens,
                     "logprobs": c.logprobs}) for i, c in zip(mine, completions)]

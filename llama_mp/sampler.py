@@ -10,7 +10,7 @@ input order.
 
 Generation follows Meta's scheme: decoding starts at the shortest prompt's end; positions still inside a longer prompt
 are teacher-forced, so a ragged batch computes exactly what each prompt alone would. Each row finishes on its own:
-  - "eos": the model produced EOS;
+  - "eos": the model produced EOS or another of the tokenizer's stop ids (ChatML's <|im_end|>, <|endoftext|>, ...);
   - "stop": the generated text contains one of `stop` (the text is cut before it);
   - "length": max_gen_len new tokens.
 `tokens` and `logprobs` hold everything the model produced, including a final EOS or the tokens of a stop string;
@@ -189,7 +189,7 @@ class Sampler:
         finish, out_end = [""] * bsz, [0] * bsz
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         cache = self._kv_cache(bsz)
-        eos_id = self.tokenizer.eos_id if stop_at_eos else -1
+        stop_ids = torch.tensor(self.tokenizer.stop_ids if stop_at_eos else [], dtype=torch.long, device=self.device)
         window = max((len(s.encode()) for s in stop), default=0) + 2  # tokens to decode for a stop-string check
         prev = 0
         for cur in range(min_len, total_len):
@@ -208,7 +208,7 @@ class Sampler:
             scaled = logits / temperature if temperature > 0 else logits
             logprobs[:, cur] = torch.log_softmax(scaled, dim=-1).gather(-1, next_token[:, None])[:, 0]
             prev = cur
-            hit_eos = generating & (next_token == eos_id)
+            hit_eos = generating & torch.isin(next_token, stop_ids)
             hit_length = generating & (cur + 1 >= end)
             newly = hit_eos | hit_length
             if stop:

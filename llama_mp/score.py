@@ -3,7 +3,9 @@
   python -m llama_mp.score --ckpt_dir D --tokenizer_path T --text "Once upon a time" [--text ...]
 
 Prints one JSON list with, per text: "text", "tokens" (without BOS), "token_logprobs" (the log-prob of each token after
-BOS given everything before it) and "mean_nll" (minus their mean). Runs unchanged under python, torchrun and srun.
+BOS given everything before it) and "mean_nll" (minus their mean). A tokenizer that adds no BOS (SmolLM2) has the
+text's first token as the context: it is then neither in "tokens" nor scored. Runs unchanged under python, torchrun
+and srun.
 """
 
 import argparse
@@ -19,12 +21,12 @@ def main() -> None:
     parser.add_argument("--text", action="append", required=True, help="a text to score (repeatable)")
     opts = parser.parse_args()
     _, sampler = cli.build(opts)
-    bos = sampler.tokenizer.bos_id
-    token_lists = [sampler.tokenizer.encode(t, bos=False, eos=False) for t in opts.text]
-    for text, tokens in zip(opts.text, token_lists):
-        if not tokens:
-            raise ValueError(f"--text {text!r} encodes to no tokens")
-    scores = sampler.score([[bos]] * len(token_lists), token_lists)
+    encoded = [sampler.tokenizer.encode(t, bos=True, eos=False) for t in opts.text]
+    for text, ids in zip(opts.text, encoded):
+        if len(ids) < 2:
+            raise ValueError(f"--text {text!r} encodes to no tokens to score after its context")
+    contexts, token_lists = [ids[:1] for ids in encoded], [ids[1:] for ids in encoded]
+    scores = sampler.score(contexts, token_lists)
     out = [{"text": t, "tokens": toks, "token_logprobs": lp, "mean_nll": -sum(lp) / len(lp)}
            for t, toks, lp in zip(opts.text, token_lists, scores)]
     cli.log(json.dumps(out))

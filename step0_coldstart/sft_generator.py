@@ -20,15 +20,13 @@ import os
 
 import numpy as np
 
-from llama_mp import cli
+from llama_mp import cli, outputs
 from llama_mp.jsonl import write_json_atomic, write_jsonl_atomic
-from llama_mp.tokenizer import Tokenizer
-from step0_coldstart.evaluate import Encoder
-from step0_coldstart.tabular import Schema, load_rows, load_schema, row_to_text, splits
+from llama_mp.tokenizer import Tokenizer, load_tokenizer
+from step0_coldstart.tabular import ANSWER_LEAD, Encoder, Schema, load_rows, load_schema, row_to_text, splits
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-ANSWER_LEAD = "Here's a new JSON format sample that approximates the key patterns of the samples above:\n"
 
 
 def words(n: int) -> str:
@@ -86,7 +84,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", required=True, help="data set YAMLs for the SFT prompts (A, B, C)")
     parser.add_argument("--heldout", required=True, help="the held-out data set YAML (D)")
-    parser.add_argument("--tokenizer_path", required=True)
+    parser.add_argument("--tokenizer_path", required=True, help="SentencePiece .model, tokenizer.json or a directory")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--splits_dir", default="runs/tabular/splits")
     parser.add_argument("--prompts_per_dataset", type=int, default=200)
@@ -96,13 +94,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    tokenizer = Tokenizer(opts.tokenizer_path)
+    tokenizer = load_tokenizer(opts.tokenizer_path)
     heldout = load_schema(opts.heldout)
     train_file = os.path.join(opts.output_dir, "sft_train.jsonl")
     prompts_file = os.path.join(opts.output_dir, f"{heldout.name}_prompts.jsonl")
-    for path in (train_file, prompts_file):
-        if os.path.exists(path) and not opts.overwrite:
-            raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    lengths_file = os.path.join(opts.output_dir, "lengths.json")
     report, sft = {}, []
     for path in opts.datasets:
         schema = load_schema(path)
@@ -117,9 +113,11 @@ def main() -> None:
     train = [rows[i] for i in splits(heldout, len(rows), opts.splits_dir)["train"]]  # never the test split
     held_records, report[heldout.name] = dataset_prompts(heldout, train, opts.heldout_prompts, opts.num_examples,
                                                          tokenizer, opts.max_seq_len, opts.seed, with_answers=False)
+    outputs.claim([train_file, prompts_file, lengths_file], outputs.command_settings(opts), opts.overwrite)
     write_jsonl_atomic(train_file, sft)
     write_jsonl_atomic(prompts_file, held_records)
-    write_json_atomic(os.path.join(opts.output_dir, "lengths.json"), report)
+    write_json_atomic(lengths_file, report)
+    outputs.complete([train_file, prompts_file, lengths_file])
     print(f"wrote {len(sft)} SFT examples to {train_file} and {len(held_records)} {heldout.name} prompts to "
           f"{prompts_file}; token lengths: {json.dumps(report)}")
 

@@ -30,9 +30,8 @@ from llama_mp import cli, jobs
 from llama_mp.jsonl import read_jsonl, read_yaml, write_jsonl_atomic
 from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import contrast_rows, scoring_prompts
-from step0_coldstart.sft_generator import ANSWER_LEAD
-from step0_coldstart.tabular import (SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv, splits,
-                                     target_text)
+from step0_coldstart.tabular import (ANSWER_LEAD, SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv,
+                                     splits, target_text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"num_repeat": 4, "temperature": 1.0, "top_p": 1.0, "max_gen_len": 256, "seed": 42, "guided": False,
@@ -58,16 +57,14 @@ def free_rows(sampler, prompts: list[str], seeds: list[int], config: dict) -> li
 
 @functools.lru_cache(maxsize=8)
 def number_tokens(tokenizer, integer: bool) -> list[int]:
-    """Token ids a number value may use: pieces made of digits, '-' (and '.' for floats), with or without a leading
-    space mark, and the pieces that end a value (starting with ',' or '}', which the stop strings then cut)."""
+    """Token ids a number value may use: tokens whose text is digits, '-' (and '.' for floats), with or without leading
+    spaces, a lone space, and the tokens that end a value (starting with ',' or '}', which the stop strings then cut).
+    Checked on each token's text (tokenizer.token_texts), so SentencePiece and byte-level BPE alike."""
     chars = set("0123456789-" if integer else "0123456789.-")
     allowed = []
-    for token_id in range(tokenizer.n_words):
-        piece = tokenizer.piece(token_id)
-        if piece.startswith("<0x") and len(piece) == 6:  # byte-fallback piece
-            piece = chr(int(piece[3:5], 16))
-        body = piece.lstrip("\u2581")
-        if (body and set(body) <= chars) or piece == "\u2581" or piece[:1] in (",", "}"):
+    for token_id, text in enumerate(tokenizer.token_texts()):
+        body = text.lstrip(" ")
+        if (body and set(body) <= chars) or text == " " or text[:1] in (",", "}"):
             allowed.append(token_id)
     return allowed
 

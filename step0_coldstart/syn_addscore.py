@@ -19,13 +19,12 @@ import hashlib
 import os
 from typing import Optional
 
-from llama_mp import cli, distributed, jobs
+from llama_mp import cli, distributed, jobs, outputs
 from llama_mp.jsonl import iter_jsonl, read_jsonl, write_jsonl_atomic
 from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import LLMBackend, SklearnBackend, baseline, gain, scoring_prompts
-from step0_coldstart.tabular import (MISSING_KEY, STATUS_SCORE, SUCCESS, check_row, load_rows, load_schema, row_to_text,
-                                     splits)
-from step0_coldstart.sft_generator import ANSWER_LEAD
+from step0_coldstart.tabular import (ANSWER_LEAD, MISSING_KEY, STATUS_SCORE, SUCCESS, check_row, load_rows,
+                                     load_schema, row_to_text, splits)
 
 
 def question_id(question: str) -> str:
@@ -40,7 +39,7 @@ def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str,
         for p in scoring_prompts(schema, anchors, contrasts, s["result"]):
             questions[question_id(p["question"])] = p["question"]
     answer_file = opts.output_file + ".answers.jsonl"
-    if os.path.exists(answer_file) and not opts.overwrite:
+    if outputs.is_complete([answer_file]) and not opts.overwrite:
         answers = {r["id"]: r["text"] for r in read_jsonl(answer_file)}
         if set(questions) - set(answers):
             raise ValueError(f"{answer_file}: answers other questions than these samples ask (pass --overwrite)")
@@ -79,10 +78,8 @@ def main() -> None:
     parser.add_argument("--splits_dir", default="runs/tabular/splits")
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
-    if os.path.exists(opts.output_file) and not opts.overwrite:
-        raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
-    if opts.backend == "llm" and not (opts.ckpt_dir and opts.tokenizer_path):
-        raise ValueError("--backend llm needs --ckpt_dir and --tokenizer_path (the scoring LLaMA)")
+    if opts.backend == "llm" and not opts.ckpt_dir:  # --tokenizer_path defaults to the checkpoint's own
+        raise ValueError("--backend llm needs --ckpt_dir (the scoring LLaMA; --tokenizer_path unless it carries one)")
     schema = load_schema(opts.dataset)
     rows = load_rows(schema)
     contrast_file = opts.contrast_file or os.path.join(os.path.dirname(opts.raw_file), f"{schema.name}.contrast.jsonl")
@@ -100,6 +97,8 @@ def main() -> None:
         if record["status"] == SUCCESS:
             record["result"] = check_row(record["result"], schema, f"{opts.raw_file}:{line}", need_target=False)
         samples.append(record)
+    if distributed.global_rank() == 0:
+        outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     parsed = [s for s in samples if s["status"] == SUCCESS]
     if opts.backend == "llm":
         answers = llm_answers(opts, schema, anchors, contrasts, parsed)
@@ -119,6 +118,7 @@ def main() -> None:
             record.update(gain(backend, schema, anchors, contrasts, s["result"], ds0, opts.metric))
         scored.append(record)
     write_jsonl_atomic(opts.output_file, scored)
+    outputs.complete([opts.output_file])
     gains = [r["gain_score"] for r in scored if r["gain_score"] is not None]
     mean_gain = sum(gains) / len(gains) if gains else float("nan")
     print(f"scored {len(scored)} samples ({len(gains)} parsed) with {opts.backend}: ds0 score {ds0['score']:.3f}, "

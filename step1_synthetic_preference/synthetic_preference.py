@@ -30,7 +30,7 @@ ANSWER_CONTEXT = "I think the more Concise output is Output ("
 
 
 def answer_token_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-    """The ids of "a" and "b" as the token right after "Output (", found by encoding, for any SentencePiece model."""
+    """The ids of "a" and "b" as the token right after "Output (", found by encoding: any tokenizer kind."""
     context = tokenizer.encode(ANSWER_CONTEXT, bos=False, eos=False)
     ids = []
     for letter in "ab":

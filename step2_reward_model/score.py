@@ -14,7 +14,7 @@ import json
 import torch
 
 from llama_mp import cli, distributed
-from llama_mp.tokenizer import Tokenizer
+from llama_mp.tokenizer import load_tokenizer
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardModel, load_reward_model,
                                              pad_batch)
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step2_reward_model.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt_dir", required=True, help="a reward-model checkpoint (Meta layout + head.pth)")
-    parser.add_argument("--tokenizer_path", required=True)
+    parser.add_argument("--tokenizer_path", default=None, help="default: the one --ckpt_dir carries")
     parser.add_argument("--instruction", required=True)
     parser.add_argument("--response", action="append", required=True)
     parser.add_argument("--principle", action="append", default=[])
@@ -60,8 +60,8 @@ def main() -> None:
     info = distributed.init(opts.model_parallel_size)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                            device=info.device)
-    scorer = RewardScorer(rm, PromptBuilder(Tokenizer(opts.tokenizer_path), template, opts.query_len,
-                                            opts.response_len))
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
+    scorer = RewardScorer(rm, PromptBuilder(tokenizer, template, opts.query_len, opts.response_len))
     rewards = scorer.score([opts.instruction] * len(opts.response), opts.response, [principles] * len(opts.response))
     cli.log(json.dumps([{"response": r, "reward": float(x)} for r, x in zip(opts.response, rewards)]))
 
