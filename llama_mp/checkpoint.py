@@ -104,6 +104,34 @@ def check_same_keys(shards: list[dict], where: str) -> None:
             raise CheckpointError(f"{where}: shard {i:02d} has different keys from shard 00 (e.g. {diff})")
 
 
+def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every stored weight of the unsharded model and its shape, in Meta key names (a tied output is not stored)."""
+    dim, q, kv, hidden = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim), "norm.weight": (dim,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, dim)
+    layer = {"attention.wq": (q, dim), "attention.wk": (kv, dim), "attention.wv": (kv, dim), "attention.wo": (dim, q),
+             "feed_forward.w1": (hidden, dim), "feed_forward.w2": (dim, hidden), "feed_forward.w3": (hidden, dim),
+             "attention_norm": (dim,), "ffn_norm": (dim,)}
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+    return shapes
+
+
+def check_full_state(shapes: dict[str, tuple], args: ModelArgs, where: str) -> None:
+    """A converter's whole state (key -> shape) must be exactly what `args` implies: nothing missing, extra or
+    mis-shaped (checked before anything is written)."""
+    expected = full_shapes(args)
+    missing, unknown = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing weights {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    if unknown:
+        raise CheckpointError(f"{where}: unexpected weights {unknown[:3]}{' ...' if len(unknown) > 3 else ''}")
+    for key, shape in expected.items():
+        if tuple(shapes[key]) != shape:
+            raise CheckpointError(f"{where}: {key} has shape {tuple(shapes[key])} but the config implies {shape}")
+
+
 def split_state(state: dict[str, torch.Tensor], args: ModelArgs, n: int) -> list[dict[str, torch.Tensor]]:
     args.check(n)
     out = [{} for _ in range(n)]
@@ -197,7 +225,8 @@ def load_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank:
 
 
 def model_params(args: ModelArgs) -> dict:
-    """params.json content for `args`: Meta's keys, plus hidden_dim / tie_embeddings only when they matter."""
+    """params.json content for `args`: Meta's keys, plus this project's (hidden_dim, tie_embeddings, head_dim,
+    rope_scaling, rope_freq_divisors) only when they matter."""
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps,
               "rope_theta": args.rope_theta, "max_seq_len": args.max_seq_len}
@@ -207,6 +236,12 @@ def model_params(args: ModelArgs) -> dict:
         params["hidden_dim"] = args.hidden_dim
     if args.tie_embeddings:
         params["tie_embeddings"] = True
+    if args.head_dim != args.dim // args.n_heads:
+        params["head_dim"] = args.head_dim
+    if args.rope_scaling is not None:
+        params["rope_scaling"] = dict(args.rope_scaling)
+    if args.rope_freq_divisors is not None:
+        params["rope_freq_divisors"] = [float(d) for d in args.rope_freq_divisors]
     return params
 
 

@@ -1,15 +1,25 @@
 """Checkpoint converter.
 
   python -m llama_mp.convert llama2c --input stories260K.bin --output_dir D [--model_parallel_size N]
+  python -m llama_mp.convert gguf --input model.gguf --output_dir D [--model_parallel_size N]
+  python -m llama_mp.convert hf --input_dir HF --output_dir D [--model_parallel_size N]
   python -m llama_mp.convert reshard --input_dir A --output_dir B --model_parallel_size M
+  python -m llama_mp.convert to_hf --input_dir D --output_dir HF
 
-Both write the Meta layout (params.json + consolidated.NN.pth). Round trips are exact: resharding only concatenates
-and splits tensors. An existing output directory is refused unless --overwrite is given.
+All but to_hf write the Meta layout (params.json + consolidated.NN.pth), with the tokenizer files (tokenizer.json,
+tokenizer_config.json, ...) and generation_config.json beside the shards when the source has them; to_hf writes a
+directory that transformers loads as LlamaForCausalLM. Round trips are exact: tensors are only renamed, permuted,
+concatenated and split (a GGUF's quantized tensors are dequantized to float32 once). The output is written into a
+temporary directory beside it and renamed into place when complete; an existing output directory is refused unless
+--overwrite is given.
 """
 
 import argparse
 import os
+import re
+import shutil
 import struct
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -17,6 +27,9 @@ import torch
 from llama_mp import cli
 from llama_mp.distributed import global_rank
 from llama_mp.checkpoint import CheckpointError, load_state, save_checkpoint, split_state
+from llama_mp.gguf_import import open_gguf, read_gguf
+from llama_mp.hf_format import TOKENIZER_FILES, copy_tokenizer_files, generation_config_of, read_hf, write_hf
+from llama_mp.jsonl import read_json, write_json_atomic, write_text_atomic
 from llama_mp.model import ModelArgs
 
 LLAMA2C_HEADER = struct.Struct("<7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
@@ -79,9 +92,78 @@ def read_llama2c(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     return args, state
 
 
+# What a converter writes: an existing directory holding only these may be replaced with --overwrite.
+OUTPUT_FILE = re.compile(r"params\.json|consolidated\.\d+\.pth|config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                         r"model\.safetensors\.index\.json|" + "|".join(re.escape(n) for n in TOKENIZER_FILES))
+
+
 def refuse_existing(out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(os.path.join(out_dir, "params.json")) and not overwrite:
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    others = sorted(n for n in os.listdir(out_dir) if not OUTPUT_FILE.fullmatch(n))
+    if others:
+        raise FileExistsError(f"{out_dir}: exists and holds files a converter did not write (e.g. {others[0]}); "
+                              f"choose a new or empty output directory")
+    if not overwrite:
         raise FileExistsError(f"{out_dir}: already holds a checkpoint (pass --overwrite to replace it)")
+
+
+@contextmanager
+def staged_output(out_dir: str, overwrite: bool):
+    """Yield a temporary directory beside out_dir and rename it to out_dir when the body finishes: a failed or killed
+    conversion never leaves a half-written checkpoint under the output name."""
+    refuse_existing(out_dir, overwrite)
+    out = os.path.abspath(out_dir)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(out):  # --overwrite: the old directory goes only once the new one is complete
+        old = f"{out}.old.{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def split_or_refuse(state: dict, args: ModelArgs, model_parallel_size: int, source: str) -> list[dict]:
+    try:
+        return split_state(state, args, model_parallel_size)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def convert_gguf(path: str, out_dir: str, model_parallel_size: int) -> ModelArgs:
+    """GGUF -> Meta layout, with the GGUF's tokenizer as tokenizer.json + tokenizer_config.json beside it."""
+    from llama_mp.tokenizer import tokenizer_files_from_gguf
+
+    reader = open_gguf(path)  # opened once for the weights and the tokenizer
+    args, state, generation = read_gguf(path, reader)
+    shards = split_or_refuse(state, args, model_parallel_size, path)
+    tokenizer_files = tokenizer_files_from_gguf(path, reader)  # before writing: an unsupported tokenizer fails early
+    save_checkpoint(out_dir, args, shards)
+    for name, text in tokenizer_files.items():
+        write_text_atomic(os.path.join(out_dir, name), text)
+    if generation and "generation_config.json" not in tokenizer_files:
+        write_json_atomic(os.path.join(out_dir, "generation_config.json"), generation, indent=2)
+    return args
+
+
+def convert_hf(input_dir: str, out_dir: str, model_parallel_size: int) -> ModelArgs:
+    """Hugging Face Llama -> Meta layout, tokenizer files copied, bos/eos ids kept in generation_config.json."""
+    args, state = read_hf(input_dir)
+    save_checkpoint(out_dir, args, split_or_refuse(state, args, model_parallel_size, input_dir))
+    copied = copy_tokenizer_files(input_dir, out_dir)
+    if "generation_config.json" not in copied:
+        generation = generation_config_of(read_json(os.path.join(input_dir, "config.json")))
+        if generation:
+            write_json_atomic(os.path.join(out_dir, "generation_config.json"), generation, indent=2)
+    return args
 
 
 def reshard(input_dir: str, output_dir: str, model_parallel_size: int) -> ModelArgs:
@@ -91,6 +173,7 @@ def reshard(input_dir: str, output_dir: str, model_parallel_size: int) -> ModelA
     new_shards = [load_state(input_dir, model_parallel_size, rank)[1] for rank in range(model_parallel_size)]
     args = load_state(input_dir, model_parallel_size, 0)[0]
     save_checkpoint(output_dir, args, new_shards)
+    copy_tokenizer_files(input_dir, output_dir)
     return args
 
 
@@ -103,26 +186,47 @@ def main() -> None:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("gguf", help="llama.cpp GGUF (any dequantizable type) -> Meta layout")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("hf", help="Hugging Face Llama (safetensors + config.json) -> Meta layout")
+    p.add_argument("--input_dir", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
+    p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("reshard", help="N shards -> M shards")
     p.add_argument("--input_dir", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model_parallel_size", type=cli.positive_int, required=True)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("to_hf", help="Meta layout (any shard count; a reward model's backbone) -> Hugging Face Llama")
+    p.add_argument("--input_dir", required=True, help="a checkpoint, or a training output dir (its `latest` one)")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--tokenizer_dir", default=None,
+                   help="take tokenizer files from here (e.g. the base checkpoint of a trained policy)")
+    p.add_argument("--overwrite", action="store_true")
     a = parser.parse_args()
     if global_rank() != 0:  # launched under torchrun/srun: one process converts, the others have nothing to do
         return
-    refuse_existing(a.output_dir, a.overwrite)
-    if a.command == "llama2c":
-        args, state = read_llama2c(a.input)
-        try:
-            shards = split_state(state, args, a.model_parallel_size)
-        except ValueError as err:
-            raise CheckpointError(f"{a.input}: {err}") from None
-        save_checkpoint(a.output_dir, args, shards)
-    else:
-        args = reshard(a.input_dir, a.output_dir, a.model_parallel_size)
-    print(f"wrote {a.output_dir}: {a.model_parallel_size} shard(s), dim {args.dim}, {args.n_layers} layers, "
-          f"vocab {args.vocab_size}")
+    source = getattr(a, "input", None) or a.input_dir
+    if os.path.abspath(source) == os.path.abspath(a.output_dir):
+        raise CheckpointError(f"{a.output_dir}: output must differ from the input")
+    with staged_output(a.output_dir, a.overwrite) as tmp:
+        if a.command == "llama2c":
+            args, state = read_llama2c(a.input)
+            save_checkpoint(tmp, args, split_or_refuse(state, args, a.model_parallel_size, a.input))
+        elif a.command == "gguf":
+            args = convert_gguf(a.input, tmp, a.model_parallel_size)
+        elif a.command == "hf":
+            args = convert_hf(a.input_dir, tmp, a.model_parallel_size)
+        elif a.command == "reshard":
+            args = reshard(a.input_dir, tmp, a.model_parallel_size)
+        else:
+            args = write_hf(a.input_dir, tmp, a.tokenizer_dir)
+    shards = "model.safetensors" if a.command == "to_hf" else f"{a.model_parallel_size} shard(s)"
+    print(f"wrote {a.output_dir}: {shards}, dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}")
 
 
 if __name__ == "__main__":

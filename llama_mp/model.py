@@ -8,6 +8,7 @@ Tensor parallelism is expressed only by the layer classes: column-parallel wq/wk
 and a parallel embedding (split along the embedding dim, or along the vocabulary when the output is tied to it).
 """
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
@@ -16,11 +17,13 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
 from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
 class ModelArgs:
-    """The fields of a Meta `params.json`, plus two this project adds (`hidden_dim`, `tie_embeddings`)."""
+    """The fields of a Meta `params.json`, plus the ones this project adds: `hidden_dim`, `tie_embeddings`, and for
+    imported real models `head_dim`, `rope_scaling` (Llama 3.1 style) and `rope_freq_divisors` (GGUF's rope_freqs)."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -34,6 +37,14 @@ class ModelArgs:
     max_seq_len: int = 2048  # RoPE table length and the longest sequence a KV cache holds
     hidden_dim: Optional[int] = None  # explicit SwiGLU hidden size (overrides multiple_of / ffn_dim_multiplier)
     tie_embeddings: bool = False  # output layer shares the token embedding (llama2.c checkpoints)
+    head_dim: Optional[int] = None  # per-head size when it is not dim // n_heads (filled in when None)
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: Optional[dict] = None
+    rope_freq_divisors: Optional[list] = None  # head_dim // 2 numbers: each inverse frequency is divided by its own
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -46,12 +57,19 @@ class ModelArgs:
         if missing:
             raise ValueError(f"missing key {missing[0]!r}")
         for key, value in params.items():
-            kind = cls._KINDS[key]
-            optional = key in ("n_kv_heads", "ffn_dim_multiplier", "hidden_dim")
+            optional = key in ("n_kv_heads", "ffn_dim_multiplier", "hidden_dim", "head_dim", "rope_scaling",
+                               "rope_freq_divisors")
             if value is None and optional:
                 continue
-            ok = (isinstance(value, bool) if kind is bool else
-                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+            if key == "rope_scaling":
+                check_rope_scaling(value)
+                continue
+            if key == "rope_freq_divisors":
+                if not (isinstance(value, list) and value and all(_is_number(v) and v > 0 for v in value)):
+                    raise ValueError(f"rope_freq_divisors must be a list of positive numbers, got {value!r}")
+                continue
+            kind = cls._KINDS[key]
+            ok = (isinstance(value, bool) if kind is bool else _is_number(value) if kind is float else
                   isinstance(value, int) and not isinstance(value, bool))
             if not ok:
                 raise ValueError(f"{key} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
@@ -61,15 +79,11 @@ class ModelArgs:
 
     _KINDS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "multiple_of": int,
               "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float, "max_seq_len": int,
-              "hidden_dim": int, "tie_embeddings": bool}
+              "hidden_dim": int, "tie_embeddings": bool, "head_dim": int}
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -84,10 +98,13 @@ class ModelArgs:
         """Raise ValueError with a plain sentence when these params cannot build a model at this model-parallel size."""
         if self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.dim % self.n_heads and self.head_dim == self.dim // self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads} (give head_dim explicitly)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_freq_divisors is not None and len(self.rope_freq_divisors) != self.head_dim // 2:
+            raise ValueError(f"rope_freq_divisors has {len(self.rope_freq_divisors)} numbers, head_dim "
+                             f"{self.head_dim} needs {self.head_dim // 2}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         mp = model_parallel_size
@@ -96,6 +113,26 @@ class ModelArgs:
             if size % mp:
                 raise ValueError(f"model-parallel size {mp} must divide {name} ({size}); "
                                  f"choose a model-parallel size that divides {size}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling) -> None:
+    """rope_scaling must be Llama 3.1's: exactly rope_type "llama3" and its four positive numbers."""
+    if not isinstance(scaling, dict) or scaling.get("rope_type") != "llama3":
+        raise ValueError(f"rope_scaling must be a dict with rope_type 'llama3', got {scaling!r}")
+    keys = set(scaling) - {"rope_type"}
+    if keys != set(LLAMA3_SCALING_KEYS):
+        raise ValueError(f"rope_scaling needs exactly the keys {list(LLAMA3_SCALING_KEYS)}, got {sorted(keys)}")
+    if not all(_is_number(scaling[k]) and scaling[k] > 0 for k in LLAMA3_SCALING_KEYS):
+        raise ValueError(f"rope_scaling values must be positive numbers, got {scaling!r}")
+    if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling high_freq_factor must exceed low_freq_factor, got {scaling!r}")
 
 
 def _fast_at_size_one(layer: type, plain_op: Callable) -> type:
@@ -131,9 +168,32 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
-    """freqs_cis[t, i] = exp(1j * t * theta^(-2i/head_dim)), [max_len, head_dim // 2] complex64."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The inverse frequencies f_i = theta^(-2i/head_dim), [head_dim // 2] float32, as rescaled for long contexts."""
+    head_dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if args.rope_scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, **{k: args.rope_scaling[k] for k in LLAMA3_SCALING_KEYS})
+    if args.rope_freq_divisors is not None:  # GGUF's rope_freqs.weight: the same rescaling, stored as divisors
+        inv_freq = inv_freq / torch.tensor(args.rope_freq_divisors, dtype=torch.float32)
+    return inv_freq
+
+
+def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                  original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's context extension: wavelengths shorter than old_ctx / high_freq_factor keep their frequency, those
+    longer than old_ctx / low_freq_factor are slowed by `factor`, and the band between blends the two linearly in
+    old_ctx / wavelength."""
+    old_ctx = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < old_ctx / high_freq_factor, inv_freq, out)
+
+
+def precompute_rope(inv_freq: torch.Tensor, max_len: int) -> torch.Tensor:
+    """freqs_cis[t, i] = exp(1j * t * inv_freq[i]), [max_len, head_dim // 2] complex64."""
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -268,7 +328,9 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # A plain attribute, not a buffer: model.to(bfloat16) would drop the imaginary part of a complex buffer.
-        self.freqs_cis = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.freqs_cis = precompute_rope(rope_frequencies(args), args.max_seq_len)
+        # Training: keep only each block's input and recompute the block in the backward pass (set by the Trainer).
+        self.activation_checkpointing = False
 
     def fuse_projections(self) -> None:
         """Store each layer's wq|wk|wv and w1|w3 weights in one buffer and make the weights views of it.
@@ -278,8 +340,10 @@ class Transformer(nn.Module):
         final device and dtype (`.to()` makes new tensors and would break the link)."""
         for layer in self.layers:
             attention, ffn = layer.attention, layer.feed_forward
-            attention.wqkv = _share_storage([attention.wq, attention.wk, attention.wv])
-            ffn.w13 = _share_storage([ffn.w1, ffn.w3])
+            if not any(hasattr(m, "lora") for m in (attention.wq, attention.wk, attention.wv)):  # adapters: keep
+                attention.wqkv = _share_storage([attention.wq, attention.wk, attention.wv])  # the layers' own calls
+            if not any(hasattr(m, "lora") for m in (ffn.w1, ffn.w3)):
+                ffn.w13 = _share_storage([ffn.w1, ffn.w3])
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
                 return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
@@ -293,6 +357,8 @@ class Transformer(nn.Module):
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence end {end} exceeds max_seq_len {self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.float()  # mixed precision: low-precision matmuls, a float32 residual stream (as with float32 weights)
         if self.freqs_cis.device != tokens.device:
             self.freqs_cis = self.freqs_cis.to(tokens.device)
         freqs_cis = self.freqs_cis[start_pos:end]
@@ -301,7 +367,10 @@ class Transformer(nn.Module):
             # New queries see every cached position and the causal part of the new block.
             mask = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
         for layer in self.layers:
-            h = layer(h, freqs_cis, start_pos, cache, mask)
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                h = checkpoint(layer, h, freqs_cis, start_pos, cache, mask, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, start_pos, cache, mask)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

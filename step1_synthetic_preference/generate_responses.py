@@ -1,9 +1,11 @@
-"""Sample one response per prompt in the Dromedary format (SALMON step 1, run once per seed).
+"""Sample one response per prompt in the policy's chat format (SALMON step 1, run once per seed).
 
   python -m step1_synthetic_preference.generate_responses --ckpt_dir D --tokenizer_path T \
       --output_file runs/step1/oasst1_response0.jsonl --seed 42 [--prompt_file data/oasst1/oasst1_prompts.json]
 
-Query: `{meta prompt}\\n{instruction}\\n\\n### Dromedary`, stop at "\\n\\n### User", temperature 0.7, top-p 1.0.
+Query (--chat_format, llama_mp/chat.py): a base model gets Dromedary's `{meta prompt}\\n{instruction}\\n\\n### Dromedary`,
+stopped at "\\n\\n### User"; an instruction model (a checkpoint whose tokenizer carries a chat template, e.g. SmolLM2's
+ChatML) gets one user turn in its own template, stopped at its end-of-turn token. Temperature 0.7, top-p 1.0.
 Prompts are split across data-parallel replicas; finished records are appended as they go to
 `<output>.parts/part-<replica>.jsonl`, a rerun of the same command resumes (nothing lost after a kill -9, no
 duplicates), and the end writes <output> atomically, one record per prompt ordered by prompt id:
@@ -16,9 +18,9 @@ batch it ran in or on the number of processes.
 import argparse
 
 from llama_mp import cli, jobs
-from llama_mp.chat import DEFAULT_META_PROMPT, STOP, dromedary_query
+from llama_mp.chat import DEFAULT_META_PROMPT, FORMATS, chat_format
 from llama_mp.sampler import derive_seed
-from step1_synthetic_preference.common import DEFAULT_PROMPTS, load_prompts, read_text
+from step1_synthetic_preference.common import DEFAULT_PROMPTS, load_prompts
 
 
 def main() -> None:
@@ -27,25 +29,28 @@ def main() -> None:
     cli.add_model_args(parser)
     parser.add_argument("--prompt_file", default=DEFAULT_PROMPTS, help="JSON list or JSONL with instruction/input")
     parser.add_argument("--meta_prompt_file", default=DEFAULT_META_PROMPT)
+    parser.add_argument("--chat_format", choices=FORMATS, default="auto",
+                        help="auto: the checkpoint's chat template when its tokenizer has one, else dromedary")
     parser.add_argument("--output_file", required=True)
     parser.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run")
     parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of the file")
     parser.add_argument("--max_gen_len", type=int, default=768)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--stop", default=STOP)
+    parser.add_argument("--stop", default=None, help="a stop string (default: the chat format's)")
     parser.set_defaults(seed=42)
     opts = parser.parse_args()
 
     prompts = load_prompts(opts.prompt_file)[:opts.max_prompts]
-    meta_prompt = read_text(opts.meta_prompt_file)
     info, sampler = cli.build(opts)
-    settings = {k: getattr(opts, k) for k in ("ckpt_dir", "prompt_file", "meta_prompt_file", "max_prompts",
-                                              "max_gen_len", "temperature", "top_p", "stop", "seed", "max_seq_len",
-                                              "max_batch_size")}
+    chat = chat_format(sampler.tokenizer, opts.chat_format, opts.meta_prompt_file)
+    stop = [opts.stop] if opts.stop else chat.stop
+    settings = {k: getattr(opts, k) for k in ("ckpt_dir", "prompt_file", "meta_prompt_file", "chat_format",
+                                              "max_prompts", "max_gen_len", "temperature", "top_p", "stop", "seed",
+                                              "max_seq_len", "max_batch_size")}
     jobs.prepare(opts.output_file, settings, opts.overwrite, info)
 
-    queries = {p["id"]: sampler.encode(dromedary_query(meta_prompt, p["instruction"], p["input"])) for p in prompts}
+    queries = {p["id"]: sampler.encode(chat.query(p["instruction"], p["input"])) for p in prompts}
     limit = sampler.max_seq_len - opts.max_gen_len
     # Chunks of similar length (one micro-batch each): fixed by the prompt set, so a resumed run redoes a chunk
     # exactly as the interrupted one would have.
@@ -54,7 +59,7 @@ def main() -> None:
     def process(chunk: list[dict]) -> list[dict]:
         fits = [p for p in chunk if len(queries[p["id"]]) <= limit]
         completions = sampler.generate([queries[p["id"]] for p in fits], opts.max_gen_len, opts.temperature,
-                                       opts.top_p, stop=[opts.stop], seed=[derive_seed(opts.seed, p["id"]) for p in fits],
+                                       opts.top_p, stop=stop, seed=[derive_seed(opts.seed, p["id"]) for p in fits],
                                        desc="responses")
         by_id = {p["id"]: c for p, c in zip(fits, completions)}
         records = []
