@@ -91,6 +91,21 @@ class ChatFormat:
         content = f"{instruction}\n\n{input_text}" if input_text else instruction
         return self.render([{"role": "user", "content": content}], add_generation_prompt=True)
 
+    def conversation(self, text: str) -> str:
+        """A prompt written as one Dromedary conversation (SALMON's judge prompt: a system text, then "### User\\n"
+        with the request, then "### Dromedary\\n" and the start of the answer) in this format. Dromedary: unchanged.
+        Template: the system text and the request become the template's system and user turns, and the answer's
+        start follows the generation prompt, so an instruction model reads it as its own conversation."""
+        if self.name == "dromedary":
+            return text
+        head, user_marker, rest = text.rpartition("### User\n")
+        request, answer_marker, answer_start = rest.rpartition("### Dromedary\n")
+        if not user_marker or not answer_marker:
+            raise ValueError("a Dromedary conversation needs a '### User' turn followed by '### Dromedary'")
+        messages = [{"role": "system", "content": head.strip()}] if head.strip() else []
+        messages.append({"role": "user", "content": request.strip()})
+        return self.render(messages, add_generation_prompt=True) + answer_start
+
     def response(self, answer: str, instruction: str = "x") -> str:
         """The text that follows query() in a training target: "\\n" + answer for Dromedary (its end is the EOS id or
         the stop string, as the step decides); for a template, the answer and the turn's end as the template writes it

@@ -22,7 +22,7 @@ import os
 
 from llama_mp import cli, jobs
 from llama_mp.tokenizer import Tokenizer
-from llama_mp.chat import load_principles
+from llama_mp.chat import FORMATS, chat_format, load_principles
 from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, instruction_text,
                                                judge_prompt, load_pairs, read_text, response_files)
 
@@ -107,6 +107,8 @@ def main() -> None:
     source.add_argument("--response_pattern", help="a glob matching exactly two response files (sorted)")
     parser.add_argument("--principle_file", default=DEFAULT_PRINCIPLES)
     parser.add_argument("--prompt_template", default=DEFAULT_JUDGE_PROMPT)
+    parser.add_argument("--chat_format", choices=FORMATS, default="auto",
+                        help="auto: the judge prompt inside the checkpoint's chat template when it has one")
     parser.add_argument("--output_file", required=True)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--min_response_chars", type=int, default=16)
@@ -123,10 +125,11 @@ def main() -> None:
     info, sampler = cli.build(opts)
     tokenizer = sampler.tokenizer
     id_a, id_b = answer_token_ids(tokenizer)
+    chat = chat_format(tokenizer, opts.chat_format)
     settings = {"ckpt_dir": opts.ckpt_dir, "response_files": [os.path.abspath(f) for f in files],
-                **{k: getattr(opts, k) for k in ("principle_file", "prompt_template", "min_response_chars",
-                                                 "max_instruction_tokens", "max_response_tokens", "pairs_per_chunk",
-                                                 "max_seq_len")}}
+                **{k: getattr(opts, k) for k in ("principle_file", "prompt_template", "chat_format",
+                                                 "min_response_chars", "max_instruction_tokens", "max_response_tokens",
+                                                 "pairs_per_chunk", "max_seq_len")}}
     jobs.prepare(opts.output_file, settings, opts.overwrite, info)
     if info.is_main:
         print(f"[judge] {len(pairs)} pairs x {len(principles)} principles x 2 orders"
@@ -137,7 +140,8 @@ def main() -> None:
         instruction = truncate_tokens(tokenizer, instruction_text(pair), opts.max_instruction_tokens)
         out1 = truncate_tokens(tokenizer, pair["output_1"], opts.max_response_tokens)
         out2 = truncate_tokens(tokenizer, pair["output_2"], opts.max_response_tokens)
-        return [[tokenizer.encode(judge_prompt(template, instruction, a, b, p["dimension"], p["definition"]),
+        return [[tokenizer.encode(chat.conversation(judge_prompt(template, instruction, a, b, p["dimension"],
+                                                                   p["definition"])),
                                   bos=True, eos=False) for p in principles] for a, b in ((out1, out2), (out2, out1))]
 
     def process(chunk: list[dict]) -> list[dict]:

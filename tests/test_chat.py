@@ -61,6 +61,16 @@ def test_chatml_two_turns_equal_the_hand_written_text(smol_dir):
     assert chat_format(tok, "dromedary").query("Say hi") == META + "\nSay hi\n\n### Dromedary"  # the override
 
 
+def test_a_dromedary_conversation_becomes_the_templates_turns(smol_dir, tokenizer):
+    text = "# Judge\n\nPick one.\n\n### User\nWhich is better?\n\n### Dromedary\nThe better one is Output ("
+    assert chat_format(tokenizer).conversation(text) == text  # a base model reads SALMON's text as it is
+    wrapped = chat_format(load_tokenizer(smol_dir)).conversation(text)
+    assert wrapped == ("<|im_start|>system\n# Judge\n\nPick one.<|im_end|>\n<|im_start|>user\nWhich is better?<|im_end|>\n"
+                       "<|im_start|>assistant\nThe better one is Output (")
+    with pytest.raises(ValueError, match="### User"):
+        chat_format(load_tokenizer(smol_dir)).conversation("no turns here")
+
+
 def test_template_training_target_ends_with_the_end_of_turn_id(smol_dir):
     tok = load_tokenizer(smol_dir)
     chat = chat_format(tok)
