@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from llama_mp.jsonl import atomic_write, write_json_atomic
+from llama_mp.jsonl import atomic_write, write_json_atomic, write_text_atomic
 from llama_mp.model import ModelArgs, Transformer
 
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
@@ -270,3 +270,45 @@ def save_checkpoint(out_dir: str, args: ModelArgs, shards: list[dict[str, torch.
     for rank, shard in enumerate(shards):
         save_shard(out_dir, rank, shard, args)
     save_params(out_dir, args)
+
+
+# ---- training output directories: checkpoint-N/ and the `latest` pointer ---------------------------------------------
+LATEST = "latest"  # <output_dir>/latest names the newest complete checkpoint-N (written after it is renamed in place)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """<output_dir>/checkpoint-N named by <output_dir>/latest, or None when the directory holds no checkpoint yet."""
+    pointer = os.path.join(output_dir, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(output_dir, name)
+    if not name or not os.path.isdir(path):
+        raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory beside it")
+    return path
+
+
+def write_latest(output_dir: str, checkpoint_dir: str) -> None:
+    write_text_atomic(os.path.join(output_dir, LATEST), os.path.basename(checkpoint_dir) + "\n")
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory as it is, or a training output directory's latest checkpoint."""
+    if os.path.isfile(os.path.join(path, "params.json")):
+        return path
+    return latest_checkpoint(path) or path
+
+
+if __name__ == "__main__":  # for shell scripts: `python -m llama_mp.checkpoint latest DIR` prints its latest checkpoint
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "latest":
+        sys.exit("usage: python -m llama_mp.checkpoint latest OUTPUT_DIR")
+    try:
+        found = latest_checkpoint(sys.argv[2])
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
+    if found is None:
+        sys.exit(f"error: {sys.argv[2]}: no checkpoint yet ({LATEST} is missing)")
+    print(found)

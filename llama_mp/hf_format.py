@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from llama_mp.checkpoint import CheckpointError, check_full_state, load_state
+from llama_mp.checkpoint import CheckpointError, check_full_state, load_state, resolve_checkpoint
 from llama_mp.jsonl import read_json, write_json_atomic
 from llama_mp.model import LLAMA3_SCALING_KEYS, ModelArgs, llama3_scaled, rope_frequencies
 
@@ -177,15 +177,6 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
 
 
 # ---- Meta -> Hugging Face --------------------------------------------------------------------------------------------
-def resolve_checkpoint(ckpt_dir: str) -> str:
-    """A checkpoint directory, or a training output directory whose `latest` file names one."""
-    pointer = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(os.path.join(ckpt_dir, "params.json")) and os.path.isfile(pointer):
-        with open(pointer) as f:
-            return os.path.join(ckpt_dir, f.read().strip())
-    return ckpt_dir
-
-
 def special_token_ids(ckpt_dir: str) -> dict:
     """bos/eos/pad ids: from generation_config.json beside the weights, else from a SentencePiece tokenizer.model."""
     path = os.path.join(ckpt_dir, "generation_config.json")

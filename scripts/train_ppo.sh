@@ -9,8 +9,9 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/default_model.sh"
 if [ -z "${REWARD_CKPT:-}" ]; then
   RM_DIR="${RM_DIR:-$REPO_ROOT/runs/rm}"
-  [ -f "$RM_DIR/latest" ] || { echo "error: no reward model: set REWARD_CKPT or train one (scripts/train_reward_model.sh)" >&2; exit 2; }
-  REWARD_CKPT="$RM_DIR/$(cat "$RM_DIR/latest")"
+  PY="${PYTHON_BIN:-$([ -x "$REPO_ROOT/.venv/bin/python" ] && echo "$REPO_ROOT/.venv/bin/python" || echo python3)}"
+  REWARD_CKPT="$(PYTHONPATH="$REPO_ROOT" "$PY" -m llama_mp.checkpoint latest "$RM_DIR")" || {
+    echo "error: no reward model in $RM_DIR: set REWARD_CKPT or train one (scripts/train_reward_model.sh)" >&2; exit 2; }
 fi
 exec bash "$REPO_ROOT/scripts/launch.sh" step3_rl.train_ppo \
   --config "${CONFIG:-$REPO_ROOT/configs/ppo_tiny.yaml}" --policy_ckpt "$CKPT_DIR" --reward_ckpt "$REWARD_CKPT" \

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 from llama_mp import cli
+from llama_mp.checkpoint import latest_checkpoint
 from llama_mp.jsonl import read_yaml, write_json_atomic, write_text_atomic
 from llama_mp.stages import RunDir
 from llama_mp.train import resume_args
@@ -57,11 +58,6 @@ def train(rd: RunDir, name: str, directory: str, cmd: list[str], log: str) -> No
         run(cmd + resume_args(directory), log, launch=True, lock_fd=rd.lock_fd)
         write_text_atomic(os.path.join(directory, ".done"), "")
     rd.step(name, finish)
-
-
-def latest_checkpoint(directory: str) -> str:
-    with open(os.path.join(directory, "latest")) as f:
-        return os.path.join(directory, f.read().strip())
 
 
 def main() -> None:

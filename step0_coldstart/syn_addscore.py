@@ -15,12 +15,12 @@ question), sharded over data-parallel ranks and resumable: answers are appended 
 """
 
 import argparse
-import hashlib
 import os
 from typing import Optional
 
 from llama_mp import cli, distributed, jobs, outputs
 from llama_mp.jsonl import iter_jsonl, read_jsonl, write_jsonl_atomic
+from llama_mp.prompts import prompt_id
 from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import LLMBackend, SklearnBackend, baseline, gain, scoring_prompts
 from step0_coldstart.tabular import (ANSWER_LEAD, MISSING_KEY, STATUS_SCORE, SUCCESS, check_row, load_rows,
@@ -28,7 +28,7 @@ from step0_coldstart.tabular import (ANSWER_LEAD, MISSING_KEY, STATUS_SCORE, SUC
 
 
 def question_id(question: str) -> str:
-    return hashlib.sha256(question.encode()).hexdigest()[:20]
+    return prompt_id(question)
 
 
 def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str, str]]:

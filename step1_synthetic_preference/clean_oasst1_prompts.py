@@ -14,7 +14,8 @@ import os
 
 from llama_mp import cli, outputs
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
-from step1_synthetic_preference.common import DATA, prompt_id
+from llama_mp.prompts import prompt_id
+from step1_synthetic_preference.common import DATA
 
 REQUIRED = ("message_id", "parent_id", "text", "role", "message_tree_id")
 

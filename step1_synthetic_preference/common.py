@@ -1,41 +1,15 @@
-"""What the step-1 commands share: prompt records and ids, the Dromedary query, principles, the judge prompt."""
+"""What the step-1 commands share: paths, the judge prompt, response pairs (prompt records: llama_mp/prompts.py)."""
 
 import glob
-import hashlib
 import os
 from typing import Optional
 
-from llama_mp.jsonl import iter_jsonl, read_records
+from llama_mp.jsonl import iter_jsonl
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_PROMPTS = os.path.join(DATA, "oasst1/oasst1_prompts.json")
 DEFAULT_JUDGE_PROMPT = os.path.join(DATA, "salmon/synthetic_preference_prompt.txt")
 DEFAULT_PRINCIPLES = os.path.join(DATA, "salmon/principle_collection_rm.json")
-
-
-def prompt_id(instruction: str, input_text: str = "") -> str:
-    """A stable id: the same instruction and input get the same id in any file, order or export."""
-    return hashlib.sha1(f"{instruction}\x00{input_text}".encode()).hexdigest()[:16]
-
-
-def load_prompts(path: str) -> list[dict]:
-    """Prompt records {"id", "instruction", "input", ...} from a JSON list or JSONL; ids are added where missing.
-
-    Exact duplicates (same instruction and input) are kept once."""
-    prompts, seen = [], set()
-    for position, record in read_records(path):
-        instruction = record.get("instruction")
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError(f"{path}:{position}: record has no \"instruction\" string")
-        input_text = record.get("input") or ""
-        if not isinstance(input_text, str):
-            raise ValueError(f"{path}:{position}: \"input\" must be a string")
-        pid = record.get("id") or prompt_id(instruction, input_text)
-        if pid in seen:
-            continue
-        seen.add(pid)
-        prompts.append({**record, "id": pid, "instruction": instruction, "input": input_text})
-    return prompts
 
 
 def read_text(path: str) -> str:

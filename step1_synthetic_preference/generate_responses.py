@@ -19,8 +19,9 @@ import argparse
 
 from llama_mp import cli, jobs
 from llama_mp.chat import DEFAULT_META_PROMPT, FORMATS, chat_format
+from llama_mp.prompts import load_prompts
 from llama_mp.sampler import derive_seed
-from step1_synthetic_preference.common import DEFAULT_PROMPTS, load_prompts
+from step1_synthetic_preference.common import DEFAULT_PROMPTS
 
 
 def main() -> None:
