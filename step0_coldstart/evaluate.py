@@ -10,8 +10,18 @@ tested on the real test split: macro-F1 for classification, R2 for regression; r
          that does not beat it has learned nothing;
   NAME   rows from a file: JSONL of {"text": model output} (parsed) or of typed row objects, or a CSV with the columns.
 Also per generator: the share of valid rows, the share that copy a training row exactly, and the median distance to
-the closest real training record (standardised numbers, one-hot categories; over the first 500 rows). Prints JSON
-{dataset: {generator: {"syn", "real", "ratio", "valid_share", "copy_share", "dcr_median", "rows"}}} and a table.
+the closest real training record (standardised numbers, one-hot categories; over the first 500 rows).
+Fidelity, beyond what a predictor can use, against the real training rows (for `real`: the training rows it did not
+draw, so that it is not compared with itself, or one half of the training split against the other where it drew
+nearly all of them):
+  detection_auc  a HistGradientBoosting classifier is trained to tell real rows from the generator's rows (all
+                 columns, target included; equally many of each, at most 2,000, seed fixed) and its ROC AUC is read on
+                 held-out rows of both (half of each): 0.5 = indistinguishable, 1.0 = every row gives itself away;
+  columns        per column: numbers, the 1-D Wasserstein distance divided by the real column's std (so that columns
+                 compare; missing values left out); categories, the total variation distance (missing is a value of
+                 its own); wasserstein_mean and tv_mean average them.
+Prints JSON {dataset: {generator: {"syn", "real", "ratio", "valid_share", "copy_share", "dcr_median", "rows",
+"detection_auc", "wasserstein_mean", "tv_mean", "columns"}}} and a table.
 """
 
 import argparse
@@ -19,7 +29,8 @@ import json
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-from sklearn.metrics import f1_score, r2_score
+from sklearn.metrics import f1_score, r2_score, roc_auc_score
+from sklearn.model_selection import train_test_split
 
 from llama_mp import cli
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
@@ -74,18 +85,87 @@ def synthetic_rows(path: str, schema: Schema) -> tuple[list[dict], int]:
     return valid, len(texts)
 
 
-def generator_figures(schema, encoder, rows, total, train, test, real_score, train_keys, train_matrix, seed) -> dict:
+def is_categorical(schema: Schema, column: str) -> bool:
+    return schema.columns[column] == "category" or (column == schema.target and schema.task == "classification")
+
+
+def wasserstein_1d(a, b) -> float:
+    """W1 between two empirical distributions: the area between their CDFs."""
+    a, b = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    grid = np.sort(np.concatenate([a, b]))
+    cdf_a = np.searchsorted(a, grid[:-1], side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid[:-1], side="right") / len(b)
+    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(grid)))
+
+
+def total_variation(a: list, b: list) -> float:
+    """Half the L1 distance between the value frequencies of two samples (None is a value of its own)."""
+    values = set(a) | set(b)
+    return 0.5 * sum(abs(a.count(v) / len(a) - b.count(v) / len(b)) for v in values)
+
+
+def column_distances(schema: Schema, real: list[dict], syn: list[dict]) -> dict:
+    """{column: TV (categories) or W1 / real std (numbers)}; None where a sample has no value at all."""
+    out = {}
+    for column in schema.columns:
+        if is_categorical(schema, column):
+            out[column] = round(total_variation([r[column] for r in real], [r[column] for r in syn]), 4)
+            continue
+        a = np.array([r[column] for r in real if r[column] is not None], dtype=float)
+        b = np.array([r[column] for r in syn if r[column] is not None], dtype=float)
+        out[column] = round(wasserstein_1d(a, b) / (a.std() or 1.0), 4) if len(a) and len(b) else None
+    return out
+
+
+def detection_matrix(schema: Schema, encoder: Encoder, rows: list[dict]) -> np.ndarray:
+    """The booster's features plus the target (coded like a category for classification)."""
+    if is_categorical(schema, schema.target):
+        codes = {v: i for i, v in enumerate(schema.categories.get(schema.target, []))}
+        target = [codes.get(str(r[schema.target]), np.nan) if r[schema.target] is not None else np.nan for r in rows]
+    else:
+        target = [np.nan if r[schema.target] is None else float(r[schema.target]) for r in rows]
+    return np.concatenate([encoder.booster_matrix(rows), np.array(target, dtype=float)[:, None]], axis=1)
+
+
+def detection_auc(schema: Schema, encoder: Encoder, real: list[dict], syn: list[dict], seed: int = 0,
+                  max_rows: int = 2000) -> float:
+    """ROC AUC of a classifier telling real from synthetic rows, on held-out rows (balanced classes)."""
+    rng = np.random.default_rng(seed)
+    n = min(len(real), len(syn), max_rows)
+    if n < 4:
+        return None
+    picked = [[rows[i] for i in rng.choice(len(rows), size=n, replace=False)] for rows in (real, syn)]
+    x = np.concatenate([detection_matrix(schema, encoder, rows) for rows in picked])
+    y = np.array([0] * n + [1] * n)
+    x_fit, x_held, y_fit, y_held = train_test_split(x, y, test_size=0.5, stratify=y, random_state=seed)
+    mask = encoder.categorical_mask() + [is_categorical(schema, schema.target)]
+    model = HistGradientBoostingClassifier(categorical_features=mask, random_state=seed).fit(x_fit, y_fit)
+    return float(roc_auc_score(y_held, model.predict_proba(x_held)[:, 1]))
+
+
+def generator_figures(schema, encoder, rows, total, train, test, real_score, train_keys, train_matrix, seed,
+                      fidelity=None) -> dict:
+    """`fidelity`: (rows, real reference) for the fidelity figures (default: these rows against the training split)."""
     if not rows:
         return {"syn": None, "real": round(real_score, 4), "ratio": 0.0, "valid_share": 0.0, "copy_share": 0.0,
-                "dcr_median": None, "rows": 0}
+                "dcr_median": None, "rows": 0, "detection_auc": None, "wasserstein_mean": None, "tv_mean": None,
+                "columns": {}}
     syn = score(schema, encoder, rows, test, seed)
     copies = sum(json.dumps(r, sort_keys=True, default=str) in train_keys for r in rows)
     matrix = encoder.distance_matrix(rows[:500])
     squared = (matrix ** 2).sum(1)[:, None] + (train_matrix ** 2).sum(1)[None, :] - 2 * matrix @ train_matrix.T
     nearest = np.sqrt(np.clip(squared.min(axis=1), 0, None))
+    fidelity_rows, reference = fidelity or (rows, train)
+    auc = detection_auc(schema, encoder, reference, fidelity_rows, seed)
+    columns = column_distances(schema, reference, fidelity_rows)
+    numeric = [d for c, d in columns.items() if not is_categorical(schema, c) and d is not None]
+    categorical = [d for c, d in columns.items() if is_categorical(schema, c)]
     return {"syn": round(syn, 4), "real": round(real_score, 4), "ratio": round(syn / real_score, 4) if real_score else None,
             "valid_share": round(len(rows) / max(total, 1), 4), "copy_share": round(copies / len(rows), 4),
-            "dcr_median": round(float(np.median(nearest)), 4), "rows": len(rows)}
+            "dcr_median": round(float(np.median(nearest)), 4), "rows": len(rows),
+            "detection_auc": None if auc is None else round(auc, 4),
+            "wasserstein_mean": round(float(np.mean(numeric)), 4) if numeric else None,
+            "tv_mean": round(float(np.mean(categorical)), 4) if categorical else None, "columns": columns}
 
 
 def evaluate(schema: Schema, rows: list[dict], split: dict, synthetic: dict[str, tuple[list[dict], int]],
@@ -94,22 +174,32 @@ def evaluate(schema: Schema, rows: list[dict], split: dict, synthetic: dict[str,
     encoder = Encoder(schema, train)
     real_score = score(schema, encoder, train, test, seed)
     rng = np.random.default_rng(seed)
-    real_sample = [train[i] for i in rng.choice(len(train), size=min(n_rows, len(train)), replace=False)]
+    drawn = rng.choice(len(train), size=min(n_rows, len(train)), replace=False)
+    real_sample = [train[i] for i in drawn]
+    drawn_set = set(drawn.tolist())
+    not_drawn = [r for i, r in enumerate(train) if i not in drawn_set]
+    # real's fidelity: against the training rows it did not draw; where it drew (nearly) all of them (a small table),
+    # one random half of the training split against the other
+    halves = rng.permutation(len(train))
+    real_fidelity = ((real_sample, not_drawn) if len(not_drawn) >= len(real_sample) // 2 else
+                     ([train[i] for i in halves[:len(train) // 2]], [train[i] for i in halves[len(train) // 2:]]))
     generators = {"real": (real_sample, len(real_sample)), "naive": (naive_rows(schema, train, n_rows, seed), n_rows),
                   **synthetic}
     train_keys = {json.dumps(r, sort_keys=True, default=str) for r in train}
     train_matrix = encoder.distance_matrix(train)
     return {name: generator_figures(schema, encoder, gen_rows, total, train, test, real_score, train_keys,
-                                    train_matrix, seed)
+                                    train_matrix, seed, fidelity=real_fidelity if name == "real" else None)
             for name, (gen_rows, total) in generators.items()}
 
 
 def table(results: dict) -> str:
-    lines = ["| data set | generator | syn | real | ratio | valid | copies | DCR median |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| data set | generator | syn | real | ratio | valid | copies | DCR median | detection AUC | W1/std mean "
+             "| TV mean |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for dataset, gens in results.items():
-        for name, f in gens.items():
+        for name, f in gens.items():  # .get: reports written before the fidelity figures existed still print
             lines.append(f"| {dataset} | {name} | {f['syn']} | {f['real']} | {f['ratio']} | {f['valid_share']} | "
-                         f"{f['copy_share']} | {f['dcr_median']} |")
+                         f"{f['copy_share']} | {f['dcr_median']} | {f.get('detection_auc')} | "
+                         f"{f.get('wasserstein_mean')} | {f.get('tv_mean')} |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,8 @@
       --num_client 4 --split_method dirichlet --alpha 0.5 --output_dir runs/tabular/fed        # r0_s2: real rows
   python -m step0_coldstart.sft_federated --dataset configs/tabular/abalone.yaml --split_type train \
       --input_file runs/tabular/r1/abalone.syn.csv --output_dir runs/tabular/syn1_fed            # r1_s3: synthetic rows
+  python -m step0_coldstart.sft_federated --dataset configs/tabular/med.yaml --split_method site \
+      --output_dir runs/tabular/fed                                                # one client per hospital site
 
 Rows come from the data set's own split (--split_type train | val | test, the persisted split) or from --input_file, a
 CSV with the schema's columns (the synthetic rows of r1_s2). Each row becomes
@@ -12,6 +14,10 @@ in <output_dir>/<name>_client_<i>.<split_type>.jsonl. Rows without a target are 
 Split methods: `none` gives every client all rows (the reference's scripts use one client); `dirichlet` is the usual
 label-skewed split: for every label, client shares are drawn from Dirichlet(alpha) and that label's rows (shuffled) are
 cut by them, so each row goes to exactly one client. Regression targets are cut into --num_bins quantile bins first.
+`site` gives one client per value of a column (--site_column, default the YAML's site_column): client i holds exactly
+the rows of the i-th site in sorted order of the site values; the sites are those of the real data, so the synthetic
+rows of r1_s3 get the same client numbers (rows without a site are skipped, counted); --num_client, when given, must
+equal the number of sites.
 """
 
 import argparse
@@ -43,6 +49,11 @@ def client_split(labels: list[str], num_client: int, method: str, alpha: float =
     return [sorted(c) for c in clients]
 
 
+def site_split(sites: list, names: list[str]) -> list[list[int]]:
+    """Row indices per client: client i holds exactly the rows whose site is names[i]."""
+    return [[i for i, site in enumerate(sites) if site == name] for name in names]
+
+
 def federated_records(schema: Schema, rows: list[dict]) -> list[dict]:
     return [{"input": task_question(schema, r), "output": answer_text(schema, r)} for r in rows]
 
@@ -54,8 +65,9 @@ def main() -> None:
     parser.add_argument("--ds_name", default=None, help="name in the output files (default: the YAML's name)")
     parser.add_argument("--input_file", default=None, help="CSV of rows (default: the data set's own split)")
     parser.add_argument("--split_type", choices=["train", "val", "test"], default="train")
-    parser.add_argument("--num_client", type=cli.positive_int, default=1)
-    parser.add_argument("--split_method", choices=["none", "dirichlet"], default="none")
+    parser.add_argument("--num_client", type=cli.positive_int, default=None, help="default 1 (site: the site count)")
+    parser.add_argument("--split_method", choices=["none", "dirichlet", "site"], default="none")
+    parser.add_argument("--site_column", default=None, help="site split: the column (default: the YAML's site_column)")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--num_bins", type=cli.positive_int, default=4, help="target bins of a regression data set")
     parser.add_argument("--seed", type=int, default=42)
@@ -72,17 +84,35 @@ def main() -> None:
     else:
         rows = [real[i] for i in splits(schema, len(real), opts.splits_dir)[opts.split_type]]
     usable = [r for r in rows if r[schema.target] is not None]  # none at all: empty client files (nothing to learn)
+    sites = []
+    if opts.split_method == "site":
+        column = opts.site_column or schema.site_column
+        if not column:
+            raise ValueError(f"{opts.dataset}: --split_method site needs --site_column or the YAML's site_column")
+        if column not in schema.features:
+            raise ValueError(f"--site_column {column!r}: not a feature column of {opts.dataset}")
+        sites = sorted({str(r[column]) for r in real if r[column] is not None})
+        if opts.num_client not in (None, len(sites)):
+            raise ValueError(f"--num_client {opts.num_client}: {opts.dataset} has {len(sites)} sites in {column} "
+                             f"({', '.join(sites)})")
+        usable = [r for r in usable if r[column] is not None]  # a row without a site belongs to no client
+    num_client = len(sites) if sites else opts.num_client or 1
     name = opts.ds_name or schema.name
-    paths = [os.path.join(opts.output_dir, f"{name}_client_{i}.{opts.split_type}.jsonl") for i in range(opts.num_client)]
+    paths = [os.path.join(opts.output_dir, f"{name}_client_{i}.{opts.split_type}.jsonl") for i in range(num_client)]
     outputs.claim(paths, outputs.command_settings(opts), opts.overwrite)
-    clients = client_split(target_bins(schema, usable, opts.num_bins) if usable else [], opts.num_client, opts.split_method, opts.alpha,
-                           opts.seed)
+    if sites:
+        clients = site_split([str(r[column]) for r in usable], sites)
+    else:
+        clients = client_split(target_bins(schema, usable, opts.num_bins) if usable else [], num_client,
+                               opts.split_method, opts.alpha, opts.seed)
     records = federated_records(schema, usable)
     for path, indices in zip(paths, clients):
         write_jsonl_atomic(path, [records[i] for i in indices])
     outputs.complete(paths)
-    print(f"{len(usable)} rows ({len(rows) - len(usable)} without a target skipped) -> {opts.num_client} clients "
-          f"({opts.split_method}): {[len(c) for c in clients]} rows in {opts.output_dir}")
+    skipped = len(rows) - len(usable)
+    print(f"{len(usable)} rows ({skipped} without a target{' or a site' if sites else ''} skipped) -> {num_client} "
+          f"clients ({opts.split_method}{': ' + ', '.join(sites) if sites else ''}): {[len(c) for c in clients]} rows "
+          f"in {opts.output_dir}")
 
 
 if __name__ == "__main__":

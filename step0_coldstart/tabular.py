@@ -2,11 +2,14 @@
 
 A data set YAML (see configs/tabular/) gives: name, csv, target, task (classification | regression), columns (ordered
 name -> float | int | category), and optionally labels (raw target value -> the text a model writes), missing
-(markers read as a missing value, besides the empty string), strip (strip spaces around values), float_precision
-(decimals written for floats, default 4), split (seed, val and test fractions), task_prompt (the question a model
-answers to predict the target from a row's features, with `{}` where the features go; a generic one is made from the
-target and its label texts when absent). Columns of the CSV not listed are dropped. A user adds a data set by writing
-such a file: no code.
+(markers read as a missing value, besides the empty string, compared with the cell's text: a list for every column,
+or a mapping column -> list, e.g. {chol: [0]}), derive (columns computed from another CSV column's text:
+{name: {from: column, map: {text: value}, default: value}}; a text not in map takes default, or is an error without
+one; the derived column is declared in columns like any other), site_column (the column that names each row's site:
+one federated client per site), strip (strip spaces around values), float_precision (decimals written for floats,
+default 4), split (seed, val and test fractions), task_prompt (the question a model answers to predict the target
+from a row's features, with `{}` where the features go; a generic one is made from the target and its label texts
+when absent). Columns of the CSV not listed are dropped. A user adds a data set by writing such a file: no code.
 
 Serialisation is strict JSON: the keys in the YAML's column order, floats rounded to float_precision decimals, ints as
 integers, categories as strings, missing values as null; the target written as its label text. The parser is tolerant
@@ -41,7 +44,10 @@ class Schema:
     task: str
     columns: dict[str, str]
     labels: dict[str, str] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # markers of every column
+    column_missing: dict[str, list[str]] = field(default_factory=dict)  # markers of one column
+    derive: dict[str, dict] = field(default_factory=dict)  # name -> {"from", "map", "default"}
+    site_column: str = ""
     strip: bool = False
     float_precision: int = 4
     split: dict = field(default_factory=lambda: {"seed": 0, "val": 0.1, "test": 0.2})
@@ -57,8 +63,8 @@ class Schema:
 def load_schema(path: str, root: Optional[str] = None) -> Schema:
     """A Schema from YAML, checked: every problem is a one-line error naming the file."""
     raw = read_yaml(path, "data set YAML")
-    known = {"name", "csv", "target", "task", "columns", "labels", "missing", "strip", "float_precision", "split",
-             "task_prompt"}
+    known = {"name", "csv", "target", "task", "columns", "labels", "missing", "derive", "site_column", "strip",
+             "float_precision", "split", "task_prompt"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}")
@@ -80,16 +86,80 @@ def load_schema(path: str, root: Optional[str] = None) -> Schema:
     task_prompt = raw.get("task_prompt") or ""
     if task_prompt and task_prompt.count("{}") != 1:
         raise ValueError(f"{path}: task_prompt must contain exactly one {{}} where the features go")
+    derive = check_derive(path, raw.get("derive"), columns)
+    sources = {d["from"] for d in derive.values()}
+    missing, column_missing = check_missing(path, raw.get("missing"), set(columns) | sources)
+    site_column = raw.get("site_column") or ""
+    if site_column and (site_column not in columns or site_column == raw["target"]):
+        raise ValueError(f"{path}: site_column {site_column!r} is not among the feature columns")
     root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     csv_path = raw["csv"] if os.path.isabs(raw["csv"]) else os.path.join(root, raw["csv"])
     schema = Schema(name=raw["name"], csv=csv_path, target=raw["target"], task=raw["task"],
                     columns={str(k): v for k, v in columns.items()},
                     labels={str(k): str(v) for k, v in (raw.get("labels") or {}).items()},
-                    missing=[str(m) for m in raw.get("missing") or []], strip=bool(raw.get("strip", False)),
+                    missing=missing, column_missing=column_missing, derive=derive, site_column=site_column,
+                    strip=bool(raw.get("strip", False)),
                     float_precision=int(raw.get("float_precision", 4)),
                     split={"seed": 0, "val": 0.1, "test": 0.2, **(raw.get("split") or {})},
                     task_prompt=task_prompt, path=path)
     return schema
+
+
+def is_scalar(value) -> bool:
+    """A plain YAML value that stands for a text; not a boolean (YAML reads bare no/yes/TRUE as one: quote them)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def check_missing(path: str, raw, names: set) -> tuple[list[str], dict[str, list[str]]]:
+    """YAML `missing` -> (markers of every column, {column: its own markers}); markers as the CSV's text."""
+    if raw is None:
+        return [], {}
+    if isinstance(raw, list):
+        if not all(is_scalar(m) for m in raw):
+            raise ValueError(f"{path}: missing must list plain values, quoted where YAML would read a boolean "
+                             f"(or map columns to such lists)")
+        return [str(m) for m in raw], {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: missing must be a list of markers or a mapping column -> list of markers")
+    for column, markers in raw.items():
+        if column not in names:
+            raise ValueError(f"{path}: missing.{column}: not a declared column (nor a derive source)")
+        if not isinstance(markers, list) or not all(is_scalar(m) for m in markers):
+            raise ValueError(f"{path}: missing.{column}: expected a list of plain values, e.g. [0] or ['TRUE']")
+    return [], {str(c): [str(m) for m in markers] for c, markers in raw.items()}
+
+
+def check_derive(path: str, raw, columns: dict) -> dict[str, dict]:
+    """YAML `derive` -> {name: {"from", "map", "default"}}, every entry checked (plain data, no code)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: derive must map each new column to {{from: column, map: {{...}}, default: value}}")
+    out = {}
+    for name, spec in raw.items():
+        where = f"{path}: derive.{name}"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: expected {{from: column, map: {{...}}, default: value}}")
+        unknown = sorted(set(spec) - {"from", "map", "default"})
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown} (from, map, default)")
+        if not isinstance(spec.get("from"), str) or not spec["from"]:
+            raise ValueError(f"{where}: 'from' must name the CSV column it is computed from")
+        if spec["from"] in raw:
+            raise ValueError(f"{where}: 'from' names another derived column ({spec['from']!r})")
+        mapping = spec.get("map") or {}
+        if not isinstance(mapping, dict) or not all(is_scalar(v) for kv in mapping.items() for v in kv):
+            raise ValueError(f"{where}: 'map' must map source texts to plain values (quote no/yes/true/false)")
+        default = spec.get("default")
+        if default is not None and not is_scalar(default):
+            raise ValueError(f"{where}: 'default' must be a plain value (quote no/yes/true/false)")
+        if not mapping and default is None:
+            raise ValueError(f"{where}: give 'map', 'default' or both")
+        if name not in columns:
+            raise ValueError(f"{where}: declare the derived column in columns (with its type)")
+        out[str(name)] = {"from": spec["from"], "map": {str(k): str(v) for k, v in mapping.items()},
+                          "default": None if default is None else str(default)}
+    return out
 
 
 def load_rows(schema: Schema) -> list[dict[str, Any]]:
@@ -99,10 +169,14 @@ def load_rows(schema: Schema) -> list[dict[str, Any]]:
     with open(schema.csv, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, skipinitialspace=schema.strip)
         header = [h.strip() for h in next(reader, [])]
-        absent = [c for c in schema.columns if c not in header]
+        clash = [c for c in schema.derive if c in header]
+        if clash:
+            raise ValueError(f"{schema.csv}: already has a column {clash[0]!r}, which {schema.path} derives")
+        read = [c for c in schema.columns if c not in schema.derive] + [d["from"] for d in schema.derive.values()]
+        absent = [c for c in read if c not in header]
         if absent:
             raise ValueError(f"{schema.csv}: no column {absent[0]!r} (declared in {schema.path})")
-        index = {c: header.index(c) for c in schema.columns}
+        index = {c: header.index(c) for c in read}
         rows = []
         for line, values in enumerate(reader, start=2):
             if not values:
@@ -111,9 +185,14 @@ def load_rows(schema: Schema) -> list[dict[str, Any]]:
                 raise ValueError(f"{schema.csv}:{line}: {len(values)} fields, the header has {len(header)}")
             row = {}
             for column, kind in schema.columns.items():
-                text = values[index[column]]
-                text = text.strip() if schema.strip else text
-                if text == "" or text in schema.missing:
+                derived = schema.derive.get(column)
+                text = cell(values, index, derived["from"] if derived else column, schema)
+                if text is not None and derived:
+                    text = derived["map"].get(text, derived["default"])
+                    if text is None:
+                        raise ValueError(f"{schema.csv}:{line}: {derived['from']}={values[index[derived['from']]]!r}"
+                                         f" is not in derive.{column}.map of {schema.path} (and it has no default)")
+                if text is None:
                     row[column] = None
                     continue
                 try:
@@ -128,6 +207,15 @@ def load_rows(schema: Schema) -> list[dict[str, Any]]:
     schema.categories = {c: sorted({str(r[c]) for r in rows if r[c] is not None})
                          for c, kind in schema.columns.items() if kind == "category"}
     return rows
+
+
+def cell(values: list[str], index: dict[str, int], column: str, schema: Schema) -> Optional[str]:
+    """A CSV cell's text, or None when it is empty or one of the missing markers (global or the column's own)."""
+    text = values[index[column]]
+    text = text.strip() if schema.strip else text
+    if text == "" or text in schema.missing or text in schema.column_missing.get(column, ()):
+        return None
+    return text
 
 
 def read_rows_csv(path: str, schema: Schema, what: str = "rows") -> list[dict]:

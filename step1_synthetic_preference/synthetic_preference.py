@@ -98,6 +98,44 @@ def truncate_tokens(tokenizer: Tokenizer, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
+def judge_sequences(tokenizer: Tokenizer, chat, template: str, principles: list[dict], pair: dict,
+                    max_instruction_tokens: int, max_response_tokens: int) -> list[list[list[int]]]:
+    """The judge prompts of a pair as tokens, in the chat format `chat`: [order (1, 2), order (2, 1)], each one per
+    principle."""
+    instruction = truncate_tokens(tokenizer, instruction_text(pair), max_instruction_tokens)
+    out1 = truncate_tokens(tokenizer, pair["output_1"], max_response_tokens)
+    out2 = truncate_tokens(tokenizer, pair["output_2"], max_response_tokens)
+    return [[tokenizer.encode(chat.conversation(judge_prompt(template, instruction, a, b, p["dimension"],
+                                                               p["definition"])),
+                              bos=True, eos=False) for p in principles] for a, b in ((out1, out2), (out2, out1))]
+
+
+def judge_chunk(sampler, chat, chunk: list[dict], principles: list[dict], template: str, id_a: int, id_b: int,
+                max_instruction_tokens: int, max_response_tokens: int, prefix_reuse: bool = True) -> list[dict]:
+    """Judgment records of a chunk of pairs (every principle, both orders): what this command and judge_agreement
+    run. A pair whose longest judge prompt exceeds the sampler's max_seq_len is recorded as skipped."""
+    seqs = [judge_sequences(sampler.tokenizer, chat, template, principles, pair, max_instruction_tokens,
+                            max_response_tokens) for pair in chunk]
+    fits = [max(len(s) for order in pair_seqs for s in order) <= sampler.max_seq_len for pair_seqs in seqs]
+    if not prefix_reuse:
+        flat = [s for pair_seqs, ok in zip(seqs, fits) if ok for order in pair_seqs for s in order]
+        logits = sampler.next_token_logits(flat, desc="judge") if flat else None
+        per_pair, at = [], 0
+        for ok in fits:
+            n = 2 * len(principles) if ok else 0
+            per_pair.append(logits[at:at + n].view(2, len(principles), -1) if ok else None)
+            at += n
+    else:
+        per_pair = []
+        for pair_seqs, ok in zip(seqs, fits):
+            if ok:
+                prefix, branches = split_shared(pair_seqs)
+                per_pair.append(sampler.next_token_logits_shared(prefix, branches))
+            else:
+                per_pair.append(None)
+    return [r for pair, logits in zip(chunk, per_pair) for r in judgments(pair, principles, logits, id_a, id_b)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.synthetic_preference",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,34 +174,9 @@ def main() -> None:
               + (f"; {dropped} pairs dropped (a response shorter than {opts.min_response_chars} chars)"
                  if dropped else ""), flush=True)
 
-    def sequences(pair: dict) -> list[list[list[int]]]:
-        instruction = truncate_tokens(tokenizer, instruction_text(pair), opts.max_instruction_tokens)
-        out1 = truncate_tokens(tokenizer, pair["output_1"], opts.max_response_tokens)
-        out2 = truncate_tokens(tokenizer, pair["output_2"], opts.max_response_tokens)
-        return [[tokenizer.encode(chat.conversation(judge_prompt(template, instruction, a, b, p["dimension"],
-                                                                   p["definition"])),
-                                  bos=True, eos=False) for p in principles] for a, b in ((out1, out2), (out2, out1))]
-
     def process(chunk: list[dict]) -> list[dict]:
-        seqs = [sequences(pair) for pair in chunk]
-        fits = [max(len(s) for order in pair_seqs for s in order) <= sampler.max_seq_len for pair_seqs in seqs]
-        if opts.no_prefix_reuse:
-            flat = [s for pair_seqs, ok in zip(seqs, fits) if ok for order in pair_seqs for s in order]
-            logits = sampler.next_token_logits(flat, desc="judge") if flat else None
-            per_pair, at = [], 0
-            for ok in fits:
-                n = 2 * len(principles) if ok else 0
-                per_pair.append(logits[at:at + n].view(2, len(principles), -1) if ok else None)
-                at += n
-        else:
-            per_pair = []
-            for pair_seqs, ok in zip(seqs, fits):
-                if ok:
-                    prefix, branches = split_shared(pair_seqs)
-                    per_pair.append(sampler.next_token_logits_shared(prefix, branches))
-                else:
-                    per_pair.append(None)
-        return [r for pair, logits in zip(chunk, per_pair) for r in judgments(pair, principles, logits, id_a, id_b)]
+        return judge_chunk(sampler, chat, chunk, principles, template, id_a, id_b, opts.max_instruction_tokens,
+                           opts.max_response_tokens, prefix_reuse=not opts.no_prefix_reuse)
 
     jobs.run(opts.output_file, pairs, lambda p: p["id"], opts.pairs_per_chunk, process, info, "judge")
     records = jobs.merge(opts.output_file, lambda r: (r["id"], r["principle_index"]), info)
