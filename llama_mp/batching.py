@@ -1,10 +1,9 @@
-"""Right-padded token batches, the one way every step builds them, and the log-probs read from them.
+"""Right-padded token batches, the one way every step builds them (their log-probs: llama_mp/logprobs.py).
 
 Right padding is exact under causal attention: a real token never attends to the pads after it, so a row's results do
-not depend on its batch-mates."""
+not depend on its batch-mates (in float32; under bf16 autocast the padded width changes some roundings)."""
 
 import torch
-import torch.nn.functional as F
 
 
 def right_pad(sequences: list[list[int]], device, width: int = 0) -> torch.Tensor:
@@ -28,9 +27,3 @@ def prompt_response_batch(pairs: list[tuple[list[int], list[int]]], device) -> d
     for row, (prompt, response) in enumerate(pairs):
         mask[row, len(prompt):len(prompt) + len(response)] = 1.0
     return {"tokens": tokens, "mask": mask, "num_tokens": sum(len(p) + len(r) for p, r in pairs)}
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: [B, T - 1], from logits [B, T, V] (position t - 1 predicts t)."""
-    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-    return logp.view(tokens.shape[0], -1)

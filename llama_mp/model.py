@@ -3,7 +3,11 @@
 One class serves inference and training:
   - inference: `forward(tokens, start_pos, cache)` appends keys/values to a `KVCache` and attends over it;
   - training: `forward(tokens)` without a cache is a plain causal forward with autograd;
-  - `return_hidden=True` gives the final-norm hidden states instead of logits (scalar heads read them).
+  - `return_hidden=True` gives the final-norm hidden states instead of logits (scalar heads read them, and training
+    losses take token log-probs from them through llama_mp/logprobs.py, never [batch, time, vocab] logits);
+    `last_only=True` runs the output layer on the last position only (a sampler's prefill);
+  - under torch.autocast the residual stream stays float32; `activation_checkpointing` recomputes each block in the
+    backward pass.
 Tensor parallelism is expressed only by the layer classes: column-parallel wq/wk/wv/w1/w3/output, row-parallel wo/w2,
 and a parallel embedding (split along the embedding dim, or along the vocabulary when the output is tied to it).
 """

@@ -10,6 +10,13 @@ that makes one micro-batch, and `loss(module, batch) -> (loss, metrics)`. The lo
     schedule, step, data position, RNG), written to `checkpoint-N.tmp` and renamed when complete; `resume=True`
     continues from the latest complete one and ends with the same weights as an uninterrupted run;
   - metrics as JSONL on rank 0 (`metrics.jsonl`) with a progress line.
+Precision (`precision`): the weights the optimizer updates, their gradients and its state are float32; "bf16" runs the
+forward and backward under torch.autocast (bfloat16 matmuls and attention; the residual stream, RMSNorm, softmax and
+every loss reduction in float32), "auto" picks bf16 where the device computes it natively (CUDA with bf16, a CPU with
+AVX512-BF16 or AMX) and fp32 elsewhere; the choice is logged with every metrics record. With LoRA (`lora_rank` > 0)
+only the adapters (and a task's heads) are trained, the frozen base may be held in the compute dtype, and checkpoints
+hold the adapters and a pointer to the base (llama_mp/lora.py). `activation_checkpointing` recomputes each transformer
+block in the backward pass instead of keeping its activations.
 """
 
 import glob
@@ -26,10 +33,11 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
-from llama_mp import cli
-from llama_mp.checkpoint import load_weights, save_params, save_shard, split_dim
+from llama_mp import cli, lora
+from llama_mp.checkpoint import (LATEST, latest_checkpoint, load_weights, save_params, save_shard, split_dim,
+                                 write_latest)
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_yaml, write_json_atomic, write_text_atomic
+from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_yaml, write_json_atomic
 from llama_mp.model import Transformer
 from llama_mp.progress import Progress
 
@@ -54,20 +62,68 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     eval_every: int = 0
     keep_checkpoints: int = 2
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the device computes it natively)
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets; the base stays frozen
+    lora_alpha: float = 16.0  # adapter output scale alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
 
 
-def _shard_flags(module: torch.nn.Module, backbone: Transformer) -> dict[str, bool]:
-    """name -> whether the parameter is split across model-parallel ranks (False: replicated on every rank)."""
-    flags = {}
-    for name, _ in module.named_parameters():
-        if module is backbone:
-            key = name
-        else:
-            key = name.split(".", 1)[1] if name.startswith("model.") else None
-        try:
-            flags[name] = key is not None and split_dim(key, backbone.args) is not None
-        except ValueError:
-            flags[name] = False
+def bf16_native(device: torch.device) -> bool:
+    """Whether this device computes bfloat16 natively (elsewhere it is emulated, slower than float32)."""
+    if device.type == "cuda":  # Ampere and later (older GPUs only emulate it)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        with open("/proc/cpuinfo") as f:
+            flags = set(" ".join(line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))).split())
+    except (OSError, RuntimeError, AttributeError, IndexError):
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if bf16_native(device) else "fp32"
+    if name not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {name!r}")
+    return name
+
+
+def compute_context(precision: str, device: torch.device):
+    """Where forward passes run: autocast to bfloat16 for "bf16" (the weights stay float32), nothing for "fp32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def backbone_dtype(config: "TrainConfig", device: torch.device) -> torch.dtype:
+    """The dtype to load a trained backbone in: float32 (the weights the optimizer updates), or under LoRA, where the
+    base is frozen, the compute dtype (half the memory; autocast would round it to bfloat16 for every matmul anyway)."""
+    if config.lora_rank > 0 and resolve_precision(config.precision, device) == "bf16":
+        return torch.bfloat16
+    return torch.float32
+
+
+def add_lora(model: Transformer, config: "TrainConfig", base_dir: str) -> Transformer:
+    """The training config's LoRA adapters on `model` (nothing when lora_rank is 0)."""
+    if config.lora_rank > 0:
+        lora.apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                        seed=config.seed, base_dir=base_dir)
+    return model
+
+
+def _shard_flags(module: torch.nn.Module) -> dict[str, bool]:
+    """name -> whether the parameter is split across model-parallel ranks (False: replicated on every rank), for the
+    parameters of every Transformer inside the module (a task's heads are replicated)."""
+    flags = {name: False for name, _ in module.named_parameters()}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, Transformer):
+            for name, _ in sub.named_parameters():
+                dim = lora.split_dim(name) if lora.is_adapter_key(name) else split_dim(name, sub.args)
+                flags[f"{prefix}.{name}" if prefix else name] = dim is not None
     return flags
 
 
@@ -111,7 +167,7 @@ def load_config(cls, opts, yaml_path: Optional[str]):
 
 def resume_args(output_dir: str) -> list[str]:
     """["--resume"] when <output_dir> holds a checkpoint: how a driver reruns a killed training command."""
-    return ["--resume"] if os.path.exists(os.path.join(output_dir, "latest")) else []
+    return ["--resume"] if os.path.exists(os.path.join(output_dir, LATEST)) else []
 
 
 def parse_task_args(parser, task_options) -> tuple:
@@ -120,7 +176,9 @@ def parse_task_args(parser, task_options) -> tuple:
     parser.add_argument("--config", help="YAML with training and task options (every key is also a flag)")
     parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/latest")
     parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto")
+    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto",
+                        help="frozen models besides the trained one (PPO's reward model); the trained weights are "
+                             "float32, computed in --precision")
     add_config_flags(parser, TrainConfig, task_options)
     args = parser.parse_args()
     check_config_keys(args.config, TrainConfig, task_options)
@@ -160,7 +218,16 @@ class Trainer:
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
-        self.sharded = _shard_flags(module, backbone)
+        self.sharded = _shard_flags(module)
+        self.precision = resolve_precision(config.precision, info.device)
+        for sub in module.modules():
+            if isinstance(sub, Transformer):
+                sub.activation_checkpointing = config.activation_checkpointing
+
+    def autocast(self):
+        """The compute context of this run's precision (tasks use it for forward passes outside `update` too, e.g.
+        PPO's rollout log-probs, so that they match the ones the loss recomputes)."""
+        return compute_context(self.precision, self.info.device)
 
     def set_total_steps(self, total: int) -> None:
         """For tasks that count their own optimizer steps (PPO): the schedule's length, warmup included."""
@@ -200,7 +267,8 @@ class Trainer:
         totals: dict[str, float] = {"tokens": 0.0}
         for examples in micro_batches:
             batch = self.collate(examples)
-            loss, metrics = self.loss_fn(self.module, batch)
+            with self.autocast():
+                loss, metrics = self.loss_fn(self.module, batch)
             # each example weighs the same however the step is split into replicas and micro-batches: the replicas'
             # gradients are summed, so each scales its share by its examples over the global count
             (loss * len(examples) / n_global).backward()
@@ -275,8 +343,9 @@ class Trainer:
         """What every trainer's command does: record the run's options in <output_dir>/config.json, announce it, fit,
         and report the last step's metrics (rank 0 prints)."""
         if self.info.is_main:
-            write_json_atomic(os.path.join(self.cfg.output_dir, "config.json"), {"train": asdict(self.cfg), **options})
-            print(f"[{self.task}] {what}; {self.total_steps} steps", flush=True)
+            write_json_atomic(os.path.join(self.cfg.output_dir, "config.json"),
+                              {"train": asdict(self.cfg), "precision": self.precision, **options})
+            print(f"[{self.task}] {what}; {self.total_steps} steps, precision {self.precision}", flush=True)
         final = self.fit(resume=resume)
         if self.info.is_main:
             print(f"[{self.task}] done: {json.dumps(final)}", flush=True)
@@ -296,7 +365,8 @@ class Trainer:
             last = self.train_step()
             window_tokens += last.pop("tokens")
             progress.update(1)
-            record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **last}
+            record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **last,
+                      "precision": self.precision}
             if self.cfg.log_every and self.step % self.cfg.log_every == 0:
                 now = time.perf_counter()
                 record["tokens_per_s"] = round(window_tokens / max(now - window_start, 1e-9), 1)
@@ -321,8 +391,9 @@ class Trainer:
         return {k: v for k, v in state.items() if not k.startswith("model.")}
 
     def save(self) -> str:
-        """checkpoint-<step>/: Meta-layout shards + params.json, head.pth, trainer_state.NN.pth (per model-parallel
-        rank). Written under a .tmp name and renamed by rank 0 once every rank has written."""
+        """checkpoint-<step>/: Meta-layout shards + params.json (with LoRA: the adapters + adapter_config.json, see
+        llama_mp/lora.py), head.pth, trainer_state.NN.pth (per model-parallel rank). Written under a .tmp name and
+        renamed by rank 0 once every rank has written."""
         final = os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}")
         if os.path.isdir(final):  # this step is saved already (e.g. a finished run resumed): keep the complete one
             return final
@@ -333,8 +404,10 @@ class Trainer:
         barrier()
         mp_rank = self.info.model_parallel_rank
         if self.info.data_parallel_rank == 0:
-            backbone_state = self.backbone.state_dict()
-            save_shard(tmp, mp_rank, backbone_state, self.backbone.args)
+            if lora.has_adapters(self.backbone):  # the base is frozen: its checkpoint is the pointer
+                lora.save_adapters(tmp, mp_rank, self.backbone)
+            else:
+                save_shard(tmp, mp_rank, self.backbone.state_dict(), self.backbone.args)
             head = self.heads(self.module.state_dict())
             # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
@@ -343,14 +416,15 @@ class Trainer:
             torch.save(state, os.path.join(tmp, f"trainer_state.{mp_rank:02d}.pth"))
             if mp_rank == 0:
                 torch.save(head, os.path.join(tmp, "head.pth"))
-                save_params(tmp, self.backbone.args)
+                if not lora.has_adapters(self.backbone):
+                    save_params(tmp, self.backbone.args)
         if self.save_extra:
             self.save_extra(tmp)
         barrier()
         if self.info.is_main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            write_text_atomic(os.path.join(self.cfg.output_dir, "latest"), os.path.basename(final) + "\n")
+            write_latest(self.cfg.output_dir, final)
             if self.cfg.keep_checkpoints > 0:  # 0 keeps every checkpoint
                 for old in sorted(glob.glob(os.path.join(self.cfg.output_dir, "checkpoint-*[0-9]")),
                                   key=lambda p: int(p.rsplit("-", 1)[1]))[:-self.cfg.keep_checkpoints]:
@@ -359,12 +433,13 @@ class Trainer:
         return final
 
     def load_latest(self) -> bool:
-        pointer = os.path.join(self.cfg.output_dir, "latest")
-        if not os.path.exists(pointer):
+        ckpt = latest_checkpoint(self.cfg.output_dir)
+        if ckpt is None:
             return False
-        with open(pointer) as f:
-            ckpt = os.path.join(self.cfg.output_dir, f.read().strip())
-        load_weights(self.backbone, ckpt, self.info.model_parallel_size, self.info.model_parallel_rank)
+        if lora.has_adapters(self.backbone):
+            lora.load_adapters(self.backbone, ckpt, self.info.model_parallel_size, self.info.model_parallel_rank)
+        else:
+            load_weights(self.backbone, ckpt, self.info.model_parallel_size, self.info.model_parallel_rank)
         head = torch.load(os.path.join(ckpt, "head.pth"), map_location=self.info.device, weights_only=True)
         result = self.module.load_state_dict(head, strict=False)
         missing = sorted(set(self.heads(self.module.state_dict())) - set(head))
@@ -379,10 +454,10 @@ class Trainer:
         # The data position is the step number: it only means the same examples under the same batching and order.
         now = {**asdict(self.cfg), "data_parallel_size": self.info.data_parallel_size,
                "num_examples": len(self.examples)}
-        then = {**state["config"], "data_parallel_size": state["data_parallel_size"],
-                "num_examples": state["num_examples"]}
+        then = {**asdict(TrainConfig()), **state["config"],  # (older checkpoints lack the newer keys: defaults)
+                "data_parallel_size": state["data_parallel_size"], "num_examples": state["num_examples"]}
         changed = [k for k in ("micro_batch_size", "grad_accum", "seed", "epochs", "max_steps", "data_parallel_size",
-                               "num_examples") if now[k] != then[k]]
+                               "num_examples", "lora_rank", "lora_targets") if now[k] != then[k]]
         if changed:
             raise ValueError(f"{ckpt}: cannot resume with different {', '.join(changed)} "
                              f"({', '.join(f'{then[k]} -> {now[k]}' for k in changed)})")

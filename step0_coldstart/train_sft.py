@@ -13,12 +13,13 @@ import argparse
 from dataclasses import asdict, dataclass
 
 from llama_mp import cli, distributed
-from llama_mp.batching import prompt_response_batch, token_logprobs
+from llama_mp.batching import prompt_response_batch
 from llama_mp.chat import split_tokens
-from llama_mp.checkpoint import load_model
+from llama_mp.lora import load_model
 from llama_mp.jsonl import read_records
-from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import Trainer, parse_task_args, require
+from llama_mp.logprobs import response_logprobs
+from llama_mp.tokenizer import Tokenizer, load_tokenizer
+from llama_mp.train import Trainer, add_lora, backbone_dtype, parse_task_args, require
 
 
 @dataclass
@@ -53,21 +54,22 @@ def collate(examples: list[dict], device) -> dict:
 
 
 def response_loss(model, batch: dict):
-    """Mean negative log-likelihood of the response tokens."""
-    mask = batch["mask"][:, 1:]
-    loss = -(token_logprobs(model(batch["tokens"]), batch["tokens"]) * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"loss": float(loss.detach()), "response_tokens": float(mask.sum())}
+    """Mean negative log-likelihood of the response tokens (only their positions reach the LM head)."""
+    _, logp = response_logprobs(model, batch["tokens"], batch["mask"])
+    loss = -logp.sum() / max(len(logp), 1)
+    return loss, {"loss": float(loss.detach()), "response_tokens": float(len(logp))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.train_sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, train_cfg, opts = parse_task_args(parser, SFTOptions)
-    require(opts, "ckpt_dir", "tokenizer_path", "train_file")
-    examples = encode_records(opts.train_file, opts, Tokenizer(opts.tokenizer_path))
+    require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
+    examples = encode_records(opts.train_file, opts, load_tokenizer(opts.tokenizer_path, opts.ckpt_dir))
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
-                       device=info.device, dtype=cli.resolve_dtype(args.dtype, info.device))
+                       device=info.device, dtype=backbone_dtype(train_cfg, info.device))
+    add_lora(model, train_cfg, opts.ckpt_dir)
     trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), response_loss, train_cfg, info,
                       task="sft")
     trainer.run({"sft": asdict(opts)}, f"{len(examples)} examples", resume=args.resume)

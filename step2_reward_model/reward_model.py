@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama_mp.batching import last_positions, right_pad
-from llama_mp.checkpoint import load_model
+from llama_mp.lora import load_model
 from llama_mp.model import Transformer
 from llama_mp.tokenizer import Tokenizer
 
@@ -38,16 +38,23 @@ class RewardModel(nn.Module):
             self.head.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, read_positions: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] right-padded, read_positions [B] (index of each row's last real token) -> rewards [B]."""
+        """tokens [B, T] right-padded, read_positions [B] (index of each row's last real token) -> rewards [B].
+        The backbone's final hidden states only: the LM head never runs."""
         hidden = self.model(tokens, return_hidden=True)
-        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), read_positions]
-        return self.head(last.float()).squeeze(-1)
+        return self.scalar(hidden[torch.arange(tokens.shape[0], device=tokens.device), read_positions])
+
+    def scalar(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states [..., dim] -> [...], in float32 even under autocast (a reward is one number
+        per sequence, and the losses compare small differences of them)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.float()).squeeze(-1)
 
 
 def load_reward_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank: int = 0,
                       max_seq_len: Optional[int] = None, device="cpu", dtype=torch.float32,
                       head_file: Optional[str] = None) -> RewardModel:
-    """A backbone from a Meta-layout checkpoint; the head from `head_file` (default: ckpt_dir/head.pth, if present)."""
+    """A backbone from a Meta-layout (or LoRA adapter) checkpoint; the head from `head_file` (default:
+    ckpt_dir/head.pth, if present)."""
     model = load_model(ckpt_dir, model_parallel_size, model_parallel_rank, max_seq_len, device=device, dtype=dtype)
     rm = RewardModel(model)
     head_file = head_file or os.path.join(ckpt_dir, "head.pth")

@@ -24,8 +24,9 @@ import torch
 from llama_mp import cli, distributed
 from llama_mp.chat import load_principles
 from llama_mp.jsonl import iter_jsonl, read_records, write_json_atomic
-from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import Trainer, parse_task_args, require
+from llama_mp.tokenizer import load_tokenizer
+from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args, require,
+                            resolve_precision)
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, load_reward_model, pad_batch,
                                              pairwise_loss)
 
@@ -120,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step2_reward_model.train_reward_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, train_cfg, opts = parse_task_args(parser, RewardModelOptions)
-    require(opts, "ckpt_dir", "tokenizer_path", "train_file")
+    require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
 
     examples = pair_examples(opts.train_file, opts)
     train = [e for e in examples if not held_out(e["id"], opts.eval_fraction)]
@@ -132,10 +133,12 @@ def main() -> None:
              if opts.human_eval_file else [])
 
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
-    dtype = cli.resolve_dtype(args.dtype, info.device)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
-                           device=info.device, dtype=dtype)
-    builder = PromptBuilder(Tokenizer(opts.tokenizer_path), open(opts.prompt_template, encoding="utf-8").read(),
+                           device=info.device, dtype=backbone_dtype(train_cfg, info.device))
+    add_lora(rm.model, train_cfg, opts.ckpt_dir)
+    precision = resolve_precision(train_cfg.precision, info.device)
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
+    builder = PromptBuilder(tokenizer, open(opts.prompt_template, encoding="utf-8").read(),
                             opts.query_len, opts.response_len)
 
     def encode(example: dict) -> dict:
@@ -167,7 +170,8 @@ def main() -> None:
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)
         for start in range(0, len(mine), train_cfg.micro_batch_size):
             batch = collate(mine[start:start + train_cfg.micro_batch_size])
-            rewards = rm(batch["tokens"], batch["positions"])
+            with compute_context(precision, info.device):  # as in training
+                rewards = rm(batch["tokens"], batch["positions"])
             n = len(rewards) // 2
             diff = (rewards[:n] - rewards[n:]).double()
             sums += torch.stack([(diff > 0).double().sum(), diff.sum(), torch.tensor(float(n), dtype=torch.float64)])

@@ -10,13 +10,14 @@ Implicit rewards: beta (log pi - log ref) for the chosen and the rejected respon
 import torch
 import torch.nn.functional as F
 
-from llama_mp.batching import token_logprobs
+from llama_mp import logprobs
 
 
-def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum over response tokens of log p(token | prefix): logits [B, T, V] of tokens [B, T]; response_mask [B, T] marks
-    the response tokens (position t is predicted by the logits at t - 1)."""
-    return (token_logprobs(logits, tokens) * response_mask[:, 1:]).sum(dim=-1)
+def response_logprobs(model, tokens: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of log p(token | prefix), per row [B]: tokens [B, T]; response_mask [B, T] marks the
+    response tokens. Only the positions that predict them reach the LM head (llama_mp/logprobs.py)."""
+    rows, logp = logprobs.response_logprobs(model, tokens, response_mask)
+    return torch.zeros(tokens.shape[0], device=logp.device).index_add(0, rows, logp)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

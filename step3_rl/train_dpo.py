@@ -7,8 +7,8 @@ Pairs: JSONL or a JSON list; prompt/chosen/rejected as plain strings or message 
 user turns, the chosen/rejected assistant turn; without a prompt key, chosen/rejected are whole conversations and the
 prompt is everything before their last message). Key names are options (e.g. --rejected_key reject). The policy sees
 the Dromedary format (--prompt_format dromedary; `plain` uses the prompt text as is); log-probs are summed over response
-tokens only. Reference log-probs come from the initial policy, computed once before training: no second model is held
-during updates. Every option of the YAML config is also a flag.
+tokens only. Reference log-probs come from the initial policy (with LoRA: the base with its adapters off), computed once
+before training: no second model is held during updates. Every option of the YAML config is also a flag.
 """
 
 import argparse
@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from llama_mp import cli, distributed
+from llama_mp import cli, distributed, lora
 from llama_mp.batching import prompt_response_batch
 from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, split_tokens
-from llama_mp.checkpoint import load_model
+from llama_mp.lora import load_model
 from llama_mp.jsonl import read_records, write_json_atomic
-from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import Trainer, parse_task_args, require
+from llama_mp.tokenizer import Tokenizer, load_tokenizer
+from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args, require,
+                            resolve_precision)
 from step3_rl.dpo import dpo_loss, response_logprobs
 
 
@@ -111,18 +112,20 @@ def collate(examples: list[dict], device) -> dict:
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    return response_logprobs(model(batch["tokens"]), batch["tokens"], batch["mask"])
+    return response_logprobs(model, batch["tokens"], batch["mask"])
 
 
 @torch.no_grad()
-def add_reference_logprobs(model, examples: list[dict], batch_size: int, info) -> None:
-    """ref_chosen / ref_rejected for every example from the initial policy; replicas split the work and share it."""
+def add_reference_logprobs(model, examples: list[dict], batch_size: int, info, precision: str = "fp32") -> None:
+    """ref_chosen / ref_rejected for every example from the initial policy (with LoRA: the base, adapters off), in the
+    training's precision; replicas split the work and share it."""
     model.eval()
     mine = list(range(info.data_parallel_rank, len(examples), info.data_parallel_size))
     results = {}
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
-        logps = sequence_logprobs(model, collate([examples[i] for i in idx], info.device)).cpu().tolist()
+        with lora.adapters_off(model), compute_context(precision, info.device):
+            logps = sequence_logprobs(model, collate([examples[i] for i in idx], info.device)).cpu().tolist()
         for j, i in enumerate(idx):
             results[i] = (logps[j], logps[len(idx) + j])
     if info.data_parallel_size > 1:
@@ -138,23 +141,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.train_dpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, train_cfg, opts = parse_task_args(parser, DPOOptions)
-    require(opts, "ckpt_dir", "tokenizer_path", "train_file")
+    require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
     if opts.loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"loss_type must be sigmoid or ipo, got {opts.loss_type!r}")
     pairs = read_pairs(opts.train_file, opts)
-    tokenizer = Tokenizer(opts.tokenizer_path)
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     with open(opts.meta_prompt_file, encoding="utf-8") as f:
         meta_prompt = f.read()
     examples = [encode_pair(p, tokenizer, opts, meta_prompt) for p in pairs]
 
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
-    dtype = cli.resolve_dtype(args.dtype, info.device)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
-                       device=info.device, dtype=dtype)
+                       device=info.device, dtype=backbone_dtype(train_cfg, info.device))
+    add_lora(model, train_cfg, opts.ckpt_dir)
     refs_file = os.path.join(train_cfg.output_dir, "reference_logprobs.json")
     fingerprint = hashlib.sha256(json.dumps([[e["chosen"], e["rejected"]] for e in examples]).encode()).hexdigest()
     if not args.resume or not os.path.exists(os.path.join(train_cfg.output_dir, "latest")):
-        add_reference_logprobs(model, examples, train_cfg.micro_batch_size, info)
+        add_reference_logprobs(model, examples, train_cfg.micro_batch_size, info,
+                               resolve_precision(train_cfg.precision, info.device))
         if info.is_main:
             os.makedirs(train_cfg.output_dir, exist_ok=True)
             write_json_atomic(refs_file, {"pairs_sha256": fingerprint,

@@ -4,7 +4,9 @@
       --tokenizer_path T --output_dir runs/ppo [--resume]
 
 Roles: the policy (trained), a frozen copy of it (the KL reference), the value model (the reward model's backbone with
-a zero-initialised head, trained) and the reward model (frozen). Each PPO step:
+a zero-initialised head, trained) and the reward model (frozen). With LoRA (--lora_rank) the policy and the value model
+train adapters on frozen bases, and the reference is the policy with its adapters off (no second copy). Generation,
+scoring and the rollouts' log-probs run in the training's precision, like the loss. Each PPO step:
   1. rollout: --rollout_batch_size prompts per data-parallel replica in the Dromedary format, sampled by the llama_mp
      sampler (temperature 0.7), cut at "\\n\\n### User" or EOS; one seed per (step, rollout), so a resumed run repeats it;
   2. scoring: salmon_reward_model_prompt_v1.txt with 3 principles drawn by weight without replacement from
@@ -14,7 +16,7 @@ a zero-initialised head, trained) and the reward model (frozen). Each PPO step:
      adaptive coefficient, the score at each row's last token, optional reward whitening or scaling; GAE; advantages
      whitened with the statistics of all data-parallel replicas' rollouts;
   4. update: --ppo_epochs passes over shuffled minibatches; clipped policy loss + vf_coef x clipped value loss;
-     log-probs recomputed with logits / temperature.
+     log-probs recomputed with logits / temperature (response positions only reach the LM head).
 Logged per step (metrics.jsonl + progress line): reward mean/std, KL, entropy, approx-KL, clip fractions, value loss,
 response length, share unfinished, seconds in generation / scoring / update; rollouts saved as rollouts/step_N.jsonl.
 """
@@ -32,15 +34,17 @@ import torch
 from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
-from llama_mp import cli, distributed
+from llama_mp import cli, distributed, lora
 from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query, load_principles
 from llama_mp.batching import right_pad
-from llama_mp.checkpoint import load_model, load_weights, save_params, save_shard
+from llama_mp.checkpoint import load_weights, save_params, save_shard
 from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_records, write_json_atomic, write_jsonl_atomic
+from llama_mp.logprobs import chosen_logprobs
+from llama_mp.lora import load_model
 from llama_mp.progress import Progress
 from llama_mp.sampler import Sampler, derive_seed
-from llama_mp.tokenizer import Tokenizer
-from llama_mp.train import TrainConfig, Trainer, parse_task_args, require
+from llama_mp.tokenizer import load_tokenizer
+from llama_mp.train import TrainConfig, Trainer, add_lora, backbone_dtype, parse_task_args, require
 from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model
 from step2_reward_model.score import RewardScorer
 from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
@@ -103,28 +107,35 @@ def weighted_sample(rng: random.Random, principles: list[dict], k: int) -> list[
     return chosen
 
 
-def forward_logp_values(module: PolicyAndValue, batch: dict, temperature: float, with_value: bool = True):
-    """Per response token: log-prob under logits / T, entropy, and the value from the hidden state before it."""
-    tokens, start, length = batch["tokens"], batch["start"], batch["mask"].shape[1]
-    logits = module.model(tokens)
-    index = (start[:, None] - 1 + torch.arange(length, device=tokens.device)[None, :]).clamp(max=tokens.shape[1] - 1)
-    rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
-    step_logits = logits[rows, index] / temperature
-    targets = tokens[rows, (index + 1).clamp(max=tokens.shape[1] - 1)]
-    logp_all = torch.log_softmax(step_logits.float(), dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+def forward_logp_values(module: PolicyAndValue, batch: dict, temperature: float, with_value: bool = True,
+                        with_entropy: bool = False):
+    """Per response token [B, L] (0 past a row's response): log-prob under logits / T, the entropy of that distribution
+    (if asked; a statistic without gradient), and the value read from the hidden state before the token. Only the
+    positions that predict response tokens reach the LM head; the value model reads hidden states only."""
+    tokens, start, mask = batch["tokens"], batch["start"], batch["mask"]
+    index = (start[:, None] - 1 + torch.arange(mask.shape[1], device=tokens.device)[None, :]).clamp(
+        max=tokens.shape[1] - 1)  # the position that predicts response token j of each row
+    rows, cols = (mask > 0).nonzero(as_tuple=True)
+    positions = index[rows, cols]
+    hidden = module.model(tokens, return_hidden=True)
+    out = chosen_logprobs(module.model, hidden[rows, positions], tokens[rows, positions + 1], temperature,
+                          with_entropy=with_entropy)
+    logp_flat, entropy_flat = out if with_entropy else (out, None)
+    logp = torch.zeros(mask.shape, device=tokens.device).index_put((rows, cols), logp_flat)
+    entropy = None if entropy_flat is None else torch.zeros(mask.shape, device=tokens.device).index_put(
+        (rows, cols), entropy_flat)
     values = None
     if with_value:
         hidden = module.value.model(tokens, return_hidden=True)
-        values = module.value.head(hidden[rows, index].float()).squeeze(-1)
+        values = module.value.scalar(hidden[torch.arange(tokens.shape[0], device=tokens.device)[:, None], index])
     return logp, entropy, values
 
 
 def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
             reward_fn: Optional[Callable[[list[dict]], torch.Tensor]] = None, dtype=torch.float32) -> list[dict]:
-    """The PPO loop; `reward_fn(rollouts)` replaces the reward model (tests use a programmatic reward)."""
-    tokenizer = Tokenizer(opts.tokenizer_path)
+    """The PPO loop; `reward_fn(rollouts)` replaces the reward model (tests use a programmatic reward). `dtype`: the
+    frozen reward model's weights (the trained ones are float32, computed in cfg.precision)."""
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.policy_ckpt)
     prompts = [r for _, r in read_records(opts.prompt_file)]
     if opts.max_prompts:
         prompts = prompts[:opts.max_prompts]
@@ -139,16 +150,22 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     if not keep:
         raise ValueError(f"{opts.prompt_file}: no prompt fits max_prompt_len {opts.max_prompt_len}")
     mp_size, mp_rank, device = info.model_parallel_size, info.model_parallel_rank, info.device
-    policy = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device, dtype=dtype)
-    reference = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device, dtype=dtype).eval()
-    value = RewardModel(load_model(opts.value_ckpt or opts.reward_ckpt or opts.policy_ckpt, mp_size, mp_rank,
-                                   opts.max_seq_len, device=device, dtype=dtype))
+    trained_dtype = backbone_dtype(cfg, device)  # float32, or a frozen LoRA base in the compute dtype
+    policy = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device, dtype=trained_dtype)
+    add_lora(policy, cfg, opts.policy_ckpt)
+    reference = None  # with LoRA: the policy with its adapters off
+    if not lora.has_adapters(policy):
+        reference = load_model(opts.policy_ckpt, mp_size, mp_rank, opts.max_seq_len, device=device,
+                               dtype=trained_dtype).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    value_dir = opts.value_ckpt or opts.reward_ckpt or opts.policy_ckpt
+    value = RewardModel(load_model(value_dir, mp_size, mp_rank, opts.max_seq_len, device=device, dtype=trained_dtype))
+    add_lora(value.model, cfg, value_dir)
     with torch.no_grad():
         value.head.weight.zero_()  # the value head starts at zero
         value.head.bias.zero_()
     module = PolicyAndValue(policy, value)
-    for p in reference.parameters():
-        p.requires_grad_(False)
     if reward_fn is None:
         rm = load_reward_model(opts.reward_ckpt, mp_size, mp_rank, opts.rm_max_seq_len, device=device,
                                dtype=dtype).eval()
@@ -169,16 +186,23 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
 
     def save_extra(directory: str) -> None:
         if info.data_parallel_rank == 0:
-            save_shard(os.path.join(directory, "value"), mp_rank, value.model.state_dict(), value.model.args)
+            if lora.has_adapters(value.model):
+                lora.save_adapters(os.path.join(directory, "value"), mp_rank, value.model)
+            else:
+                save_shard(os.path.join(directory, "value"), mp_rank, value.model.state_dict(), value.model.args)
             if mp_rank == 0:
-                save_params(os.path.join(directory, "value"), value.model.args)
+                if not lora.has_adapters(value.model):
+                    save_params(os.path.join(directory, "value"), value.model.args)
                 torch.save({"head.weight": value.head.weight.detach(), "head.bias": value.head.bias.detach()},
                            os.path.join(directory, "value", "head.pth"))
                 with open(os.path.join(directory, "ppo_state.json"), "w") as f:
                     json.dump({**state, "kl": kl_ctl.state_dict()}, f)
 
     def load_extra(directory: str) -> None:
-        load_weights(value.model, os.path.join(directory, "value"), mp_size, mp_rank)
+        if lora.has_adapters(value.model):
+            lora.load_adapters(value.model, os.path.join(directory, "value"), mp_size, mp_rank)
+        else:
+            load_weights(value.model, os.path.join(directory, "value"), mp_size, mp_rank)
         head = torch.load(os.path.join(directory, "value", "head.pth"), map_location=device, weights_only=True)
         value.load_state_dict(head, strict=False)
         with open(os.path.join(directory, "ppo_state.json")) as f:
@@ -212,9 +236,11 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         first = (step * per_step) % len(keep) + info.data_parallel_rank * opts.rollout_batch_size
         chosen = [int(order[(first + j) % len(keep)]) for j in range(opts.rollout_batch_size)]
         t0 = time.perf_counter()
-        completions = sampler.generate([queries[i] for i in chosen], opts.max_gen_len, opts.temperature,
-                                       stop=[STOP], seed=[derive_seed(cfg.seed, step, first + j)
-                                                           for j in range(len(chosen))])
+        module.eval()  # rollouts and their log-probs without dropout (the update's train mode is the Trainer's)
+        with trainer.autocast():
+            completions = sampler.generate([queries[i] for i in chosen], opts.max_gen_len, opts.temperature,
+                                           stop=[STOP], seed=[derive_seed(cfg.seed, step, first + j)
+                                                               for j in range(len(chosen))])
         t1 = time.perf_counter()
         rng = random.Random(derive_seed(cfg.seed, step, -1 - info.data_parallel_rank))
         rollouts = [{"prompt_index": i, "instruction": prompts[i]["instruction"], "response": c.text,
@@ -222,7 +248,8 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
                      "principles": weighted_sample(rng, principles, opts.num_principles)}
                     for i, c in zip(chosen, completions)]
         # 2. scores
-        score = reward_fn(rollouts).to(device).float()
+        with trainer.autocast():
+            score = reward_fn(rollouts).to(device).float()
         finished = torch.tensor([r["finish_reason"] in ("eos", "stop") for r in rollouts], device=device)
         raw_score = score.clone()
         score = score + (~finished).float() * opts.unfinished_penalty
@@ -233,10 +260,11 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         t2 = time.perf_counter()
         # 3. old log-probs, reference log-probs, values; shaped rewards; GAE
         batch = rollout_batch(queries, chosen, [r["tokens"] for r in rollouts], device)
-        with torch.no_grad():
-            old_logp, entropy, old_values = forward_logp_values(module, batch, opts.temperature)
-            ref_logp, _, _ = forward_logp_values(PolicyAndValue(reference, value), batch, opts.temperature,
-                                                 with_value=False)
+        with torch.no_grad(), trainer.autocast():  # the loss recomputes these in the same precision: ratio 1 at first
+            old_logp, entropy, old_values = forward_logp_values(module, batch, opts.temperature, with_entropy=True)
+            with lora.adapters_off(policy):  # (nothing to switch off without LoRA)
+                ref_logp, _, _ = forward_logp_values(PolicyAndValue(reference or policy, value), batch,
+                                                     opts.temperature, with_value=False)
         mask = batch["mask"]
         rewards, kl = shaped_rewards(score * opts.reward_scale, old_logp, ref_logp, mask, kl_ctl.value,
                                      opts.kl_clamp_min)
@@ -266,7 +294,8 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
                   "response_length": float(mask.sum(1).mean()), "unfinished": float((~finished).float().mean()),
                   **{k: float(np.mean([s[k] for s in stats])) for k in ("approx_kl", "clipfrac", "value_loss",
                                                                          "value_clipfrac", "policy_loss", "grad_norm")},
-                  "lr": stats[-1]["lr"], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
+                  "lr": stats[-1]["lr"], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
+                  "precision": trainer.precision}
         history.append(record)
         if info.is_main:
             append_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), [record])
@@ -304,7 +333,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.train_ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, cfg, opts = parse_task_args(parser, PPOOptions)
-    require(opts, "policy_ckpt", "reward_ckpt", "tokenizer_path")
+    require(opts, "policy_ckpt", "reward_ckpt")  # tokenizer_path: default the policy's own tokenizer
     info = distributed.init(args.model_parallel_size, seed=cfg.seed)
     if info.is_main:
         write_json_atomic(os.path.join(cfg.output_dir, "config.json"), {"train": asdict(cfg), "ppo": asdict(opts)})

@@ -1,0 +1,140 @@
+"""Log-probs of chosen tokens, read from final hidden states through the LM head in chunks of positions.
+
+Training never needs logits for every position: SFT, DPO and PPO score response tokens only. So the callers select the
+positions that predict response tokens first (a prompt position never reaches the LM head), and the head runs on
+`chunk_size` of those rows at a time. The log-softmax has its own backward: with p = softmax(logits / T),
+    d log p(target) / d logits = (onehot(target) - p) / T,
+and each chunk's logits are recomputed there from the saved hidden states, so no more than one chunk's [rows, vocab]
+logits exist at any moment (never [batch, time, vocab]), and nothing of that size is kept between forward and backward.
+Logits come from the head's matmul in the compute dtype (bfloat16 under autocast); the log-softmax is float32.
+
+Under tensor parallelism the head's weight is split along the vocabulary (the column-parallel output layer, or the
+vocabulary-split embedding it is tied to): each rank computes the logits of its slice only and the pieces are combined
+across the model-parallel group on [rows]-sized vectors:
+    logsumexp = m + log sum_ranks exp(logsumexp_rank - m),   m = max over ranks of logsumexp_rank,
+    logit[target] = the value on the rank whose slice holds the target, 0 elsewhere, summed;
+and in the backward each rank's part of d hidden = d logits_rank @ weight_rank is summed over the group.
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+
+CHUNK_SIZE = 1024  # rows per head call: 1024 x 49152 float32 logits are 200 MB
+
+
+def _all_reduce(x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if fs_init.get_model_parallel_world_size() > 1:
+        dist.all_reduce(x, op=op, group=fs_init.get_model_parallel_group())
+    return x
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's if it is on, else the weight's."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """This rank's slice of logits / T, [rows, V / mp], float32 (a fresh tensor: callers may work in place on it)."""
+    with torch.autocast(weight.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
+def _target_slot(targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index into this rank's vocabulary slice, whether the target falls in it) per row."""
+    local = targets - fs_init.get_model_parallel_rank() * weight.shape[0]
+    mine = (local >= 0) & (local < weight.shape[0])
+    return local.clamp(0, weight.shape[0] - 1), mine
+
+
+def _chunk_forward(hidden, weight, targets, dtype, temperature, with_entropy: bool):
+    """(log p(target), logsumexp, entropy or None) for one chunk of rows, assembled across the vocabulary shards."""
+    logits = _logits(hidden, weight, dtype, temperature)
+    lse_local = torch.logsumexp(logits, dim=-1)
+    top = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX)
+    lse = top + _all_reduce(torch.exp(lse_local - top)).log()
+    slot, mine = _target_slot(targets, weight)
+    picked = _all_reduce(torch.where(mine, logits.gather(-1, slot[:, None])[:, 0], 0.0))
+    entropy = None
+    if with_entropy:  # H = logsumexp - sum p * logit
+        entropy = lse - _all_reduce((torch.exp(logits - lse[:, None]) * logits).sum(dim=-1))
+    return picked - lse, lse, entropy
+
+
+class _ChosenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int):
+        dtype = _compute_dtype(weight)
+        out, lses = [], []
+        for start in range(0, hidden.shape[0], chunk_size):
+            logp, lse, _ = _chunk_forward(hidden[start:start + chunk_size], weight, targets[start:start + chunk_size],
+                                          dtype, temperature, False)
+            out.append(logp)
+            lses.append(lse)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses) if lses else empty)
+        ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
+        return torch.cat(out) if out else empty
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype, temperature, chunk = ctx.dtype, ctx.temperature, ctx.chunk_size
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = None  # float32 sum over chunks
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows].to(dtype)
+            g = grad[rows].float() / temperature
+            # d logp / d logits = (onehot(target) - p) / T, times the incoming gradient (in place: one [rows, V] buffer)
+            d_logits = _logits(h, w, dtype, temperature).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+            slot, mine = _target_slot(targets[rows], weight)
+            d_logits.scatter_add_(1, slot[:, None], torch.where(mine, g, 0.0)[:, None])
+            d_logits = d_logits.to(dtype)
+            grad_hidden[rows] = d_logits @ w
+            if ctx.needs_input_grad[1]:  # (a frozen head, e.g. under LoRA, skips this matmul)
+                part = (d_logits.T @ h).float()
+                grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        _all_reduce(grad_hidden)  # each rank's vocabulary slice gave its part of d hidden
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        elif ctx.needs_input_grad[1]:  # no rows
+            grad_weight = torch.zeros_like(weight)
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None
+
+
+def chosen_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    chunk_size: int = CHUNK_SIZE, with_entropy: bool = False):
+    """log softmax(output(hidden) / temperature)[target] per row: hidden [N, dim] final-norm states, targets [N] token
+    ids -> [N] float32. with_entropy (no gradient): also the entropy [N] of each row's distribution."""
+    weight = model.output.weight
+    if not with_entropy:
+        return _ChosenLogprobs.apply(hidden, weight, targets, temperature, chunk_size)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise ValueError("with_entropy is a statistic: compute it under torch.no_grad()")
+    dtype = _compute_dtype(weight)
+    logps, entropies = [hidden.new_zeros(0, dtype=torch.float32)], [hidden.new_zeros(0, dtype=torch.float32)]
+    for start in range(0, hidden.shape[0], chunk_size):
+        logp, _, entropy = _chunk_forward(hidden[start:start + chunk_size], weight, targets[start:start + chunk_size],
+                                          dtype, temperature, True)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def response_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                      chunk_size: int = CHUNK_SIZE, hidden: Optional[torch.Tensor] = None):
+    """Log-probs of the response tokens of right-padded rows: tokens [B, T], mask [B, T] = 1 on response tokens.
+
+    Returns (row [N], log p [N]) for the N response tokens in row-major order; token t of a row is predicted by the
+    hidden state at t - 1, so only those positions go through the head."""
+    if hidden is None:
+        hidden = model(tokens, return_hidden=True)
+    rows, cols = (mask[:, 1:] > 0).nonzero(as_tuple=True)  # targets at cols + 1, predicted at cols
+    return rows, chosen_logprobs(model, hidden[rows, cols], tokens[rows, cols + 1], temperature, chunk_size)
