@@ -1,17 +1,18 @@
-"""What every command-line entry point shares: one-line errors for bad input, rank-0 printing, model flags."""
+"""What every command-line entry point shares: one-line errors for bad input, rank-0 printing, model flags.
+
+Imports nothing heavy at module level: the CPU-only commands (CSV conversion, aggregation, evaluation, ...) start
+without loading torch; the model-loading helpers import it when called."""
 
 import argparse
 import os
 import sys
 from typing import Callable
 
-import torch
-import torch.distributed as dist
 
-from llama_mp import distributed
-from llama_mp.checkpoint import load_model
-from llama_mp.sampler import Sampler
-from llama_mp.tokenizer import load_tokenizer
+def _rank() -> int:
+    """This process's rank in the process group, 0 when there is none (torch is never imported for the question)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
 
 
 def run(main: Callable[[], None]) -> None:
@@ -24,16 +25,17 @@ def run(main: Callable[[], None]) -> None:
     except (ValueError, OSError, KeyError) as err:
         if os.environ.get("LLAMA_MP_DEBUG"):
             raise
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = _rank()
         print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        distributed.teardown()
+        if "llama_mp.distributed" in sys.modules:  # a process group was (maybe) started: end it cleanly
+            sys.modules["llama_mp.distributed"].teardown()
 
 
 def log(*args, **kwargs) -> None:
     """print on global rank 0 only, flushed (so that srun/torchrun logs interleave sensibly)."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank() == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -44,12 +46,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype names, torch.<name>
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every model-loading command shares (names as in Meta's llama examples)."""
-    parser.add_argument("--ckpt_dir", required=required, help="Meta-layout checkpoint (params.json + consolidated.NN.pth)")
+    parser.add_argument("--ckpt_dir", required=required,
+                        help="Meta-layout checkpoint (params.json + consolidated.NN.pth), or a LoRA adapter checkpoint")
     parser.add_argument("--tokenizer_path", default=None,
                         help="a SentencePiece .model (e.g. data/llama2c/tok512.model), a tokenizer.json, or a directory "
                              "carrying one (default: --ckpt_dir, when it carries tokenizer.json or tokenizer.model)")
@@ -60,13 +63,23 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--seed", type=int, default=1)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device):
     """--dtype: auto is bfloat16 on CUDA and float32 elsewhere."""
-    return DTYPES.get(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    import torch
+
+    if name in DTYPES:
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build(opts: argparse.Namespace) -> tuple[distributed.DistInfo, Sampler]:
-    """Join the process group and load the model shard and tokenizer for this rank."""
+def build(opts: argparse.Namespace):
+    """Join the process group and load the model shard (a checkpoint or a LoRA adapter checkpoint, merged in memory)
+    and the tokenizer for this rank: (DistInfo, Sampler)."""
+    from llama_mp import distributed
+    from llama_mp.lora import load_model
+    from llama_mp.sampler import Sampler
+    from llama_mp.tokenizer import load_tokenizer
+
     info = distributed.init(opts.model_parallel_size, seed=opts.seed)
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     dtype = resolve_dtype(opts.dtype, info.device)
