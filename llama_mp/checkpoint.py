@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from typing import Optional
 
 import torch
@@ -270,6 +271,28 @@ def save_checkpoint(out_dir: str, args: ModelArgs, shards: list[dict[str, torch.
     for rank, shard in enumerate(shards):
         save_shard(out_dir, rank, shard, args)
     save_params(out_dir, args)
+
+
+# ---- files beside the weights --------------------------------------------------------------------------------------
+# The tokenizer and chat template travel with the weights (conversions, trained checkpoints, exports), so that a
+# checkpoint directory is all a command needs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy those of TOKENIZER_FILES that src_dir has; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, name))]
+    for name in copied:
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    return copied
+
+
+def tokenizer_home(tokenizer) -> Optional[str]:
+    """The directory a tokenizer was loaded from when it is a checkpoint's own (tokenizer.json / tokenizer.model by
+    those names), else None: a stand-alone file such as data/llama2c/tok512.model is not copied anywhere."""
+    path = getattr(tokenizer, "path", "") or ""
+    return os.path.dirname(path) if os.path.basename(path) in ("tokenizer.json", "tokenizer.model") else None
 
 
 # ---- training output directories: checkpoint-N/ and the `latest` pointer ---------------------------------------------

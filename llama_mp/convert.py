@@ -4,6 +4,7 @@
   python -m llama_mp.convert gguf --input model.gguf --output_dir D [--model_parallel_size N]
   python -m llama_mp.convert hf --input_dir HF --output_dir D [--model_parallel_size N]
   python -m llama_mp.convert reshard --input_dir A --output_dir B --model_parallel_size M
+  python -m llama_mp.convert merge_lora --input_dir ADAPTER_CKPT_OR_RUN --output_dir D [--model_parallel_size N]
   python -m llama_mp.convert to_hf --input_dir D --output_dir HF
 
 All but to_hf write the Meta layout (params.json + consolidated.NN.pth), with the tokenizer files (tokenizer.json,
@@ -26,9 +27,11 @@ import torch
 
 from llama_mp import cli
 from llama_mp.distributed import global_rank
-from llama_mp.checkpoint import CheckpointError, load_state, save_checkpoint, split_state
+from llama_mp.checkpoint import (TOKENIZER_FILES, CheckpointError, copy_tokenizer_files, load_state, resolve_checkpoint,
+                                 save_checkpoint, split_state)
 from llama_mp.gguf_import import open_gguf, read_gguf
-from llama_mp.hf_format import TOKENIZER_FILES, copy_tokenizer_files, generation_config_of, read_hf, write_hf
+from llama_mp.hf_format import generation_config_of, read_hf, write_hf
+from llama_mp.lora import merge_lora
 from llama_mp.jsonl import read_json, write_json_atomic, write_text_atomic
 from llama_mp.model import ModelArgs
 
@@ -201,6 +204,12 @@ def main() -> None:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--model_parallel_size", type=cli.positive_int, required=True)
     p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("merge_lora", help="LoRA adapter checkpoint + its base -> Meta layout, adapters merged")
+    p.add_argument("--input_dir", required=True, help="an adapter checkpoint, or a training output dir (its latest)")
+    p.add_argument("--base_dir", default=None, help="default: the base adapter_config.json names")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
+    p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("to_hf", help="Meta layout (any shard count; a reward model's backbone) -> Hugging Face Llama")
     p.add_argument("--input_dir", required=True, help="a checkpoint, or a training output dir (its `latest` one)")
     p.add_argument("--output_dir", required=True)
@@ -221,6 +230,8 @@ def main() -> None:
             args = convert_gguf(a.input, tmp, a.model_parallel_size)
         elif a.command == "hf":
             args = convert_hf(a.input_dir, tmp, a.model_parallel_size)
+        elif a.command == "merge_lora":
+            args = merge_lora(resolve_checkpoint(a.input_dir), tmp, a.model_parallel_size, a.base_dir)
         elif a.command == "reshard":
             args = reshard(a.input_dir, tmp, a.model_parallel_size)
         else:

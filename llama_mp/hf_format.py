@@ -9,18 +9,15 @@ directions are exact.
 import dataclasses
 import os
 import re
-import shutil
 from typing import Optional
 
 import torch
 
-from llama_mp.checkpoint import CheckpointError, check_full_state, load_state, resolve_checkpoint
+from llama_mp.checkpoint import (CheckpointError, check_full_state, copy_tokenizer_files, load_state,
+                                 resolve_checkpoint)
 from llama_mp.jsonl import read_json, write_json_atomic
 from llama_mp.model import LLAMA3_SCALING_KEYS, ModelArgs, llama3_scaled, rope_frequencies
 
-# Files that travel beside the weights in both directions (those present are copied as they are).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
 LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
                "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
@@ -167,13 +164,6 @@ def read_hf(input_dir: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 def generation_config_of(config: dict) -> dict:
     """generation_config.json content from config.json's special token ids (kept when the HF dir has none)."""
     return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
-
-
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
-    copied = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, name))]
-    for name in copied:
-        shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
-    return copied
 
 
 # ---- Meta -> Hugging Face --------------------------------------------------------------------------------------------

@@ -299,10 +299,9 @@ def merge_lora(input_dir: str, output_dir: str, model_parallel_size: int = 1, ba
     args, state = merged_state(input_dir, base_dir)
     os.makedirs(output_dir, exist_ok=True)
     save_checkpoint(output_dir, args, split_state(state, args, model_parallel_size))
-    from llama_mp.hf_format import copy_tokenizer_files
     while is_adapter_checkpoint(base):  # the merged model carries its (first real) base's tokenizer
         base = read_adapter_config(base)["base"]
-    copy_tokenizer_files(base, output_dir)
+    checkpoint.copy_tokenizer_files(base, output_dir)
     if os.path.isfile(os.path.join(input_dir, "head.pth")):  # a reward model's head: the merge is a reward model
         shutil.copyfile(os.path.join(input_dir, "head.pth"), os.path.join(output_dir, "head.pth"))
     return args

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 from llama_mp import cli, lora
-from llama_mp.checkpoint import (LATEST, latest_checkpoint, load_weights, save_params, save_shard, split_dim,
-                                 write_latest)
+from llama_mp.checkpoint import (LATEST, copy_tokenizer_files, latest_checkpoint, load_weights, save_params,
+                                 save_shard, split_dim, tokenizer_home, write_latest)
 from llama_mp.distributed import DistInfo, barrier
 from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_yaml, write_json_atomic
 from llama_mp.model import Transformer
@@ -196,12 +196,14 @@ class Trainer:
                  loss: Callable, config: TrainConfig, info: DistInfo,
                  evaluate: Optional[Callable[[], dict]] = None, task: str = "train",
                  save_extra: Optional[Callable[[str], None]] = None, load_extra: Optional[Callable[[str], None]] = None,
-                 head_prefixes: Optional[tuple[str, ...]] = None):
+                 head_prefixes: Optional[tuple[str, ...]] = None, tokenizer=None):
         """The backbone is `module.model` (or `module` itself); the other parameters of `module` are its heads, saved
         in head.pth (or only those under `head_prefixes`). save_extra(dir) / load_extra(dir): a task's own state
         (PPO: the value model, the KL controller), written into the checkpoint directory by every rank before it is
-        made final, and read back on resume."""
+        made final, and read back on resume. `tokenizer`: a checkpoint's own tokenizer is copied into every checkpoint
+        (so that a trained checkpoint directory is all the next command needs)."""
         self.head_prefixes = head_prefixes
+        self.tokenizer_dir = tokenizer_home(tokenizer) if tokenizer is not None else None
         self.module, self.backbone, self.examples, self.collate, self.loss_fn = module, backbone, examples, collate, loss
         self.cfg, self.info, self.evaluate, self.task = config, info, evaluate, task
         self.save_extra, self.load_extra = save_extra, load_extra
@@ -416,6 +418,8 @@ class Trainer:
             torch.save(state, os.path.join(tmp, f"trainer_state.{mp_rank:02d}.pth"))
             if mp_rank == 0:
                 torch.save(head, os.path.join(tmp, "head.pth"))
+                if self.tokenizer_dir:
+                    copy_tokenizer_files(self.tokenizer_dir, tmp)
                 if not lora.has_adapters(self.backbone):
                     save_params(tmp, self.backbone.args)
         if self.save_extra:

@@ -65,13 +65,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, train_cfg, opts = parse_task_args(parser, SFTOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
-    examples = encode_records(opts.train_file, opts, load_tokenizer(opts.tokenizer_path, opts.ckpt_dir))
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
+    examples = encode_records(opts.train_file, opts, tokenizer)
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=backbone_dtype(train_cfg, info.device))
     add_lora(model, train_cfg, opts.ckpt_dir)
     trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), response_loss, train_cfg, info,
-                      task="sft")
+                      task="sft", tokenizer=tokenizer)
     trainer.run({"sft": asdict(opts)}, f"{len(examples)} examples", resume=args.resume)
 
 

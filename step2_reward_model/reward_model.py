@@ -111,3 +111,19 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional
     loss = -F.logsigmoid(diff - (margin if margin is not None else 0.0)).mean()
     diff = diff.detach()
     return loss, {"loss": float(loss.detach()), "accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
+
+
+class RewardScorer:
+    def __init__(self, rm: RewardModel, builder: PromptBuilder, batch_size: int = 8):
+        self.rm, self.builder, self.batch_size = rm.eval(), builder, batch_size
+
+    @torch.no_grad()
+    def score(self, instructions: list[str], responses: list[str], principles: list[list[str]]) -> torch.Tensor:
+        """Rewards [N] (float32, CPU), read at each prompt's last token."""
+        seqs = [self.builder.encode(i, r, p) for i, r, p in zip(instructions, responses, principles)]
+        device = next(self.rm.parameters()).device
+        out = []
+        for start in range(0, len(seqs), self.batch_size):
+            tokens, positions = pad_batch(seqs[start:start + self.batch_size], device)
+            out.append(self.rm(tokens, positions).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)

@@ -5,34 +5,15 @@
       [--principle "The AI should be concise." ...] [--prompt_template data/salmon/salmon_reward_model_prompt_v1.txt]
 
 Prints JSON: one {"response", "reward"} per --response. Without --principle, the first --num_principles definitions of
---principle_file are used. `RewardScorer` is the same thing for Python callers (PPO).
+--principle_file are used. `reward_model.RewardScorer` is the same thing for Python callers (PPO).
 """
 
 import argparse
 import json
 
-import torch
-
 from llama_mp import cli, distributed
 from llama_mp.tokenizer import load_tokenizer
-from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardModel, load_reward_model,
-                                             pad_batch)
-
-
-class RewardScorer:
-    def __init__(self, rm: RewardModel, builder: PromptBuilder, batch_size: int = 8):
-        self.rm, self.builder, self.batch_size = rm.eval(), builder, batch_size
-
-    @torch.no_grad()
-    def score(self, instructions: list[str], responses: list[str], principles: list[list[str]]) -> torch.Tensor:
-        """Rewards [N] (float32, CPU), read at each prompt's last token."""
-        seqs = [self.builder.encode(i, r, p) for i, r, p in zip(instructions, responses, principles)]
-        device = next(self.rm.parameters()).device
-        out = []
-        for start in range(0, len(seqs), self.batch_size):
-            tokens, positions = pad_batch(seqs[start:start + self.batch_size], device)
-            out.append(self.rm(tokens, positions).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+from step2_reward_model.reward_model import DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardScorer, load_reward_model
 
 
 def main() -> None:
@@ -50,6 +31,8 @@ def main() -> None:
     parser.add_argument("--response_len", type=int, default=768)
     parser.add_argument("--max_seq_len", type=cli.positive_int, default=None)
     parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto",
+                        help="auto: bfloat16 on CUDA, else float32")
     opts = parser.parse_args()
     principles = opts.principle
     if not principles:
@@ -59,7 +42,7 @@ def main() -> None:
         template = f.read()
     info = distributed.init(opts.model_parallel_size)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
-                           device=info.device)
+                           device=info.device, dtype=cli.resolve_dtype(opts.dtype, info.device))
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     scorer = RewardScorer(rm, PromptBuilder(tokenizer, template, opts.query_len, opts.response_len))
     rewards = scorer.score([opts.instruction] * len(opts.response), opts.response, [principles] * len(opts.response))

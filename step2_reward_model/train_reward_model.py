@@ -188,7 +188,8 @@ def main() -> None:
                 out.update({f"{name}_{k}": v for k, v in accuracy_and_margin(data).items()})
         return out
 
-    trainer = Trainer(rm, rm.model, train_data, collate, loss, train_cfg, info, evaluate=evaluate, task="reward model")
+    trainer = Trainer(rm, rm.model, train_data, collate, loss, train_cfg, info, evaluate=evaluate, task="reward model",
+                      tokenizer=tokenizer)
     final = trainer.run({"reward_model": asdict(opts)}, f"{len(train_data)} train pairs, {len(held_data)} held out, "
                         f"{len(human_data)} human pairs", resume=args.resume)
     results = evaluate()

@@ -6,7 +6,8 @@
 Pairs: JSONL or a JSON list; prompt/chosen/rejected as plain strings or message lists (OpenRLHF/TRL style: the prompt's
 user turns, the chosen/rejected assistant turn; without a prompt key, chosen/rejected are whole conversations and the
 prompt is everything before their last message). Key names are options (e.g. --rejected_key reject). The policy sees
-the Dromedary format (--prompt_format dromedary; `plain` uses the prompt text as is); log-probs are summed over response
+its chat format (--prompt_format auto: the checkpoint's chat template when its tokenizer has one, else Dromedary's;
+`dromedary` or `template` to choose; `plain` uses the prompt text as is); log-probs are summed over response
 tokens only. Reference log-probs come from the initial policy (with LoRA: the base with its adapters off), computed once
 before training: no second model is held during updates. Every option of the YAML config is also a flag.
 """
@@ -16,13 +17,14 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from llama_mp import cli, distributed, lora
 from llama_mp.batching import prompt_response_batch
-from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, split_tokens
+from llama_mp.chat import DEFAULT_META_PROMPT, ChatFormat, chat_format, split_tokens
 from llama_mp.lora import load_model
 from llama_mp.jsonl import read_records, write_json_atomic
 from llama_mp.tokenizer import Tokenizer, load_tokenizer
@@ -39,7 +41,7 @@ class DPOOptions:
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
-    prompt_format: str = "dromedary"
+    prompt_format: str = "auto"  # auto | dromedary | template (llama_mp/chat.py) | plain
     meta_prompt_file: str = DEFAULT_META_PROMPT
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -84,13 +86,15 @@ def read_pairs(path: str, opts: DPOOptions) -> list[dict]:
     return pairs
 
 
-def encode_pair(pair: dict, tokenizer: Tokenizer, opts: DPOOptions, meta_prompt: str) -> dict:
-    """Token ids and response masks of both sequences; the prompt is cut from the left, responses from the right."""
-    query = dromedary_query(meta_prompt, pair["prompt"]) if opts.prompt_format == "dromedary" else pair["prompt"]
-    lead = "\n" if opts.prompt_format == "dromedary" else ""  # the Dromedary answer starts on a new line
+def encode_pair(pair: dict, tokenizer: Tokenizer, opts: DPOOptions, chat: Optional[ChatFormat]) -> dict:
+    """Token ids and response masks of both sequences; the prompt is cut from the left, responses from the right.
+    chat None: the plain format (prompt text as is)."""
+    query = chat.query(pair["prompt"]) if chat else pair["prompt"]
     out = {}
     for side in ("chosen", "rejected"):
-        prompt_ids, response_ids = split_tokens(tokenizer, query, lead + pair[side])
+        # Dromedary's answer starts on a new line; a template's ends with its end-of-turn token
+        response = chat.response(pair[side], pair["prompt"]) if chat else pair[side]
+        prompt_ids, response_ids = split_tokens(tokenizer, query, response)
         if len(prompt_ids) > opts.max_prompt_len:
             prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - opts.max_prompt_len + 1:]  # keep BOS
         response_ids = response_ids[:opts.max_response_len]
@@ -146,9 +150,8 @@ def main() -> None:
         raise ValueError(f"loss_type must be sigmoid or ipo, got {opts.loss_type!r}")
     pairs = read_pairs(opts.train_file, opts)
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
-    with open(opts.meta_prompt_file, encoding="utf-8") as f:
-        meta_prompt = f.read()
-    examples = [encode_pair(p, tokenizer, opts, meta_prompt) for p in pairs]
+    chat = None if opts.prompt_format == "plain" else chat_format(tokenizer, opts.prompt_format, opts.meta_prompt_file)
+    examples = [encode_pair(p, tokenizer, opts, chat) for p in pairs]
 
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
@@ -177,7 +180,8 @@ def main() -> None:
         return dpo_loss(logps[:n], logps[n:], batch["ref"][:n], batch["ref"][n:], opts.beta, opts.label_smoothing,
                         opts.loss_type)
 
-    trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), loss, train_cfg, info, task="dpo")
+    trainer = Trainer(model, model, examples, lambda b: collate(b, info.device), loss, train_cfg, info, task="dpo",
+                      tokenizer=tokenizer)
     trainer.run({"dpo": asdict(opts)}, f"{len(examples)} pairs", resume=args.resume)
 
 

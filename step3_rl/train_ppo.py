@@ -7,8 +7,10 @@ Roles: the policy (trained), a frozen copy of it (the KL reference), the value m
 a zero-initialised head, trained) and the reward model (frozen). With LoRA (--lora_rank) the policy and the value model
 train adapters on frozen bases, and the reference is the policy with its adapters off (no second copy). Generation,
 scoring and the rollouts' log-probs run in the training's precision, like the loss. Each PPO step:
-  1. rollout: --rollout_batch_size prompts per data-parallel replica in the Dromedary format, sampled by the llama_mp
-     sampler (temperature 0.7), cut at "\\n\\n### User" or EOS; one seed per (step, rollout), so a resumed run repeats it;
+  1. rollout: --rollout_batch_size prompts per data-parallel replica in the policy's chat format (--chat_format auto:
+     its template, e.g. ChatML, when its tokenizer has one, else Dromedary's), sampled by the llama_mp sampler
+     (temperature 0.7), cut at an end-of-turn id or Dromedary's "\\n\\n### User"; one seed per (step, rollout), so a
+     resumed run repeats it;
   2. scoring: salmon_reward_model_prompt_v1.txt with 3 principles drawn by weight without replacement from
      principle_collection_ppo.json per rollout; the reward is read at the last real token; a response that never
      stopped gets --unfinished_penalty; optional length bonus (--length_bonus_scale, x the prompt's "length_bonus");
@@ -35,7 +37,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
 from llama_mp import cli, distributed, lora
-from llama_mp.chat import DATA, DEFAULT_META_PROMPT, STOP, dromedary_query, load_principles
+from llama_mp.chat import DATA, DEFAULT_META_PROMPT, chat_format, load_principles
 from llama_mp.batching import right_pad
 from llama_mp.checkpoint import load_weights, save_params, save_shard
 from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_records, write_json_atomic, write_jsonl_atomic
@@ -45,8 +47,7 @@ from llama_mp.progress import Progress
 from llama_mp.sampler import Sampler, derive_seed
 from llama_mp.tokenizer import load_tokenizer
 from llama_mp.train import TrainConfig, Trainer, add_lora, backbone_dtype, parse_task_args, require
-from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model
-from step2_reward_model.score import RewardScorer
+from step2_reward_model.reward_model import PromptBuilder, RewardModel, RewardScorer, load_reward_model
 from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
 
 
@@ -59,6 +60,7 @@ class PPOOptions:
     prompt_file: str = os.path.join(DATA, "oasst1/oasst1_prompts.json")
     max_prompts: int = 0
     meta_prompt_file: str = DEFAULT_META_PROMPT
+    chat_format: str = "auto"  # auto | dromedary | template: how the policy is prompted (llama_mp/chat.py)
     rm_prompt_template: str = os.path.join(DATA, "salmon/salmon_reward_model_prompt_v1.txt")
     principle_file: str = os.path.join(DATA, "salmon/principle_collection_ppo.json")
     num_principles: int = 3
@@ -142,9 +144,8 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     for i, p in enumerate(prompts, start=1):
         if not isinstance(p.get("instruction"), str):
             raise ValueError(f"{opts.prompt_file}:{i}: record has no \"instruction\" string")
-    with open(opts.meta_prompt_file, encoding="utf-8") as f:
-        meta = f.read()
-    queries = [tokenizer.encode(dromedary_query(meta, p["instruction"], p.get("input") or ""), bos=True, eos=False)
+    chat = chat_format(tokenizer, opts.chat_format, opts.meta_prompt_file)
+    queries = [tokenizer.encode(chat.query(p["instruction"], p.get("input") or ""), bos=True, eos=False)
                for p in prompts]
     keep = [i for i, q in enumerate(queries) if len(q) <= opts.max_prompt_len]  # longer prompts are filtered out
     if not keep:
@@ -219,7 +220,7 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     current = {}  # this step's rollout batch: micro-batches are lists of its row indices
 
     trainer = Trainer(module, policy, [], lambda rows: select(current["batch"], rows), loss, cfg, info, task="ppo",
-                      save_extra=save_extra, load_extra=load_extra, head_prefixes=())
+                      save_extra=save_extra, load_extra=load_extra, head_prefixes=(), tokenizer=tokenizer)
     trainer.set_total_steps(opts.ppo_steps * opts.ppo_epochs * minibatches)
     if resume:
         trainer.load_latest()
@@ -239,7 +240,7 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         module.eval()  # rollouts and their log-probs without dropout (the update's train mode is the Trainer's)
         with trainer.autocast():
             completions = sampler.generate([queries[i] for i in chosen], opts.max_gen_len, opts.temperature,
-                                           stop=[STOP], seed=[derive_seed(cfg.seed, step, first + j)
+                                           stop=chat.stop, seed=[derive_seed(cfg.seed, step, first + j)
                                                                for j in range(len(chosen))])
         t1 = time.perf_counter()
         rng = random.Random(derive_seed(cfg.seed, step, -1 - info.data_parallel_rank))
