@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 
 from llama_mp.batching import last_positions, right_pad
 from llama_mp.model import KVCache, Transformer
@@ -118,6 +121,18 @@ class Sampler:
         if tokenizer.n_words != model.args.vocab_size:
             raise ValueError(f"{tokenizer.path}: tokenizer has {tokenizer.n_words} pieces but the model's vocabulary "
                              f"is {model.args.vocab_size}")
+
+    def float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head in float32 for the logits a caller compares (a judge's "a" against "b"): in a bfloat16 model
+        the head's output is rounded to steps of 0.125-0.25 at logit magnitudes of 16-32, which turns close judgments
+        into ties. The head runs on the last positions only, so the float32 matmul costs little."""
+        weight = self.model.output.weight
+        if weight.dtype == torch.float32:
+            return self.model.output(hidden).float()
+        logits = F.linear(hidden.float(), weight.float())
+        if get_model_parallel_world_size() > 1:  # this rank's vocabulary columns -> all of them
+            logits = gather_from_model_parallel_region(logits)
+        return logits
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -295,7 +310,7 @@ class Sampler:
         for batch, hidden in self._hidden_batches(seqs, desc):
             last = last_positions([seqs[i] for i in batch], self.device)
             h_last = hidden[torch.arange(len(batch), device=self.device), last]
-            out[torch.tensor(batch)] = self.model.output(h_last).float().cpu()
+            out[torch.tensor(batch)] = self.float32_logits(h_last).cpu()
         return out
 
     @torch.inference_mode()
@@ -332,6 +347,6 @@ class Sampler:
                 hidden = self.model(right_pad(chunk, self.device), start, cache, return_hidden=True)
                 last = last_positions(chunk, self.device)
                 h_last = hidden[torch.arange(len(chunk), device=self.device), last]
-                out[first:first + len(chunk)] = self.model.output(h_last).float().cpu()
+                out[first:first + len(chunk)] = self.float32_logits(h_last).cpu()
             results.append(out)
         return results

@@ -1,12 +1,17 @@
-"""The main job: both pipelines end to end on the embedded default, stage by stage, with a report.
+"""The main job: both pipelines end to end on an embedded model, stage by stage, with a report.
 
-  python scripts/quickstart.py [--config configs/quickstart.yaml] [--run_dir DIR] [--fresh]
-  (bash scripts/quickstart.sh does the same after creating the virtualenv)
+  python scripts/quickstart.py [--model smollm2|stories260K] [--config YAML] [--run_dir DIR] [--fresh]
+  (bash scripts/quickstart.sh does the same after the set-up)
 
-Stages (each runs the project's own scripts, under torchrun with `nproc` processes where the step is distributed):
-  llama_mp         convert stories260K to the Meta layout (1 and 2 shards); sample with 2-way tensor parallelism
-  salmon_responses two responses per OASST1 prompt (seeds 42 and 43)
-  salmon_judge     self-judging under the principles, both orders; aggregation into reward-model data and DPO pairs
+--model picks the config: smollm2 (the default: SmolLM2-135M-Instruct, converted by the set-up, in bf16 where the CPU
+computes it natively) -> configs/quickstart.yaml; stories260K (the fast mechanics run) -> configs/quickstart_stories260K.yaml.
+A config names its `model`. Stages (each runs the project's own scripts, under torchrun with `nproc` processes where
+the step is distributed):
+  llama_mp         stories260K: convert to the Meta layout (1 and 2 shards), sample with 2-way tensor parallelism;
+                   smollm2: sample a few prompts in its chat template (tokens/s)
+  salmon_responses two responses per OASST1 prompt (seeds 42 and 43), in the policy's chat format
+  salmon_judge     self-judging under the principles, both orders; aggregation into reward-model data and DPO pairs;
+                   with salmon.judge_eval_pairs > 0, first the judge's agreement with OASST1 human rankings
   reward_model     the principle-following reward model, evaluated on held-out synthetic and OASST1 human pairs
   dpo              DPO of the policy on the step-1 pairs
   ppo              PPO of the policy against the reward model with the RL-time principles
@@ -35,7 +40,12 @@ from llama_mp.stages import RunDir  # noqa: E402
 from llama_mp.jsonl import read_jsonl, read_yaml, write_json_atomic, write_text_atomic  # noqa: E402
 from llama_mp.train import resume_args  # noqa: E402
 
-TOKENIZER = os.path.join(ROOT, "data/llama2c/tok512.model")
+MODELS = {  # model -> (the policy checkpoint, relative to the run directory or absolute; its tokenizer)
+    "stories260K": ("stories260K_mp1", os.path.join(ROOT, "data/llama2c/tok512.model")),
+    "smollm2": (os.path.join(ROOT, "checkpoints/smollm2-135m-instruct"), os.path.join(ROOT, "checkpoints/smollm2-135m-instruct")),
+}
+CONFIGS = {"smollm2": os.path.join(ROOT, "configs/quickstart.yaml"),
+           "stories260K": os.path.join(ROOT, "configs/quickstart_stories260K.yaml")}
 STAGES = ["llama_mp", "salmon_responses", "salmon_judge", "reward_model", "dpo", "ppo", "tabular"]
 
 
@@ -44,14 +54,27 @@ def load_config(path: str) -> dict:
     for key in ("run_dir", "nproc", "salmon", "tabular"):
         if key not in config:
             raise ValueError(f"{path}: missing key {key!r}")
+    config.setdefault("model", "stories260K")
+    if config["model"] not in MODELS:
+        raise ValueError(f"{path}: model {config['model']!r} is not one of {', '.join(MODELS)}")
     return config
+
+
+def sampling_dtype(choice: str) -> str:
+    """The --dtype of the sampling commands: auto is bfloat16 where the CPU (or GPU) computes it natively."""
+    if choice != "auto":
+        return choice
+    import torch
+    from llama_mp.train import bf16_native
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return "bfloat16" if bf16_native(device) else "float32"
 
 
 class Runner:
     """Runs commands with the stage's log, environment and peak-memory accounting."""
 
-    def __init__(self, rd: RunDir, nproc: int):
-        self.rd, self.nproc = rd, nproc
+    def __init__(self, rd: RunDir, nproc: int, env: dict):
+        self.rd, self.nproc, self.env = rd, nproc, env
         self.log = os.path.join(rd.path, "quickstart.log")
         self.peak_kb = 0
 
@@ -61,7 +84,7 @@ class Runner:
 
     def __call__(self, cmd: list[str], env: dict = None) -> None:
         full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), "OMP_NUM_THREADS": "1",
-                    "TOKENIZER": TOKENIZER, **(env or {})}
+                    **self.env, **(env or {})}
         with open(self.log, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
@@ -94,6 +117,8 @@ def count_lines(path: str) -> int:
 
 # ---- the stages: each runs its commands and returns its figures ---------------------------------------------------------
 def stage_llama_mp(run: Runner, d: dict, cfg: dict) -> dict:
+    if cfg["model"] == "smollm2":
+        return sample_smollm2(run, d, cfg)
     for mp in (1, 2):  # deterministic: a step killed midway is redone whole (--overwrite of its own output)
         out = os.path.join(d["run"], f"stories260K_mp{mp}")
         run.step(f"convert_mp{mp}", lambda out=out, mp=mp: python(
@@ -101,23 +126,41 @@ def stage_llama_mp(run: Runner, d: dict, cfg: dict) -> dict:
             "--output_dir", out, "--model_parallel_size", str(mp), "--overwrite"))
     samples = os.path.join(d["run"], "samples.jsonl")
     run.step("generate", lambda: script(
-        "launch.sh", "llama_mp.generate", "--ckpt_dir", d["mp2"], "--tokenizer_path", TOKENIZER,
+        "launch.sh", "llama_mp.generate", "--ckpt_dir", d["mp2"], "--tokenizer_path", d["tokenizer"],
         "--prompts_file", os.path.join(ROOT, "data/prompts/stories_prompts.jsonl"), "--output_file", samples,
         "--max_gen_len", "96", "--temperature", "0.7", "--top_p", "0.9", "--seed", "42", "--overwrite"),
         {"NPROC_PER_NODE": "2"})
     records = read_jsonl(samples)
     tokens = sum(len(r["tokens"]) for r in records)
-    return {"outputs": [d["mp1"], d["mp2"], samples], "samples": len(records), "tokens": tokens,
+    return {"outputs": [d["policy"], d["mp2"], samples], "samples": len(records), "tokens": tokens,
             "mean_logprob": round(sum(sum(r["logprobs"]) for r in records) / max(tokens, 1), 4),
             "example": records[0]["prompt"] + records[0]["generation"]}
 
 
+def sample_smollm2(run: Runner, d: dict, cfg: dict) -> dict:
+    """The real model as the set-up converted it: a few prompts in its chat template, greedy, in the run's dtype."""
+    if not os.path.isfile(os.path.join(d["policy"], "params.json")):
+        run.step("convert_smollm2", lambda: python("llama_mp.embedded"))
+    samples = os.path.join(d["run"], "samples.jsonl")
+    start = time.perf_counter()
+    run.step("generate", lambda: script(
+        "launch.sh", "llama_mp.generate", "--ckpt_dir", d["policy"], "--prompts_file",
+        os.path.join(ROOT, "data/prompts/chat_prompts.jsonl"), "--output_file", samples, "--max_gen_len", "64",
+        "--temperature", "0", "--dtype", d["dtype"], "--max_seq_len", "512", "--overwrite"), {"NPROC_PER_NODE": "1"})
+    seconds = time.perf_counter() - start
+    records = read_jsonl(samples)
+    tokens = sum(len(r["tokens"]) for r in records)
+    return {"outputs": [samples], "samples": len(records), "tokens": tokens, "dtype": d["dtype"],
+            "tokens_per_s_with_start": round(tokens / max(seconds, 1e-9), 1),
+            "example": records[0]["prompt"] + " -> " + records[0]["generation"]}
+
+
 def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
     s = cfg["salmon"]
-    env = {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s["max_prompts"]),
+    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s["max_prompts"]),
            "MAX_GEN_LEN": str(s["max_gen_len"])}
     for i in (0, 1):  # resumable: a rerun of the same command continues from the last chunk
-        run.step(f"response{i}", lambda i=i: script(f"generate_oasst1_response{i}.sh"), env,
+        run.step(f"response{i}", lambda i=i: script(f"generate_oasst1_response{i}.sh", *d["sampling_flags"]), env,
                  [os.path.join(d["step1"], f"oasst1_response{i}.jsonl")])
     responses = [read_jsonl(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")) for i in (0, 1)]
     texts = [r["output"] for rs in responses for r in rs if r.get("output") is not None]
@@ -129,18 +172,30 @@ def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
     s = cfg["salmon"]
-    env = {"CKPT_DIR": d["mp1"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
+    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
            "MAX_RESPONSE_TOKENS": str(s["max_response_tokens"]), "MAX_INSTRUCTION_TOKENS": str(s["max_instruction_tokens"])}
+    figures = {}
+    if s.get("judge_eval_pairs"):  # the judge's quality before anything is trained on its judgments
+        agreement = os.path.join(d["step1"], "judge_agreement.json")
+        run.step("judge_agreement", lambda: script(
+            "launch.sh", "step1_synthetic_preference.judge_agreement", "--ckpt_dir", d["policy"], "--tokenizer_path",
+            d["tokenizer"], "--max_pairs", str(s["judge_eval_pairs"]), "--output_file", agreement,
+            "--max_response_tokens", str(s["max_response_tokens"]), "--max_instruction_tokens",
+            str(s["max_instruction_tokens"]), "--max_seq_len", str(s.get("judge_max_seq_len", 1536)),
+            *d["sampling_flags"], "--model_parallel_size", str(cfg.get("model_parallel_size") or cfg["nproc"])),
+            None, [agreement])
+        with open(agreement) as f:
+            figures["judge_agreement"] = json.load(f)["overall"]
     # the script judges, then aggregates; each part skips itself once complete
-    run.step("judge", lambda: script("generate_synthetic_preference.sh"), env,
+    run.step("judge", lambda: script("generate_synthetic_preference.sh", *d["sampling_flags"]), env,
              [os.path.join(d["step1"], "oasst1_preference.jsonl")])
     run.step("aggregate", lambda: script("generate_synthetic_preference.sh"), env,
              [os.path.join(d["step1"], n) for n in ("synthetic_preference.json", "synthetic_preference_pairs.jsonl")])
     judgments = read_jsonl(os.path.join(d["step1"], "oasst1_preference.jsonl"))
     with open(os.path.join(d["step1"], "synthetic_preference.json")) as f:
         pairs = json.load(f)
-    return {"outputs": [os.path.join(d["step1"], n) for n in ("oasst1_preference.jsonl", "synthetic_preference.json",
-                                                               "synthetic_preference_pairs.jsonl")],
+    return {**figures, "outputs": [os.path.join(d["step1"], n) for n in (
+                "oasst1_preference.jsonl", "synthetic_preference.json", "synthetic_preference_pairs.jsonl")],
             "judged_pairs": len(judgments), "reward_model_pairs": len(pairs),
             "dpo_pairs": count_lines(os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"))}
 
@@ -149,7 +204,7 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "rm")
     run.step("reward_model", lambda: script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []),
                                             *resume_args(out)),
-             {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
+             {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
               "OUTPUT_DIR": out})
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
@@ -161,7 +216,7 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
 def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "dpo")
     run.step("dpo", lambda: script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_args(out)),
-             {"CKPT_DIR": d["mp1"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
+             {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
               "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("loss", "rewards/margin", "rewards/accuracy")
@@ -172,7 +227,7 @@ def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
 def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "ppo")
     run.step("ppo", lambda: script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_args(out)),
-             {"CKPT_DIR": d["mp1"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
+             {"CKPT_DIR": d["policy"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("reward/mean", "kl", "response_length")
     return {"outputs": [out], "steps": len(curve), "first": {k: curve[0].get(k) for k in keys},
@@ -182,7 +237,10 @@ def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
 def stage_tabular(run: Runner, d: dict, cfg: dict) -> dict:
     t, work = cfg["tabular"], os.path.join(d["run"], "tabular")
     run.step("tabular", lambda: python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t["config"]),
-                                       "--workdir", work, "--ckpt_dir", d["mp1"], "--rounds", str(t.get("rounds", 1))))
+                                       "--workdir", work, "--ckpt_dir", d["policy"], "--tokenizer_path", d["tokenizer"],
+                                       "--dtype", d["dtype"], "--rounds", str(t.get("rounds", 1)),
+                                       *(["--model_parallel_size", str(cfg["model_parallel_size"])]
+                                         if cfg.get("model_parallel_size") else [])))
     with open(os.path.join(work, "report.json")) as f:
         report = json.load(f)
     notes = os.path.join(work, "notes.json")
@@ -251,22 +309,30 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python scripts/quickstart.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs/quickstart.yaml"))
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="smollm2", help="picks the default --config")
+    parser.add_argument("--config", default=None, help="default: configs/quickstart.yaml (smollm2) or "
+                                                         "configs/quickstart_stories260K.yaml")
     parser.add_argument("--run_dir", default=None, help="default: the config's run_dir")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
     opts = parser.parse_args()
+    opts.config = opts.config or CONFIGS[opts.model]
     cfg = load_config(opts.config)
     run_dir = os.path.abspath(opts.run_dir or os.path.join(ROOT, cfg["run_dir"]))
     rd = RunDir(run_dir, fresh=opts.fresh)
-    d = {"run": run_dir, "mp1": os.path.join(run_dir, "stories260K_mp1"), "mp2": os.path.join(run_dir, "stories260K_mp2"),
+    policy, tokenizer = MODELS[cfg["model"]]
+    dtype = sampling_dtype(cfg.get("dtype", "float32"))
+    d = {"run": run_dir, "policy": os.path.join(run_dir, policy), "tokenizer": tokenizer, "dtype": dtype,
+         "sampling_flags": ["--dtype", dtype], "env": {"TOKENIZER": tokenizer}, "mp2": os.path.join(run_dir, "stories260K_mp2"),
          "step1": os.path.join(run_dir, "step1")}
+    if cfg.get("model_parallel_size"):  # every model stage (the step scripts read MODEL_PARALLEL_SIZE)
+        d["env"]["MODEL_PARALLEL_SIZE"] = str(cfg["model_parallel_size"])
     for number, name in enumerate(STAGES, start=1):
         prefix = f"[quickstart {number}/{len(STAGES)} {name}]"
         if rd.stage(name):
             print(f"{prefix} done in an earlier run ({rd.stage(name)['seconds']} s), skipped", flush=True)
             continue
         print(f"{prefix} {time.strftime('%H:%M:%S')} started (log: {run_dir}/quickstart.log)", flush=True)
-        run = Runner(rd, int(cfg["nproc"]))
+        run = Runner(rd, int(cfg["nproc"]), d["env"])
         start = time.perf_counter()
         try:
             figures = RUNNERS[name](run, d, cfg)

@@ -36,7 +36,8 @@ DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.ya
             "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100,
             "num_examples": 5, "heldout_prompts": 16, "sft_lr": 1e-3, "sft_epochs": 3, "dpo_lr": 1e-4, "dpo_epochs": 1,
             "micro_batch_size": 4, "max_pairs": 1000, "eval_rows": 1000, "num_clusters": 32,
-            "syn_config": "configs/syn_addprompt.yaml", "scorer": "sklearn", "scorer_ckpt": None,
+            "syn_config": "configs/syn_addprompt.yaml", "scorer": "sklearn", "scorer_ckpt": None, "dtype": "auto",
+            "model_parallel_size": None, "sft_flags": [], "dpo_flags": [],
             "fed_clients": 1, "fed_split_method": "none", "sft_max_steps": 0}
 
 
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", default="runs/tabular")
     parser.add_argument("--ckpt_dir", default=None, help="the starting checkpoint (overrides the config's ckpt_dir)")
+    parser.add_argument("--tokenizer_path", default=None, help="overrides the config's tokenizer_path")
+    parser.add_argument("--dtype", default=None, help="of the sampling stages (overrides the config's dtype)")
+    parser.add_argument("--model_parallel_size", type=int, default=None, help="of the model stages (overrides)")
     opts = parser.parse_args()
     cfg = dict(DEFAULTS)
     if opts.config:
@@ -76,6 +80,9 @@ def main() -> None:
             raise ValueError(f"{opts.config}: unknown keys {unknown}")
         cfg.update(extra)
     cfg["ckpt_dir"] = opts.ckpt_dir or cfg["ckpt_dir"]
+    cfg["tokenizer_path"] = opts.tokenizer_path or cfg["tokenizer_path"]
+    cfg["dtype"] = opts.dtype or cfg["dtype"]
+    cfg["model_parallel_size"] = opts.model_parallel_size or cfg["model_parallel_size"]
     if not os.path.exists(os.path.join(cfg["ckpt_dir"], "params.json")):
         raise FileNotFoundError(f"{cfg['ckpt_dir']}: no checkpoint (convert one: python -m llama_mp.convert llama2c ...)")
     work = opts.workdir
@@ -87,16 +94,19 @@ def main() -> None:
     log, splits_dir = os.path.join(work, "rounds.log"), os.path.join(work, "splits")
     name = load_schema(cfg["heldout"]).name  # every stage names its files after the data set
     common = ["--tokenizer_path", cfg["tokenizer_path"], "--max_seq_len", str(cfg["max_seq_len"])]
+    # the stages that load a model (default model-parallel size: the world size, which must divide n_kv_heads)
+    model_flags = ["--model_parallel_size", str(cfg["model_parallel_size"])] if cfg["model_parallel_size"] else []
     r0 = os.path.join(work, "r0")
     step("r0_s1", [os.path.join(r0, n) for n in ("sft_train.jsonl", f"{name}_prompts.jsonl", "lengths.json")],
          ["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
              "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg["prompts_per_dataset"]),
              "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common])
     sft_dir = os.path.join(work, "sft")
-    train(rd, "sft", sft_dir, ["-m", "step0_coldstart.train_sft", "--ckpt_dir", cfg["ckpt_dir"], "--train_file",
-                    os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir, "--lr", str(cfg["sft_lr"]),
-                    "--epochs", str(cfg["sft_epochs"]), "--max_steps", str(cfg["sft_max_steps"]),
-                    "--micro_batch_size", str(cfg["micro_batch_size"]), *common], log)
+    train(rd, "sft", sft_dir, ["-m", "step0_coldstart.train_sft", *model_flags, "--ckpt_dir", cfg["ckpt_dir"],
+                               "--train_file", os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir,
+                               "--lr", str(cfg["sft_lr"]), "--epochs", str(cfg["sft_epochs"]),
+                               "--max_steps", str(cfg["sft_max_steps"]),
+                               "--micro_batch_size", str(cfg["micro_batch_size"]), *common, *cfg["sft_flags"]], log)
     fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
     clients = lambda d: [os.path.join(d, f"{name}_client_{i}.train.jsonl") for i in range(cfg["fed_clients"])]  # noqa: E731
     step("r0_s2", clients(os.path.join(work, "fed")),
@@ -111,9 +121,10 @@ def main() -> None:
         label, ckpt = generators[-1]
         out = os.path.join(work, f"r{k}")
         raw, syn_csv, score = (os.path.join(out, f"{name}.{kind}") for kind in ("raw.jsonl", "syn.csv", "score.jsonl"))
-        step(f"r{k}_s1", [raw], ["-m", "step0_coldstart.syn_addprompt", "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
+        step(f"r{k}_s1", [raw], ["-m", "step0_coldstart.syn_addprompt", *model_flags, "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
                  os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
-                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common],
+                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common,
+                  "--dtype", cfg["dtype"]],
              launch=True)
         step(f"r{k}_s2", [syn_csv], ["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg["heldout"],
                                      "--raw_file", raw, "--output_file", syn_csv])
@@ -124,7 +135,7 @@ def main() -> None:
               "--output_dir", os.path.join(out, "fed"), *fed])
         scorer = ["--backend", cfg["scorer"]]
         if cfg["scorer"] == "llm":
-            scorer += ["--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common]
+            scorer += [*model_flags, "--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common, "--dtype", cfg["dtype"]]
         step(f"r{k}_s4", [score], ["-m", "step0_coldstart.syn_addscore", "--dataset", cfg["heldout"], "--raw_file", raw,
                                    "--output_file", score, "--splits_dir", splits_dir, *scorer],
              launch=cfg["scorer"] == "llm")
@@ -138,10 +149,13 @@ def main() -> None:
             generators.append((f"dpo{k}", ckpt))
             continue
         dpo_dir = os.path.join(work, f"dpo{k}")
-        train(rd, f"dpo{k}", dpo_dir, ["-m", "step3_rl.train_dpo", "--ckpt_dir", ckpt, "--train_file", pairs, "--rejected_key",
-                        "rejected", "--prompt_format", "plain", "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]),
-                        "--epochs", str(cfg["dpo_epochs"]), "--micro_batch_size", str(cfg["micro_batch_size"]),
-                        "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512", *common], log)
+        train(rd, f"dpo{k}", dpo_dir, ["-m", "step3_rl.train_dpo", *model_flags, "--ckpt_dir", ckpt,
+                                       "--train_file", pairs, "--rejected_key", "rejected", "--prompt_format", "plain",
+                                       "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]),
+                                       "--epochs", str(cfg["dpo_epochs"]),
+                                       "--micro_batch_size", str(cfg["micro_batch_size"]),
+                                       "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512",
+                                       *common, *cfg["dpo_flags"]], log)
         generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
     synthetic = []
     for k, (label, _) in enumerate(generators, start=1):
