@@ -127,7 +127,7 @@ class Sampler:
         the head's output is rounded to steps of 0.125-0.25 at logit magnitudes of 16-32, which turns close judgments
         into ties. The head runs on the last positions only, so the float32 matmul costs little."""
         weight = self.model.output.weight
-        if weight.dtype == torch.float32:
+        if torch.finfo(weight.dtype).bits >= 32:  # float32 / float64 heads are precise already
             return self.model.output(hidden).float()
         logits = F.linear(hidden.float(), weight.float())
         if get_model_parallel_world_size() > 1:  # this rank's vocabulary columns -> all of them

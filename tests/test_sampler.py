@@ -177,3 +177,49 @@ def test_allowed_tokens_restrict_generation(sampler):
     free = sampler.generate(prompts, 12, temperature=1.0, seed=[3, 4])
     assert [o.tokens for o in sampler.generate(prompts, 12, temperature=1.0, seed=[3, 4], allowed_tokens=everything)] \
         == [o.tokens for o in free]
+
+
+def test_judge_logits_of_a_bf16_model_come_from_a_float32_head(world1, stories_dir, tokenizer):
+    # A bf16 head rounds logits to a few significant bits (steps of 0.125-0.25 at SmolLM2's magnitudes): a judge's
+    # "a" against "b" would often tie. The head is applied in float32 to the bf16 model's hidden states.
+    model = load_model(stories_dir, dtype=torch.bfloat16)
+    sampler = Sampler(model, tokenizer, max_batch_size=2)
+    prompts = ["Once upon a time", "Tom had a big red"]
+    logits = sampler.next_token_logits(prompts)
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            ids = torch.tensor([tokenizer.encode(prompt, bos=True, eos=False)])
+            hidden = model(ids, return_hidden=True)[0, -1].double()
+            expected = hidden @ model.output.weight.double().T  # float64 head on the same hidden state
+            # float32 products of bf16 numbers are exact; the 64-term float32 sums are off by ~1e-6 relative
+            torch.testing.assert_close(logits[row].double(), expected, atol=1e-4, rtol=1e-5)
+            bf16_head = model.output(hidden.to(torch.bfloat16)[None])[0].float()
+            assert (bf16_head.double() - expected).abs().max() > 1e-3  # what the float32 head avoids
+
+
+def test_a_sampler_follows_the_weights_it_samples_while_they_train(world1, stories_dir, tokenizer):
+    # Building a Sampler fuses q/k/v and w1/w3 into shared buffers (one matmul at inference) whose slices are the
+    # weights themselves; PPO samples from the policy it trains. After optimizer steps (and a resume-style in-place
+    # load), sampling must use the trained weights: compare with an unfused model holding the same state.
+    # float64: the fused and the separate matmuls may sum in different orders; in float64 that stays ~1e-13
+    model = load_model(stories_dir, dtype=torch.float64)
+    sampler = Sampler(model, tokenizer, max_batch_size=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([tokenizer.encode("Once upon a time, there was a cat.", bos=True, eos=False)])
+    for _ in range(2):
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unfused = load_model(stories_dir, dtype=torch.float64)
+    unfused.load_state_dict(model.state_dict())
+    prompts = ["Once upon a time", "Tom had a big red"]
+    expected = Sampler(unfused, tokenizer, max_batch_size=2).next_token_logits(prompts)
+    untrained = Sampler(load_model(stories_dir, dtype=torch.float64), tokenizer).next_token_logits(prompts)
+    moved = (expected - untrained).abs().max()
+    assert moved > 1e-2  # the steps changed the model
+    # both are rounded to the float32 the sampler returns: at most one float32 ulp apart
+    assert ((sampler.next_token_logits(prompts) - expected).abs() <= torch.finfo(torch.float32).eps * expected.abs()
+            + 1e-12).all()
