@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TOK512, run_cli
-from llama_mp.chat import split_tokens
+from llama_mp.chat import ChatFormat, split_tokens
 from llama_mp.checkpoint import load_model
 from llama_mp.sampler import Sampler
 from llama_mp.train import TrainConfig, Trainer
@@ -36,7 +36,8 @@ PAIRS = [{"prompt": "Tell me a story.", "chosen": "Once upon a time, there was a
 
 
 def encoded(tokenizer, opts=None):
-    return [encode_pair(p, tokenizer, opts or DPOOptions(), "# Meta\n\n### User") for p in PAIRS]
+    chat = ChatFormat("dromedary", meta_prompt="# Meta\n\n### User")  # DPOOptions' default for a base model
+    return [encode_pair(p, tokenizer, opts or DPOOptions(), chat) for p in PAIRS]
 
 
 def test_response_logprobs_equal_teacher_forced_scores(world1, stories_dir, tokenizer):
