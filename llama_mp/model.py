@@ -275,7 +275,9 @@ class Attention(nn.Module):
         bsz, _, _, head_dim = q.shape
         q_grouped = q.view(bsz, self.n_local_kv_heads, -1, head_dim) * head_dim ** -0.5  # [B, kv heads, group, D]
         scores = torch.matmul(q_grouped, keys_t)
-        out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+        # softmax in at least float32 (a float64 model keeps float64, as the fused kernel of attend() does)
+        out = torch.matmul(torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).type_as(q),
+                           values)
         return out.view(bsz, self.n_local_heads, 1, head_dim)
 
 
