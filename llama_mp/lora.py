@@ -54,14 +54,18 @@ def _dropout(x: torch.Tensor, p: float, width: int, part: slice) -> torch.Tensor
     return x * (keep[..., part].to(x.dtype) / (1 - p))
 
 
-class ColumnLoRA(nn.Module):
-    """Adapter of a column-parallel W [out / mp, in]: A [r, in] replicated, B [out / mp, r] split like W."""
+class LoRA(nn.Module):
+    """An adapter's parameters: A [r, in] (this rank's part, given), B [out, r] zero, output scale alpha / r."""
 
     def __init__(self, a: torch.Tensor, out_features: int, scale: float, dropout: float):
         super().__init__()
         self.A = nn.Parameter(a)
         self.B = nn.Parameter(torch.zeros(out_features, a.shape[0], device=a.device))
         self.scale, self.dropout, self.enabled = scale, dropout, True
+
+
+class ColumnLoRA(LoRA):
+    """Adapter of a column-parallel W [out / mp, in]: A [r, in] replicated, B [out / mp, r] split like W."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)  # (a bfloat16 base outside autocast: the adapter still computes in its own dtype)
@@ -71,14 +75,8 @@ class ColumnLoRA(nn.Module):
         return F.linear(copy_to_model_parallel_region(z), self.B) * self.scale
 
 
-class RowLoRA(nn.Module):
+class RowLoRA(LoRA):
     """Adapter of a row-parallel W [out, in / mp]: A [r, in / mp] split like W, B [out, r] replicated."""
-
-    def __init__(self, a: torch.Tensor, out_features: int, scale: float, dropout: float):
-        super().__init__()
-        self.A = nn.Parameter(a)
-        self.B = nn.Parameter(torch.zeros(out_features, a.shape[0], device=a.device))
-        self.scale, self.dropout, self.enabled = scale, dropout, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)

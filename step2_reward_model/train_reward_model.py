@@ -23,10 +23,11 @@ import torch
 
 from llama_mp import cli, distributed
 from llama_mp.chat import load_principles
-from llama_mp.jsonl import iter_jsonl, read_records, write_json_atomic
+from llama_mp.jsonl import read_records, write_json_atomic
 from llama_mp.tokenizer import load_tokenizer
 from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args, require,
                             resolve_precision)
+from step2_reward_model.human_pairs import oasst_human_pairs
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, load_reward_model, pad_batch,
                                              pairwise_loss)
 
@@ -91,25 +92,6 @@ def pair_examples(path: str, opts: RewardModelOptions) -> list[dict]:
     if not examples:
         raise ValueError(f"{path}: no preference pairs")
     return examples
-
-
-def oasst_human_pairs(messages_file: str, principles: list[str]) -> list[dict]:
-    """Human preference pairs: for each OASST1 prompt, its best-ranked answer against each lower-ranked sibling."""
-    prompts, answers = {}, {}
-    for line, m in iter_jsonl(messages_file):
-        if m.get("deleted"):
-            continue
-        if m.get("role") == "prompter" and m.get("parent_id") is None:
-            prompts[m["message_id"]] = m["text"]
-        elif m.get("role") == "assistant" and m.get("rank") is not None:
-            answers.setdefault(m["parent_id"], []).append((m["rank"], m["text"]))
-    pairs = []
-    for pid, text in prompts.items():
-        ranked = sorted(answers.get(pid, []))
-        for _, worse in ranked[1:]:
-            pairs.append({"id": pid, "instruction": text, "chosen": ranked[0][1], "rejected": worse,
-                          "principles": principles, "margin": 0.0})
-    return pairs
 
 
 def held_out(pid: str, fraction: float) -> bool:

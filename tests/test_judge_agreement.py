@@ -50,12 +50,10 @@ def test_human_pairs_best_against_worst_or_all(messages_file):
 
 
 def test_human_pairs_are_the_reward_models_355_on_the_shipped_file():
-    from step2_reward_model.train_reward_model import oasst_human_pairs as rm_pairs
-    principles = ["be good"]
+    principles = ["be good"]  # the reward model's evaluation reads the same pairs (one loader)
     ours = oasst_human_pairs(OASST, principles, "all")
     assert len(ours) == 355 and len(oasst_human_pairs(OASST, principles, "worst")) == 186
-    assert [{k: v for k, v in p.items() if k != "rejected_rank"} for p in ours] == [
-        {k: v for k, v in p.items() if k != "rejected_rank"} for p in rm_pairs(OASST, principles)]
+    assert all(p["principles"] == principles and p["rejected_rank"] > 0 for p in ours)
 
 
 class ScriptedJudge:
