@@ -320,24 +320,22 @@ class Trainer:
                 dist.all_reduce(param.grad, group=group)  # losses were pre-scaled: the sum is the average
 
     def _clip_gradients(self) -> float:
-        """Clip to cfg.grad_clip on the norm of the whole (unsharded) gradient; returns that norm."""
-        sharded_sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        replicated_sq = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        """Clip to cfg.grad_clip on the norm of the whole (unsharded) gradient; returns that norm.
+
+        Each tensor's norm in one fused pass (float32 accumulation, as torch's clip_grad_norm_), their squares summed
+        in float64: a float64 copy of every gradient cost 1-2 s a step at SmolLM2's size (bench_train)."""
+        grads = {True: [], False: []}
         for name, param in self.module.named_parameters():
             if param.grad is not None:
-                sq = param.grad.detach().double().pow(2).sum()
-                if self.sharded[name]:
-                    sharded_sq += sq
-                else:
-                    replicated_sq += sq
+                grads[self.sharded[name]].append(param.grad.detach())
+        sharded_sq, replicated_sq = (torch.stack(torch._foreach_norm(g)).double().pow(2).sum() if g else
+                                     torch.zeros((), dtype=torch.float64, device=self.info.device)
+                                     for g in (grads[True], grads[False]))
         if self.info.model_parallel_size > 1:
             dist.all_reduce(sharded_sq, group=fs_init.get_model_parallel_group())
         norm = float((sharded_sq + replicated_sq).sqrt())
         if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
-            scale = self.cfg.grad_clip / (norm + 1e-6)
-            for param in self.module.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            torch._foreach_mul_(grads[True] + grads[False], self.cfg.grad_clip / (norm + 1e-6))
         return norm
 
     # ---- the loop -------------------------------------------------------------------------------------------------

