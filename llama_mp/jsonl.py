@@ -7,6 +7,14 @@ import signal
 from typing import Callable, Iterable
 
 
+def read_text(path: str) -> str:
+    """A UTF-8 text file (a prompt template, ...), or an error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def iter_jsonl(path: str, torn_tail_ok: bool = False):
     """(line number, record) for every object line of a JSONL file; anything that is not a JSON object is an error
     naming the file and line. With torn_tail_ok, an unterminated last line (an appender killed mid-line) is skipped."""

@@ -42,9 +42,10 @@ from llama_mp.sampler import Sampler  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
 from llama_mp.chat import DEFAULT_META_PROMPT, dromedary_query, load_principles  # noqa: E402
 from llama_mp.prompts import load_prompts  # noqa: E402
-from step1_synthetic_preference.common import (DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, DEFAULT_PROMPTS,  # noqa: E402
-                                               judge_prompt, read_text)
-from step1_synthetic_preference.synthetic_preference import split_shared, truncate_tokens  # noqa: E402
+from llama_mp.judge import (DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, judge_prompt, judge_sequences,  # noqa: E402
+                            split_shared, truncate_tokens)
+from llama_mp.jsonl import read_text  # noqa: E402
+from step1_synthetic_preference.common import DEFAULT_PROMPTS  # noqa: E402
 
 
 def prefix_reuse(sampler, pairs):
@@ -90,7 +91,7 @@ def bench_stories(opts) -> dict:
     sampler = Sampler(load_model(ckpt_dir, max_seq_len=2048), tokenizer, max_batch_size=opts.max_batch_size,
                       progress_every=1e9)
     meta, template = read_text(DEFAULT_META_PROMPT), read_text(DEFAULT_JUDGE_PROMPT)
-    principles = load_principles(DEFAULT_PRINCIPLES)[:opts.principles]
+    principles = load_principles(DEFAULT_JUDGE_PRINCIPLES)[:opts.principles]
     prompts = [p for p in load_prompts(DEFAULT_PROMPTS) if len(p["instruction"]) < 300][:opts.pairs]
     queries = [dromedary_query(meta, p["instruction"]) for p in prompts]
     out1, out2 = (sampler.generate(queries, opts.response_tokens, temperature=0.7, seed=seed) for seed in (42, 43))
@@ -189,12 +190,11 @@ def judge_reason(fig: dict) -> str:
 def bench_smollm2(opts) -> dict:
     from llama_mp.chat import chat_format
     from llama_mp.tokenizer import load_tokenizer
-    from step1_synthetic_preference.synthetic_preference import judge_sequences
     ckpt_dir = smollm2_checkpoint()
     tokenizer = load_tokenizer("", ckpt_dir)
     chat = chat_format(tokenizer)
     template = read_text(DEFAULT_JUDGE_PROMPT)
-    principles = load_principles(DEFAULT_PRINCIPLES)[:opts.principles]
+    principles = load_principles(DEFAULT_JUDGE_PRINCIPLES)[:opts.principles]
     pairs = [judge_sequences(tokenizer, chat, template, principles, pair, 128, opts.response_tokens)
              for pair in smollm2_pairs(ckpt_dir, tokenizer, chat, opts)]
     result = {"model": SMOLLM2_NAME, "chat_format": chat.name, "threads": opts.threads, "pairs": len(pairs),

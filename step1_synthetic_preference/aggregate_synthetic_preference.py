@@ -35,7 +35,8 @@ import numpy as np
 from llama_mp import cli, outputs
 from llama_mp.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
 from llama_mp.chat import load_principles
-from step1_synthetic_preference.common import DEFAULT_PRINCIPLES, instruction_text, load_pairs, response_files
+from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, instruction_text
+from step1_synthetic_preference.common import load_pairs, response_files
 
 DEFAULT_DIMENSIONS = ["Concise", "Honest and Accurate", "Ethical", "Specific", "Educational and Engaging",
                       "Methodical", "Creative", "Comprehensive"]
@@ -155,7 +156,7 @@ def main() -> None:
     source.add_argument("--response_files", nargs=2, metavar=("RESPONSES_1", "RESPONSES_2"))
     source.add_argument("--response_pattern", help="a glob matching exactly two response files (sorted)")
     parser.add_argument("--preference_file", required=True, help="synthetic_preference output (JSONL)")
-    parser.add_argument("--principle_file", default=DEFAULT_PRINCIPLES)
+    parser.add_argument("--principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
     parser.add_argument("--output_file", required=True, help="JSON list for the reward model")
     parser.add_argument("--pairs_file", default=None, help="prompt/chosen/rejected JSONL (default: beside output)")
     parser.add_argument("--overwrite", action="store_true")

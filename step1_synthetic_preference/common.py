@@ -1,4 +1,5 @@
-"""What the step-1 commands share: paths, the judge prompt, response pairs (prompt records: llama_mp/prompts.py)."""
+"""What the step-1 commands share: paths and response pairs (prompt records: llama_mp/prompts.py; the judge:
+llama_mp/judge.py)."""
 
 import glob
 import os
@@ -8,33 +9,6 @@ from llama_mp.jsonl import iter_jsonl
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEFAULT_PROMPTS = os.path.join(DATA, "oasst1/oasst1_prompts.json")
-DEFAULT_JUDGE_PROMPT = os.path.join(DATA, "salmon/synthetic_preference_prompt.txt")
-DEFAULT_PRINCIPLES = os.path.join(DATA, "salmon/principle_collection_rm.json")
-
-
-def read_text(path: str) -> str:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def instruction_text(record: dict) -> str:
-    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
-
-
-def judge_prompt(template: str, instruction: str, output_a: str, output_b: str, dimension: str,
-                 definition: str) -> str:
-    """The judge prompt filled in (plain replacement: texts may contain braces)."""
-    for placeholder in ("{UserInstruction}", "{OutputA}", "{OutputB}", "{Dimension}", "{Definition}"):
-        if placeholder not in template:
-            raise ValueError(f"judge prompt template lacks {placeholder}")
-    # Fill the placeholders in template order so that a response containing "{Dimension}" is left alone.
-    text = template.replace("{Dimension}", dimension).replace("{Definition}", definition)
-    head, rest = text.split("{UserInstruction}", 1)
-    middle, tail = rest.split("{OutputA}", 1)
-    between, end = tail.split("{OutputB}", 1)
-    return head + instruction + middle + output_a + between + output_b + end
 
 
 def clean_response(text) -> str:

@@ -5,7 +5,7 @@
 
 The pairs: each first-turn prompt's best-ranked answer against its worst-ranked one (--against worst, 186 pairs; `all`:
 against every lower-ranked one, the reward model's 355 human pairs; step2_reward_model/human_pairs.py), the human's
-choice as output 1. They are judged by synthetic_preference's own code (judge_chunk: every principle, both orders,
+choice as output 1. They are judged by step 1's own code (llama_mp.judge.judge_chunk: every principle, both orders,
 the same prompt, chat format, truncation and a/b logits), the judgments kept in --judgments_file (resumable and
 sharded like synthetic_preference; a complete one made with the same settings is reused). Reported per principle and
 over all (pair, principle) judgments:
@@ -25,8 +25,9 @@ import os
 from llama_mp import cli, jobs, outputs
 from llama_mp.chat import FORMATS, chat_format, load_principles
 from llama_mp.jsonl import read_jsonl, write_json_atomic
-from step1_synthetic_preference.common import DATA, DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, read_text
-from step1_synthetic_preference.synthetic_preference import answer_token_ids, judge_chunk
+from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
+from llama_mp.jsonl import read_text
+from step1_synthetic_preference.common import DATA
 from step2_reward_model.human_pairs import AGAINST, oasst_human_pairs
 
 DEFAULT_PAIRS = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--pairs_file", default=DEFAULT_PAIRS, help="OASST1 messages with ranked answers")
     parser.add_argument("--against", choices=AGAINST, default="worst")
     parser.add_argument("--max_pairs", type=int, default=0, help="the first N pairs only (0: all)")
-    parser.add_argument("--principle_file", default=DEFAULT_PRINCIPLES)
+    parser.add_argument("--principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
     parser.add_argument("--prompt_template", default=DEFAULT_JUDGE_PROMPT)
     parser.add_argument("--chat_format", choices=FORMATS, default="auto")
     parser.add_argument("--output_file", required=True)

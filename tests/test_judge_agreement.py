@@ -9,9 +9,9 @@ import torch
 from conftest import ROOT, TOK512, run_cli
 from llama_mp.chat import chat_format, load_principles
 from llama_mp.tokenizer import Tokenizer
-from step1_synthetic_preference.common import DEFAULT_JUDGE_PROMPT, DEFAULT_PRINCIPLES, read_text
+from llama_mp.jsonl import read_text
 from step1_synthetic_preference.judge_agreement import agreement_report, judge_pairs
-from step1_synthetic_preference.synthetic_preference import answer_token_ids, judge_chunk
+from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
 from step2_reward_model.human_pairs import oasst_human_pairs
 
 OASST = os.path.join(ROOT, "data/oasst1/oasst1_en_validation_messages.jsonl")
@@ -84,7 +84,7 @@ class ScriptedJudge:
 def judge(prefer, pairs, prefix_reuse=True):
     tokenizer = Tokenizer(TOK512)
     sampler = ScriptedJudge(tokenizer, prefer)
-    principles = load_principles(DEFAULT_PRINCIPLES)
+    principles = load_principles(DEFAULT_JUDGE_PRINCIPLES)
     records = judge_chunk(sampler, chat_format(tokenizer, "dromedary"), pairs, principles,
                           read_text(DEFAULT_JUDGE_PROMPT), sampler.id_a, sampler.id_b, 256, 640, prefix_reuse)
     return agreement_report(pairs, records, principles, "worst")

@@ -10,8 +10,8 @@ import torch
 from conftest import ROOT, TOK512, run_cli
 from llama_mp.tokenizer import Tokenizer
 from step1_synthetic_preference.aggregate_synthetic_preference import aggregate, script_of
-from step1_synthetic_preference.common import DEFAULT_JUDGE_PROMPT, judge_prompt, read_text
-from step1_synthetic_preference.synthetic_preference import answer_token_ids, judgments, order_label, split_shared
+from llama_mp.judge import DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_prompt, judgments, order_label, split_shared
+from llama_mp.jsonl import read_text
 
 LLAMA2 = os.path.join(ROOT, "data/llama2c/tokenizer.model")
 MESSAGES = os.path.join(ROOT, "data/oasst1/oasst1_en_validation_messages.jsonl")

@@ -306,8 +306,8 @@ def test_sampler_stops_at_any_stop_id(world1, stories_dir, tokenizer):
 
 @needs_smol
 def test_judge_answer_ids_for_byte_level_bpe(smol):
-    from step1_synthetic_preference.common import DEFAULT_JUDGE_PROMPT, judge_prompt, read_text
-    from step1_synthetic_preference.synthetic_preference import answer_token_ids
+    from llama_mp.judge import DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_prompt
+    from llama_mp.jsonl import read_text
 
     id_a, id_b = answer_token_ids(smol)
     assert smol.decode([id_a]) == "a" and smol.decode([id_b]) == "b"
