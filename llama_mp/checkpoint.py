@@ -79,6 +79,45 @@ def load_shard(path: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in IGNORED_KEYS}
 
 
+HEAD_FILE = "head.pth"  # a training run's heads; a reward model's holds its scalar head (head.weight, head.bias)
+
+
+def has_reward_head(ckpt_dir: str) -> bool:
+    """Whether ckpt_dir is a reward model: its head.pth holds a reward head. (Every trainer writes head.pth; a
+    policy's, from SFT, DPO or PPO, is empty.)"""
+    path = os.path.join(ckpt_dir, HEAD_FILE)
+    if not os.path.isfile(path):
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file "
+                              f"({str(err).splitlines()[0][:200]})") from None
+    return isinstance(state, dict) and "head.weight" in state
+
+
+def check_policy(ckpt_dir: str) -> None:
+    """A command that samples from or trains a language model refuses a reward model's checkpoint (its backbone was
+    trained to score through the head, not to predict text)."""
+    try:
+        reward_model = bool(ckpt_dir) and has_reward_head(ckpt_dir)
+    except CheckpointError:  # an unreadable head.pth: no concern of a command that loads only the shards
+        return
+    if reward_model:
+        raise CheckpointError(f"{ckpt_dir}: a reward model (its {HEAD_FILE} holds a reward head), not a policy; "
+                              f"give a language-model checkpoint")
+
+
+def check_reward_model(ckpt_dir: str) -> None:
+    """A command that reads rewards refuses a checkpoint without a trained reward head (it would score with a random
+    one)."""
+    if not os.path.isdir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    if not has_reward_head(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: not a reward model (no reward head in {HEAD_FILE}); give a "
+                              f"step2_reward_model.train_reward_model checkpoint")
+
+
 def model_args(params: dict, first_shard: dict, n_shards: int, ckpt_dir: str,
                max_seq_len: Optional[int] = None) -> ModelArgs:
     """ModelArgs from params.json, with vocab_size -1 resolved from the embedding and max_seq_len overridden."""
@@ -314,6 +353,11 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 def write_latest(output_dir: str, checkpoint_dir: str) -> None:
     write_text_atomic(os.path.join(output_dir, LATEST), os.path.basename(checkpoint_dir) + "\n")
+
+
+def resume_args(output_dir: str) -> list[str]:
+    """["--resume"] when <output_dir>/latest names a checkpoint: how a driver reruns a killed training command."""
+    return ["--resume"] if os.path.exists(os.path.join(output_dir, LATEST)) else []
 
 
 def resolve_checkpoint(path: str) -> str:

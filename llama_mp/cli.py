@@ -49,8 +49,9 @@ def positive_int(text: str) -> int:
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype names, torch.<name>
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags every model-loading command shares (names as in Meta's llama examples)."""
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True, seed: bool = True) -> None:
+    """The flags every model-loading command shares (names as in Meta's llama examples). seed=False: the command's
+    config has the seed (and its --seed flag); the command sets opts.seed from it before build()."""
     parser.add_argument("--ckpt_dir", required=required,
                         help="Meta-layout checkpoint (params.json + consolidated.NN.pth), or a LoRA adapter checkpoint")
     parser.add_argument("--tokenizer_path", default=None,
@@ -60,7 +61,8 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--max_batch_size", type=positive_int, default=32)
     parser.add_argument("--model_parallel_size", type=positive_int, default=None, help="default: the world size")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, else float32")
-    parser.add_argument("--seed", type=int, default=1)
+    if seed:
+        parser.add_argument("--seed", type=int, default=1)
 
 
 def resolve_dtype(name: str, device):
@@ -74,12 +76,14 @@ def resolve_dtype(name: str, device):
 
 def build(opts: argparse.Namespace):
     """Join the process group and load the model shard (a checkpoint or a LoRA adapter checkpoint, merged in memory)
-    and the tokenizer for this rank: (DistInfo, Sampler)."""
+    and the tokenizer for this rank: (DistInfo, Sampler). A reward model's checkpoint is refused."""
     from llama_mp import distributed
+    from llama_mp.checkpoint import check_policy
     from llama_mp.lora import load_model
     from llama_mp.sampler import Sampler
     from llama_mp.tokenizer import load_tokenizer
 
+    check_policy(opts.ckpt_dir)  # these commands sample from a language model, never from a reward model
     info = distributed.init(opts.model_parallel_size, seed=opts.seed)
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     dtype = resolve_dtype(opts.dtype, info.device)

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,10 +34,11 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 from llama_mp import cli, lora
-from llama_mp.checkpoint import (LATEST, copy_tokenizer_files, latest_checkpoint, load_weights, save_params,
-                                 save_shard, split_dim, tokenizer_home, write_latest)
+from llama_mp.checkpoint import (copy_tokenizer_files, latest_checkpoint, load_weights, save_params, save_shard,
+                                 split_dim, tokenizer_home, write_latest)
+from llama_mp.config import parse_config
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_yaml, write_json_atomic
+from llama_mp.jsonl import append_jsonl, keep_steps_upto, write_json_atomic
 from llama_mp.model import Transformer
 from llama_mp.progress import Progress
 
@@ -127,49 +128,6 @@ def _shard_flags(module: torch.nn.Module) -> dict[str, bool]:
     return flags
 
 
-def add_config_flags(parser, *config_classes) -> None:
-    """One flag per field of each config dataclass (default None: the YAML file's or the class's value stands)."""
-    for cls in config_classes:
-        for f in fields(cls):
-            kind = {bool: lambda v: str(v).lower() in ("1", "true", "yes")}.get(type(f.default), type(f.default))
-            parser.add_argument(f"--{f.name}", type=kind if f.default is not None else str, default=None)
-
-
-def check_config_keys(yaml_path: Optional[str], *config_classes) -> None:
-    """A key of the YAML file that no config class knows is a typo, not something to ignore."""
-    if yaml_path:
-        known = {f.name for cls in config_classes for f in fields(cls)}
-        unknown = sorted(set(read_yaml(yaml_path)) - known)
-        if unknown:
-            raise ValueError(f"{yaml_path}: unknown options {unknown}")
-
-
-def load_config(cls, opts, yaml_path: Optional[str]):
-    """cls from the YAML file (if any), then from the flags that were given; each value converted to the field's
-    type (a bool field takes only a YAML boolean or a true/false flag)."""
-    values = {}
-    if yaml_path:
-        loaded = read_yaml(yaml_path)
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in loaded.items() if k in names}
-    values.update({f.name: getattr(opts, f.name) for f in fields(cls) if getattr(opts, f.name, None) is not None})
-    config = cls()
-    for key, value in values.items():
-        kind = type(getattr(config, key))
-        try:
-            if kind is bool and not isinstance(value, bool):
-                raise TypeError
-            setattr(config, key, kind(value))
-        except (TypeError, ValueError):
-            raise ValueError(f"{yaml_path or 'flags'}: {key} must be {kind.__name__}, got {value!r}") from None
-    return config
-
-
-def resume_args(output_dir: str) -> list[str]:
-    """["--resume"] when <output_dir> holds a checkpoint: how a driver reruns a killed training command."""
-    return ["--resume"] if os.path.exists(os.path.join(output_dir, LATEST)) else []
-
-
 def parse_task_args(parser, task_options) -> tuple:
     """The command line every trainer shares: --config YAML, --resume, --model_parallel_size, --dtype, and one flag per
     option of TrainConfig and of the task's options. Returns (args, TrainConfig, task options)."""
@@ -179,10 +137,7 @@ def parse_task_args(parser, task_options) -> tuple:
     parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto",
                         help="frozen models besides the trained one (PPO's reward model); the trained weights are "
                              "float32, computed in --precision")
-    add_config_flags(parser, TrainConfig, task_options)
-    args = parser.parse_args()
-    check_config_keys(args.config, TrainConfig, task_options)
-    return args, load_config(TrainConfig, args, args.config), load_config(task_options, args, args.config)
+    return parse_config(parser, TrainConfig, task_options)
 
 
 def require(options, *keys: str) -> None:
@@ -192,8 +147,8 @@ def require(options, *keys: str) -> None:
 
 
 class Trainer:
-    def __init__(self, module: torch.nn.Module, backbone: Transformer, examples: list, collate: Callable,
-                 loss: Callable, config: TrainConfig, info: DistInfo,
+    def __init__(self, module: torch.nn.Module, backbone: Transformer, examples: Optional[list],
+                 collate: Optional[Callable], loss: Callable, config: TrainConfig, info: DistInfo,
                  evaluate: Optional[Callable[[], dict]] = None, task: str = "train",
                  save_extra: Optional[Callable[[str], None]] = None, load_extra: Optional[Callable[[str], None]] = None,
                  head_prefixes: Optional[tuple[str, ...]] = None, tokenizer=None):
@@ -201,7 +156,9 @@ class Trainer:
         in head.pth (or only those under `head_prefixes`). save_extra(dir) / load_extra(dir): a task's own state
         (PPO: the value model, the KL controller), written into the checkpoint directory by every rank before it is
         made final, and read back on resume. `tokenizer`: a checkpoint's own tokenizer is copied into every checkpoint
-        (so that a trained checkpoint directory is all the next command needs)."""
+        (so that a trained checkpoint directory is all the next command needs). A task that makes its own data as it
+        trains (PPO) passes no examples or collate and runs its own iterations (see fit)."""
+        examples = examples if examples is not None else []
         self.head_prefixes = head_prefixes
         self.tokenizer_dir = tokenizer_home(tokenizer) if tokenizer is not None else None
         self.module, self.backbone, self.examples, self.collate, self.loss_fn = module, backbone, examples, collate, loss
@@ -219,7 +176,9 @@ class Trainer:
         self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.step = 0
+        self.step = 0  # optimizer steps taken
+        self.iteration = 0  # logged iterations: one optimizer step each, or one of a task's own iterations (fit)
+        self.records: list[dict] = []  # the metrics records of this process's fit
         self.sharded = _shard_flags(module)
         self.precision = resolve_precision(config.precision, info.device)
         for sub in module.modules():
@@ -261,14 +220,16 @@ class Trainer:
     def train_step(self) -> dict:
         return self.update(self.step_examples(self.step))
 
-    def update(self, micro_batches: list[list]) -> dict:
-        """One optimizer step over this replica's micro-batches (PPO calls it once per minibatch of its rollouts)."""
+    def update(self, micro_batches: list[list], collate: Optional[Callable] = None) -> dict:
+        """One optimizer step over this replica's micro-batches, each made into a batch by `collate` (default: the
+        task's). PPO calls it once per minibatch of its rollouts, collating rows of the rollout batch."""
+        collate = collate or self.collate
         self.module.train()
         n_local = sum(len(b) for b in micro_batches)
         n_global = self._all_sum(float(n_local))
         totals: dict[str, float] = {"tokens": 0.0}
         for examples in micro_batches:
-            batch = self.collate(examples)
+            batch = collate(examples)
             with self.autocast():
                 loss, metrics = self.loss_fn(self.module, batch)
             # each example weighs the same however the step is split into replicas and micro-batches: the replicas'
@@ -339,44 +300,57 @@ class Trainer:
         return norm
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    def run(self, options: dict, what: str, resume: bool = False) -> dict:
+    def run(self, options: dict, what: str, resume: bool = False, iteration: Optional[Callable[[], dict]] = None,
+            iterations: Optional[int] = None) -> dict:
         """What every trainer's command does: record the run's options in <output_dir>/config.json, announce it, fit,
         and report the last step's metrics (rank 0 prints)."""
         if self.info.is_main:
             write_json_atomic(os.path.join(self.cfg.output_dir, "config.json"),
                               {"train": asdict(self.cfg), "precision": self.precision, **options})
-            print(f"[{self.task}] {what}; {self.total_steps} steps, precision {self.precision}", flush=True)
-        final = self.fit(resume=resume)
+            count = f"{iterations} iterations of {self.total_steps} optimizer steps" if iteration else \
+                f"{self.total_steps} steps"
+            print(f"[{self.task}] {what}; {count}, precision {self.precision}", flush=True)
+        final = self.fit(resume=resume, iteration=iteration, iterations=iterations)
         if self.info.is_main:
             print(f"[{self.task}] done: {json.dumps(final)}", flush=True)
         return final
 
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, iteration: Optional[Callable[[], dict]] = None,
+            iterations: Optional[int] = None) -> dict:
+        """Run iterations to the end, logging, evaluating and saving on their count; resume from the latest checkpoint.
+
+        An iteration is one optimizer step on the task's examples, or, with `iteration`, a task's own unit run
+        `iterations` times (PPO: rollouts, scores, advantages, then its optimizer steps through `update`); it
+        returns the metrics of its record (a "tokens" count gives tokens_per_s). What it must carry over a resume
+        beyond the weights, optimizer and iteration count goes through save_extra/load_extra."""
         if resume:
             self.load_latest()
         os.makedirs(self.cfg.output_dir, exist_ok=True)
         metrics_file = os.path.join(self.cfg.output_dir, "metrics.jsonl")
         if self.info.is_main:
-            keep_steps_upto(metrics_file, self.step)
-        progress = Progress(self.total_steps - self.step, self.task, "steps", every=10.0)
+            keep_steps_upto(metrics_file, self.iteration)
+        total = iterations if iteration else self.total_steps
+        progress = Progress(total - self.iteration, self.task, "steps", every=10.0)
         last = {}
         window_tokens, window_start = 0.0, time.perf_counter()
-        while self.step < self.total_steps:
-            last = self.train_step()
-            window_tokens += last.pop("tokens")
+        while self.iteration < total:
+            last = iteration() if iteration else self.train_step()
+            self.iteration += 1
+            window_tokens += last.pop("tokens", 0)
             progress.update(1)
-            record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **last,
-                      "precision": self.precision}
-            if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+            record = {"step": self.iteration, **({} if iteration else {
+                "epoch": round(self.step / self.steps_per_epoch, 4)}), **last, "precision": self.precision}
+            if self.cfg.log_every and self.iteration % self.cfg.log_every == 0:
                 now = time.perf_counter()
                 record["tokens_per_s"] = round(window_tokens / max(now - window_start, 1e-9), 1)
                 window_tokens, window_start = 0.0, now
-            if self.evaluate and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            if self.evaluate and self.cfg.eval_every and self.iteration % self.cfg.eval_every == 0:
                 record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-            if self.info.is_main and (self.cfg.log_every and self.step % self.cfg.log_every == 0 or
-                                      self.step == self.total_steps):
+            if self.info.is_main and (self.cfg.log_every and self.iteration % self.cfg.log_every == 0 or
+                                      self.iteration == total):
                 append_jsonl(metrics_file, [record])
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+            self.records.append(record)
+            if self.cfg.save_every and self.iteration % self.cfg.save_every == 0 and self.iteration < total:
                 self.save()
             last = record
         self.save()
@@ -410,7 +384,7 @@ class Trainer:
                 save_shard(tmp, mp_rank, self.backbone.state_dict(), self.backbone.args)
             head = self.heads(self.module.state_dict())
             # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            state = {"step": self.step, "iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                      "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
                      "data_parallel_size": self.info.data_parallel_size, "num_examples": len(self.examples)}
             torch.save(state, os.path.join(tmp, f"trainer_state.{mp_rank:02d}.pth"))
@@ -466,9 +440,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step = state["step"]
+        self.iteration = state.get("iteration", state["step"])  # (checkpoints before iterations: one per step)
         torch.set_rng_state(state["torch_rng"])
         if self.load_extra:
             self.load_extra(ckpt)
         if self.info.is_main:
-            print(f"[{self.task}] resumed from {ckpt} at step {self.step}", flush=True)
+            print(f"[{self.task}] resumed from {ckpt} at step {self.iteration}", flush=True)
         return True

@@ -10,6 +10,7 @@ if [ ! -f "$WORKDIR/r0/lengths.json" ]; then  # its last output
     --output_dir "$WORKDIR/r0" --splits_dir "$SPLITS_DIR" --max_seq_len "$MAX_SEQ_LEN"
 fi
 resume=$([ -f "$WORKDIR/sft/latest" ] && echo --resume || true)  # a killed run continues from its last checkpoint
+SFT_LR="$("$PY" -c 'from step0_coldstart.rounds import RoundsConfig; print(RoundsConfig.sft_lr)')"  # the one default
 bash "$REPO_ROOT/scripts/launch.sh" step0_coldstart.train_sft --ckpt_dir "$CKPT_DIR" --tokenizer_path "$TOKENIZER" \
-  --train_file "$WORKDIR/r0/sft_train.jsonl" --output_dir "$WORKDIR/sft" --max_seq_len "$MAX_SEQ_LEN" --lr 2e-3 $resume "$@"
+  --train_file "$WORKDIR/r0/sft_train.jsonl" --output_dir "$WORKDIR/sft" --max_seq_len "$MAX_SEQ_LEN" --lr "$SFT_LR" $resume "$@"
 touch "$WORKDIR/sft/.done"

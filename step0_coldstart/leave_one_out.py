@@ -1,11 +1,12 @@
 """Leave one out: the round driver once per data set, that set held out, the others as SFT sources; one table.
 
   python -m step0_coldstart.leave_one_out --config configs/synfed_loo.yaml --workdir runs/loo \
-      [--ckpt_dir D] [--tokenizer_path T] [--only med] [--dry_run]
+      [--ckpt_dir D] [--tokenizer_path T] [--sft_lr 1e-5 ...] [--only med] [--dry_run]
 
-The config lists `datasets` (every one is held out in turn), `never_sft` (sets that are only ever held out: SynFed's
-`med`), `rounds`, `fold_overrides` ({data set name: {rounds.py key: value}}, e.g. the site split for med) and any key
-of the round driver (step0_coldstart/rounds.py DEFAULTS), given to every fold. Fold <name> runs
+The config (LeaveOneOutConfig, llama_mp/config.py: every key also a flag) lists `datasets` (every one is held out in
+turn), `never_sft` (sets that are only ever held out: SynFed's `med`), `rounds`, `fold_overrides` ({data set name:
+{RoundsConfig key: value}}, e.g. the site split for med) and any key of the round driver (step0_coldstart/rounds.py
+RoundsConfig), given to every fold (ckpt_dir on the fold's command line, the others in its fold.yaml). Fold <name> runs
   python -m step0_coldstart.rounds --config <workdir>/<name>/fold.yaml --workdir <workdir>/<name> --rounds N
 with fold.yaml = those keys + heldout: <name>'s YAML + datasets: the others (minus never_sft). Each fold resumes on its
 own (its stages.json), so a rerun continues where a killed one stopped. Finally the folds' report.json files are
@@ -18,60 +19,74 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import yaml
 
 from llama_mp import cli
-from llama_mp.jsonl import read_yaml, write_json_atomic, write_text_atomic
+from llama_mp.config import add_config_flags, build, config_values, flag_values, read_config
+from llama_mp.jsonl import write_json_atomic, write_text_atomic
 from step0_coldstart.evaluate import table
-from step0_coldstart.rounds import DEFAULTS as ROUNDS_DEFAULTS
+from step0_coldstart.rounds import RoundsConfig
 from step0_coldstart.tabular import load_schema
 
-OWN_KEYS = {"datasets", "never_sft", "rounds", "fold_overrides"}
+
+@dataclass
+class LeaveOneOutConfig:
+    """The config's own keys; its other keys are RoundsConfig's, given to every fold."""
+    datasets: list[str] = field(default_factory=list)  # every one is held out in turn (the others: SFT sources)
+    never_sft: list[str] = field(default_factory=list)  # only ever held out (SynFed's med)
+    rounds: int = 1
+    fold_overrides: dict[str, dict] = field(default_factory=dict)  # {data set name: {RoundsConfig key: value}}
 
 
-def load_config(path: str) -> dict:
-    cfg = read_yaml(path, "leave-one-out config")
-    unknown = sorted(set(cfg) - OWN_KEYS - set(ROUNDS_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} (its own: {sorted(OWN_KEYS)}; the rest: rounds.py's)")
-    if "heldout" in cfg:
-        raise ValueError(f"{path}: heldout is set per fold; list every data set under datasets")
-    datasets = cfg.get("datasets")
-    if not isinstance(datasets, list) or len(datasets) < 2 or len(set(datasets)) != len(datasets):
+OWN_KEYS = {f.name for f in fields(LeaveOneOutConfig)}
+ROUNDS_KEYS = {f.name for f in fields(RoundsConfig)}
+
+
+def load_config(path: str, opts: Optional[argparse.Namespace] = None) -> tuple[LeaveOneOutConfig, dict]:
+    """(the config's own keys, the round driver's keys it gives every fold) from the YAML file, then the flags given
+    (opts); every key known to LeaveOneOutConfig or RoundsConfig and of its type."""
+    given = read_config(path, LeaveOneOutConfig, RoundsConfig)
+    flags = flag_values(opts, LeaveOneOutConfig, RoundsConfig) if opts is not None else {}
+    for where, values in ((path, given), ("--heldout", flags)):
+        if "heldout" in values:
+            raise ValueError(f"{where}: heldout is set per fold; list every data set under datasets")
+    cfg = build(LeaveOneOutConfig, given, flags)
+    if len(cfg.datasets) < 2 or len(set(cfg.datasets)) != len(cfg.datasets):
         raise ValueError(f"{path}: datasets must list at least two distinct data set YAMLs")
-    never = cfg.get("never_sft") or []
-    stray = [d for d in never if d not in datasets]
+    stray = [d for d in cfg.never_sft if d not in cfg.datasets]
     if stray:
         raise ValueError(f"{path}: never_sft names {stray[0]!r}, which is not among datasets")
-    if not isinstance(cfg.get("rounds", 1), int) or cfg.get("rounds", 1) < 1:
+    if cfg.rounds < 1:
         raise ValueError(f"{path}: rounds must be a positive integer")
-    return cfg
+    return cfg, {k: v for k, v in {**given, **flags}.items() if k not in OWN_KEYS}
 
 
-def fold_plan(cfg: dict, workdir: str, ckpt_dir: str = None, tokenizer_path: str = None,
+def fold_plan(cfg: LeaveOneOutConfig, shared: dict, workdir: str, ckpt_dir: str = None, tokenizer_path: str = None,
               config_path: str = "the config") -> list[dict]:
-    """One fold per data set: {name, dir, config (the round driver's keys), cmd (argv after the python executable)}."""
-    names = [load_schema(path).name for path in cfg["datasets"]]
-    shared = {k: v for k, v in cfg.items() if k not in OWN_KEYS}
+    """One fold per data set: {name, dir, config (the round driver's keys: `shared`, the fold's overrides, heldout and
+    datasets), cmd (argv after the python executable)}."""
+    names = [load_schema(path).name for path in cfg.datasets]
+    shared = dict(shared)
     if tokenizer_path:
         shared["tokenizer_path"] = tokenizer_path
-    overrides = cfg.get("fold_overrides") or {}
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise ValueError(f"{config_path}: fold_overrides must map data set names to {{rounds.py key: value}}")
-    for name, extra in overrides.items():
+    overrides = {}
+    for name, extra in cfg.fold_overrides.items():
         if name not in names:
             raise ValueError(f"{config_path}: fold_overrides.{name}: no data set of that name ({', '.join(names)})")
-        bad = sorted(k for k in extra if k not in ROUNDS_DEFAULTS or k in ("heldout", "datasets"))
+        bad = sorted(k for k in extra if k not in ROUNDS_KEYS or k in ("heldout", "datasets"))
         if bad:
             raise ValueError(f"{config_path}: fold_overrides.{name}: not a per-fold key of rounds.py: {bad}")
+        overrides[name] = config_values(extra, f"{config_path}: fold_overrides.{name}", RoundsConfig)
     folds = []
-    for heldout, name in zip(cfg["datasets"], names):
-        sources = [d for d in cfg["datasets"] if d != heldout and d not in (cfg.get("never_sft") or [])]
+    for heldout, name in zip(cfg.datasets, names):
+        sources = [d for d in cfg.datasets if d != heldout and d not in cfg.never_sft]
         directory = os.path.join(workdir, name)
-        config = {**shared, **(overrides.get(name) or {}), "heldout": heldout, "datasets": sources}
+        config = {**shared, **overrides.get(name, {}), "heldout": heldout, "datasets": sources}
         cmd = ["-m", "step0_coldstart.rounds", "--config", os.path.join(directory, "fold.yaml"), "--workdir",
-               directory, "--rounds", str(cfg.get("rounds", 1))] + (["--ckpt_dir", ckpt_dir] if ckpt_dir else [])
+               directory, "--rounds", str(cfg.rounds)] + (["--ckpt_dir", ckpt_dir] if ckpt_dir else [])
         folds.append({"name": name, "dir": directory, "config": config, "cmd": cmd})
     return folds
 
@@ -93,15 +108,16 @@ def combine(folds: list[dict]) -> tuple[dict, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.leave_one_out", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, help="YAML of LeaveOneOutConfig and RoundsConfig keys (every key "
+                                                        "is also a flag, over the file)")
     parser.add_argument("--workdir", default="runs/loo")
-    parser.add_argument("--ckpt_dir", default=None, help="the starting checkpoint (overrides the config's ckpt_dir)")
-    parser.add_argument("--tokenizer_path", default=None, help="overrides the config's tokenizer_path")
     parser.add_argument("--only", action="append", default=[], help="run only this fold (a data set name; repeatable)")
     parser.add_argument("--dry_run", action="store_true", help="print each fold's command, run nothing")
+    add_config_flags(parser, LeaveOneOutConfig, RoundsConfig)
     opts = parser.parse_args()
-    cfg = load_config(opts.config)
-    folds = fold_plan(cfg, opts.workdir, opts.ckpt_dir, opts.tokenizer_path, opts.config)
+    cfg, shared = load_config(opts.config, opts)
+    ckpt_dir = shared.pop("ckpt_dir", None)  # on each fold's command line, as printed
+    folds = fold_plan(cfg, shared, opts.workdir, ckpt_dir=ckpt_dir, config_path=opts.config)
     unknown = sorted(set(opts.only) - {f["name"] for f in folds})
     if unknown:
         raise ValueError(f"--only {unknown[0]}: no fold of that name in {opts.config}")

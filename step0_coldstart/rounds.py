@@ -1,6 +1,10 @@
 """The round driver: round 0 (cold start), then N rounds of synthetic preference + DPO, then ML efficiency.
 
-  python -m step0_coldstart.rounds --config configs/synfed_tiny.yaml [--rounds 1] [--workdir runs/tabular]
+  python -m step0_coldstart.rounds --config configs/synfed_tiny.yaml [--rounds 1] [--workdir runs/tabular] \
+      [--ckpt_dir D] [--tokenizer_path T] [--dtype bfloat16] [--sft_lr 1e-3] ...
+
+The options are RoundsConfig's: every one a key of the YAML file and a flag over it (llama_mp/config.py); an unknown
+key or a value of the wrong type is a one-line error naming the file.
 
 Stages, each a command of this step run as a subprocess and a step of llama_mp.stages (recorded in
 <workdir>/stages.json once its outputs are written; an unfinished one is rerun and resumes), so a rerun after a kill
@@ -22,23 +26,49 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
 
 from llama_mp import cli
-from llama_mp.checkpoint import latest_checkpoint
-from llama_mp.jsonl import read_yaml, write_json_atomic, write_text_atomic
+from llama_mp.checkpoint import latest_checkpoint, resume_args
+from llama_mp.config import Arg, parse_config
+from llama_mp.jsonl import write_json_atomic, write_text_atomic
 from llama_mp.stages import RunDir
-from llama_mp.train import resume_args
 from step0_coldstart.tabular import load_schema
 
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "launch.sh")
-DEFAULTS = {"datasets": ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml", "configs/tabular/california.yaml"],
-            "heldout": "configs/tabular/abalone.yaml", "ckpt_dir": "runs/stories260K",
-            "tokenizer_path": "data/llama2c/tok512.model", "max_seq_len": 1536, "prompts_per_dataset": 100,
-            "num_examples": 5, "heldout_prompts": 16, "sft_lr": 1e-3, "sft_epochs": 3, "dpo_lr": 1e-4, "dpo_epochs": 1,
-            "micro_batch_size": 4, "max_pairs": 1000, "eval_rows": 1000, "num_clusters": 32,
-            "syn_config": "configs/syn_addprompt.yaml", "scorer": "sklearn", "scorer_ckpt": None, "dtype": "auto",
-            "model_parallel_size": None, "sft_flags": [], "dpo_flags": [],
-            "fed_clients": 1, "fed_split_method": "none", "sft_max_steps": 0}
+
+
+@dataclass
+class RoundsConfig:
+    """The round driver's options: keys of --config's YAML and flags (llama_mp/config.py)."""
+    datasets: list[str] = field(default_factory=lambda: ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml",
+                                                         "configs/tabular/california.yaml"])  # the SFT sources
+    heldout: str = "configs/tabular/abalone.yaml"
+    ckpt_dir: str = "runs/stories260K"  # the starting checkpoint
+    tokenizer_path: str = "data/llama2c/tok512.model"
+    max_seq_len: int = 1536
+    prompts_per_dataset: int = 100
+    num_examples: int = 5
+    heldout_prompts: int = 16
+    sft_lr: float = 2e-3  # the cold-start SFT learning rate (scripts/r0_s1_gen_synsft.sh reads it from here)
+    sft_epochs: float = 3  # TrainConfig.epochs is a float: 0.5 is half an epoch
+    dpo_lr: float = 1e-4
+    dpo_epochs: float = 1
+    micro_batch_size: int = 4
+    max_pairs: int = 1000
+    eval_rows: int = 1000
+    num_clusters: int = 32
+    syn_config: str = "configs/syn_addprompt.yaml"
+    scorer: str = "sklearn"  # sklearn | llm
+    scorer_ckpt: Optional[str] = None  # the llm scorer's model (default: the generator itself)
+    dtype: str = "auto"  # of the sampling stages
+    model_parallel_size: Optional[int] = None  # of the model stages (default: the world size)
+    sft_flags: list[Arg] = field(default_factory=list)  # more train_sft arguments, e.g. [--lora_rank, 16]
+    dpo_flags: list[Arg] = field(default_factory=list)  # more train_dpo arguments
+    fed_clients: int = 1
+    fed_split_method: str = "none"
+    sft_max_steps: int = 0
 
 
 def run(cmd: list[str], log: str, launch: bool = False, lock_fd: int = None) -> None:
@@ -64,27 +94,13 @@ def train(rd: RunDir, name: str, directory: str, cmd: list[str], log: str) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.rounds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML overriding the defaults above")
+    parser.add_argument("--config", default=None,
+                        help="YAML of RoundsConfig keys over its defaults (every key is also a flag, e.g. --ckpt_dir)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", default="runs/tabular")
-    parser.add_argument("--ckpt_dir", default=None, help="the starting checkpoint (overrides the config's ckpt_dir)")
-    parser.add_argument("--tokenizer_path", default=None, help="overrides the config's tokenizer_path")
-    parser.add_argument("--dtype", default=None, help="of the sampling stages (overrides the config's dtype)")
-    parser.add_argument("--model_parallel_size", type=int, default=None, help="of the model stages (overrides)")
-    opts = parser.parse_args()
-    cfg = dict(DEFAULTS)
-    if opts.config:
-        extra = read_yaml(opts.config)
-        unknown = sorted(set(extra) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"{opts.config}: unknown keys {unknown}")
-        cfg.update(extra)
-    cfg["ckpt_dir"] = opts.ckpt_dir or cfg["ckpt_dir"]
-    cfg["tokenizer_path"] = opts.tokenizer_path or cfg["tokenizer_path"]
-    cfg["dtype"] = opts.dtype or cfg["dtype"]
-    cfg["model_parallel_size"] = opts.model_parallel_size or cfg["model_parallel_size"]
-    if not os.path.exists(os.path.join(cfg["ckpt_dir"], "params.json")):
-        raise FileNotFoundError(f"{cfg['ckpt_dir']}: no checkpoint (convert one: python -m llama_mp.convert llama2c ...)")
+    opts, cfg = parse_config(parser, RoundsConfig)
+    if not os.path.exists(os.path.join(cfg.ckpt_dir, "params.json")):
+        raise FileNotFoundError(f"{cfg.ckpt_dir}: no checkpoint (convert one: python -m llama_mp.convert llama2c ...)")
     work = opts.workdir
     rd = RunDir(work)
 
@@ -92,56 +108,56 @@ def main() -> None:
         rd.step(name, lambda: run(cmd, log, launch, rd.lock_fd), outputs)
 
     log, splits_dir = os.path.join(work, "rounds.log"), os.path.join(work, "splits")
-    name = load_schema(cfg["heldout"]).name  # every stage names its files after the data set
-    common = ["--tokenizer_path", cfg["tokenizer_path"], "--max_seq_len", str(cfg["max_seq_len"])]
+    name = load_schema(cfg.heldout).name  # every stage names its files after the data set
+    common = ["--tokenizer_path", cfg.tokenizer_path, "--max_seq_len", str(cfg.max_seq_len)]
     # the stages that load a model (default model-parallel size: the world size, which must divide n_kv_heads)
-    model_flags = ["--model_parallel_size", str(cfg["model_parallel_size"])] if cfg["model_parallel_size"] else []
+    model_flags = ["--model_parallel_size", str(cfg.model_parallel_size)] if cfg.model_parallel_size else []
     r0 = os.path.join(work, "r0")
     step("r0_s1", [os.path.join(r0, n) for n in ("sft_train.jsonl", f"{name}_prompts.jsonl", "lengths.json")],
-         ["-m", "step0_coldstart.sft_generator", "--datasets", *cfg["datasets"], "--heldout", cfg["heldout"],
-             "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg["prompts_per_dataset"]),
-             "--heldout_prompts", str(cfg["heldout_prompts"]), "--num_examples", str(cfg["num_examples"]), *common])
+         ["-m", "step0_coldstart.sft_generator", "--datasets", *cfg.datasets, "--heldout", cfg.heldout,
+             "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg.prompts_per_dataset),
+             "--heldout_prompts", str(cfg.heldout_prompts), "--num_examples", str(cfg.num_examples), *common])
     sft_dir = os.path.join(work, "sft")
-    train(rd, "sft", sft_dir, ["-m", "step0_coldstart.train_sft", *model_flags, "--ckpt_dir", cfg["ckpt_dir"],
+    train(rd, "sft", sft_dir, ["-m", "step0_coldstart.train_sft", *model_flags, "--ckpt_dir", cfg.ckpt_dir,
                                "--train_file", os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir,
-                               "--lr", str(cfg["sft_lr"]), "--epochs", str(cfg["sft_epochs"]),
-                               "--max_steps", str(cfg["sft_max_steps"]),
-                               "--micro_batch_size", str(cfg["micro_batch_size"]), *common, *cfg["sft_flags"]], log)
-    fed = ["--num_client", str(cfg["fed_clients"]), "--split_method", cfg["fed_split_method"], "--splits_dir", splits_dir]
-    clients = lambda d: [os.path.join(d, f"{name}_client_{i}.train.jsonl") for i in range(cfg["fed_clients"])]  # noqa: E731
+                               "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs),
+                               "--max_steps", str(cfg.sft_max_steps),
+                               "--micro_batch_size", str(cfg.micro_batch_size), *common, *cfg.sft_flags], log)
+    fed = ["--num_client", str(cfg.fed_clients), "--split_method", cfg.fed_split_method, "--splits_dir", splits_dir]
+    clients = lambda d: [os.path.join(d, f"{name}_client_{i}.train.jsonl") for i in range(cfg.fed_clients)]  # noqa: E731
     step("r0_s2", clients(os.path.join(work, "fed")),
-         ["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--output_dir", os.path.join(work, "fed"),
+         ["-m", "step0_coldstart.sft_federated", "--dataset", cfg.heldout, "--output_dir", os.path.join(work, "fed"),
           *fed])
     anchors = os.path.join(work, "score_anchors", f"{name}_anchors.csv")
-    step("r0_s3", [anchors], ["-m", "step0_coldstart.synscore_anchors", "--dataset", cfg["heldout"], "--num_clusters",
-             str(cfg["num_clusters"]), "--output_dir", os.path.dirname(anchors), "--splits_dir", splits_dir])
+    step("r0_s3", [anchors], ["-m", "step0_coldstart.synscore_anchors", "--dataset", cfg.heldout, "--num_clusters",
+             str(cfg.num_clusters), "--output_dir", os.path.dirname(anchors), "--splits_dir", splits_dir])
     generators = [("sft", latest_checkpoint(sft_dir))]
     notes = {}
     for k in range(1, opts.rounds + 2):  # the last pass only samples, to evaluate the last generator
         label, ckpt = generators[-1]
         out = os.path.join(work, f"r{k}")
         raw, syn_csv, score = (os.path.join(out, f"{name}.{kind}") for kind in ("raw.jsonl", "syn.csv", "score.jsonl"))
-        step(f"r{k}_s1", [raw], ["-m", "step0_coldstart.syn_addprompt", *model_flags, "--dataset", cfg["heldout"], "--ckpt_dir", ckpt, "--prompt_file",
+        step(f"r{k}_s1", [raw], ["-m", "step0_coldstart.syn_addprompt", *model_flags, "--dataset", cfg.heldout, "--ckpt_dir", ckpt, "--prompt_file",
                  os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
-                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg["syn_config"], *common,
-                  "--dtype", cfg["dtype"]],
+                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg.syn_config, *common,
+                  "--dtype", cfg.dtype],
              launch=True)
-        step(f"r{k}_s2", [syn_csv], ["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg["heldout"],
+        step(f"r{k}_s2", [syn_csv], ["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg.heldout,
                                      "--raw_file", raw, "--output_file", syn_csv])
         if k > opts.rounds:
             break
         step(f"r{k}_s3", clients(os.path.join(out, "fed")),
-             ["-m", "step0_coldstart.sft_federated", "--dataset", cfg["heldout"], "--input_file", syn_csv,
+             ["-m", "step0_coldstart.sft_federated", "--dataset", cfg.heldout, "--input_file", syn_csv,
               "--output_dir", os.path.join(out, "fed"), *fed])
-        scorer = ["--backend", cfg["scorer"]]
-        if cfg["scorer"] == "llm":
-            scorer += [*model_flags, "--ckpt_dir", cfg["scorer_ckpt"] or ckpt, "--max_batch_size", "8", *common, "--dtype", cfg["dtype"]]
-        step(f"r{k}_s4", [score], ["-m", "step0_coldstart.syn_addscore", "--dataset", cfg["heldout"], "--raw_file", raw,
+        scorer = ["--backend", cfg.scorer]
+        if cfg.scorer == "llm":
+            scorer += [*model_flags, "--ckpt_dir", cfg.scorer_ckpt or ckpt, "--max_batch_size", "8", *common, "--dtype", cfg.dtype]
+        step(f"r{k}_s4", [score], ["-m", "step0_coldstart.syn_addscore", "--dataset", cfg.heldout, "--raw_file", raw,
                                    "--output_file", score, "--splits_dir", splits_dir, *scorer],
-             launch=cfg["scorer"] == "llm")
+             launch=cfg.scorer == "llm")
         pairs = os.path.join(out, f"{name}.pref.jsonl")
         step(f"r{k}_s5", [pairs], ["-m", "step0_coldstart.convert_score_to_prefer", "--score_file", score,
-                                   "--output_file", pairs, "--max_pairs", str(cfg["max_pairs"])])
+                                   "--output_file", pairs, "--max_pairs", str(cfg.max_pairs)])
         with open(pairs) as f:
             n_pairs = sum(1 for line in f if line.strip())
         if n_pairs == 0:
@@ -151,19 +167,19 @@ def main() -> None:
         dpo_dir = os.path.join(work, f"dpo{k}")
         train(rd, f"dpo{k}", dpo_dir, ["-m", "step3_rl.train_dpo", *model_flags, "--ckpt_dir", ckpt,
                                        "--train_file", pairs, "--rejected_key", "rejected", "--prompt_format", "plain",
-                                       "--output_dir", dpo_dir, "--lr", str(cfg["dpo_lr"]),
-                                       "--epochs", str(cfg["dpo_epochs"]),
-                                       "--micro_batch_size", str(cfg["micro_batch_size"]),
-                                       "--max_prompt_len", str(cfg["max_seq_len"]), "--max_response_len", "512",
-                                       *common, *cfg["dpo_flags"]], log)
+                                       "--output_dir", dpo_dir, "--lr", str(cfg.dpo_lr),
+                                       "--epochs", str(cfg.dpo_epochs),
+                                       "--micro_batch_size", str(cfg.micro_batch_size),
+                                       "--max_prompt_len", str(cfg.max_seq_len), "--max_response_len", "512",
+                                       *common, *cfg.dpo_flags], log)
         generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
     synthetic = []
     for k, (label, _) in enumerate(generators, start=1):
         raw_file = os.path.join(work, f"r{k}", f"{name}.raw.jsonl")  # every sample: the valid share is of them all
         synthetic += ["--synthetic", f"{label}={raw_file}"]
     report = os.path.join(work, "report.json")
-    step("evaluate", [report], ["-m", "step0_coldstart.evaluate", "--dataset", cfg["heldout"], "--n_rows",
-                                str(cfg["eval_rows"]), "--splits_dir", splits_dir, "--output_file", report, *synthetic])
+    step("evaluate", [report], ["-m", "step0_coldstart.evaluate", "--dataset", cfg.heldout, "--n_rows",
+                                str(cfg.eval_rows), "--splits_dir", splits_dir, "--output_file", report, *synthetic])
     with open(report) as f:
         results = json.load(f)
     from step0_coldstart.evaluate import table

@@ -3,7 +3,7 @@
   python -m step0_coldstart.syn_addprompt --dataset configs/tabular/abalone.yaml --ckpt_dir runs/tabular/sft/checkpoint-N \
       --tokenizer_path data/llama2c/tok512.model --prompt_file runs/tabular/r0/abalone_prompts.jsonl \
       --anchor_file runs/tabular/score_anchors/abalone_anchors.csv --output_dir runs/tabular/r1 \
-      [--config configs/syn_addprompt.yaml]
+      [--config configs/syn_addprompt.yaml] [--num_repeat 8 ...]   # SynConfig's keys, each also a flag
 
 Every held-out prompt is sampled `num_repeat` times with the llama_mp sampler (temperature, top_p, max_gen_len and seed
 from syn_addprompt.yaml; one seed per sample, so a sample is the same in any batch or world size). Prompts are shared
@@ -23,34 +23,36 @@ import json
 import os
 import random
 import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from llama_mp import cli, jobs
-from llama_mp.jsonl import read_jsonl, read_yaml, write_jsonl_atomic
+from llama_mp.config import parse_config
+from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import contrast_rows, scoring_prompts
 from step0_coldstart.tabular import (ANSWER_LEAD, SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv,
                                      splits, target_text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = {"num_repeat": 4, "temperature": 1.0, "top_p": 1.0, "max_gen_len": 256, "seed": 42, "guided": False,
-            "max_value_tokens": 16, "contrast_clusters": 4}
 
 
-def load_config(path: str) -> dict:
-    config = dict(DEFAULTS)
-    if path:
-        extra = read_yaml(path)
-        unknown = sorted(set(extra) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(DEFAULTS)})")
-        config.update(extra)
-    return config
+@dataclass
+class SynConfig:
+    """How the held-out prompts are sampled: keys of --config's YAML (configs/syn_addprompt.yaml) and flags."""
+    num_repeat: int = 4  # samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_gen_len: int = 256
+    seed: int = 42  # of every sample (derive_seed) and of the contrast rows' clusters; also seeds torch
+    guided: bool = False  # keys from the schema, values sampled under the column's type
+    max_value_tokens: int = 16  # per value, when guided
+    contrast_clusters: int = 4  # KMeans clusters over the training rows for the ds0/ds1 contrast rows
 
 
-def free_rows(sampler, prompts: list[str], seeds: list[int], config: dict) -> list[str]:
-    outs = sampler.generate(prompts, int(config["max_gen_len"]), float(config["temperature"]), float(config["top_p"]),
+def free_rows(sampler, prompts: list[str], seeds: list[int], config: SynConfig) -> list[str]:
+    outs = sampler.generate(prompts, config.max_gen_len, config.temperature, config.top_p,
                             seed=seeds, truncate="left", desc="samples")
     return [out.text for out in outs]
 
@@ -95,12 +97,12 @@ def choose(sampler, texts: list[str], candidates: list[str], temperature: float,
     return picks
 
 
-def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: dict,
+def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: SynConfig,
                 categories: dict[str, list[str]]) -> list[str]:
     """Keys written from the schema, each value drawn from the model restricted to the column's type: a category (or
     a class label) among `categories` (those of the training split: no value seen only in test rows); a number from
     digit tokens (the first number they spell, null if none). One sampler call per column for the whole batch."""
-    temperature, answers = float(config["temperature"]), [ANSWER_LEAD + "{"] * len(prompts)
+    temperature, answers = config.temperature, [ANSWER_LEAD + "{"] * len(prompts)
     for j, (column, kind) in enumerate(schema.columns.items()):
         answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
         texts, column_seeds = [p + a for p, a in zip(prompts, answers)], [s + j for s in seeds]
@@ -110,7 +112,7 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
                 known = [target_text(schema, c) for c in known]
             values = choose(sampler, texts, [json.dumps(c) for c in known], temperature, column_seeds)
         else:
-            outs = sampler.generate(texts, int(config["max_value_tokens"]), temperature, float(config["top_p"]),
+            outs = sampler.generate(texts, config.max_value_tokens, temperature, config.top_p,
                                     stop=[",", "}"], seed=column_seeds, truncate="left",
                                     allowed_tokens=number_tokens(sampler.tokenizer, kind == "int"),
                                     desc=f"values of {column}")
@@ -124,33 +126,37 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.syn_addprompt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
+    cli.add_model_args(parser, seed=False)  # --seed is SynConfig's
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--prompt_file", required=True)
     parser.add_argument("--anchor_file", required=True)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs/syn_addprompt.yaml"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs/syn_addprompt.yaml"),
+                        help="YAML of SynConfig keys (every key is also a flag, over the file)")
     parser.add_argument("--splits_dir", default="runs/tabular/splits")
     parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
-    config = load_config(opts.config)
+    opts, config = parse_config(parser, SynConfig)
+    opts.seed = config.seed  # the process group's torch seed (every sample has its own, from derive_seed)
     schema = load_schema(opts.dataset)
     rows = load_rows(schema)
     train = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["train"]]
-    prompts = read_jsonl(opts.prompt_file)
-    for number, p in enumerate(prompts, start=1):
+    prompts = []
+    for line, p in iter_jsonl(opts.prompt_file):
         if not isinstance(p.get("prompt"), str) or "prompt_id" not in p:
-            raise ValueError(f"{opts.prompt_file}:{number}: needs \"prompt_id\" and \"prompt\" (from sft_generator)")
+            raise ValueError(f"{opts.prompt_file}:{line}: needs \"prompt_id\" and \"prompt\" (from sft_generator)")
+        prompts.append(p)
+    if not prompts:
+        raise ValueError(f"{opts.prompt_file}: no prompt records (sft_generator writes them)")
     anchors = read_rows_csv(opts.anchor_file, schema, "anchor")
     info, sampler = cli.build(opts)
     raw_file = os.path.join(opts.output_dir, f"{schema.name}.raw.jsonl")
     jobs.prepare(raw_file, {"ckpt_dir": opts.ckpt_dir, "tokenizer_path": opts.tokenizer_path, "dataset": opts.dataset,
                             "max_seq_len": opts.max_seq_len, "prompt_file": opts.prompt_file,
-                            "anchor_file": opts.anchor_file, "splits_dir": opts.splits_dir, **config},
+                            "anchor_file": opts.anchor_file, "splits_dir": opts.splits_dir, **asdict(config)},
                  opts.overwrite, info)
     items = [{"syn_pmt_id": p["prompt_id"], "syn_id": f"{p['prompt_id']}-{r}", "prompt": p["prompt"]}
-             for p in prompts for r in range(int(config["num_repeat"]))]
-    contrasts = contrast_rows(schema, train, anchors, int(config["contrast_clusters"]), int(config["seed"]))
+             for p in prompts for r in range(config.num_repeat)]
+    contrasts = contrast_rows(schema, train, anchors, config.contrast_clusters, config.seed)
     if info.is_main:  # deterministic; written first, so that a raw file never exists without it
         write_jsonl_atomic(os.path.join(opts.output_dir, f"{schema.name}.contrast.jsonl"),
                            [{"anchor": a, "contrast": c} for a, c in zip(anchors, contrasts)])
@@ -158,8 +164,8 @@ def main() -> None:
                   for c, kind in schema.columns.items() if kind == "category"}
 
     def process(chunk: list[dict]) -> list[dict]:
-        texts, seeds = [x["prompt"] for x in chunk], [derive_seed(config["seed"], x["syn_id"]) for x in chunk]
-        answers = (guided_rows(sampler, schema, texts, seeds, config, categories) if config["guided"]
+        texts, seeds = [x["prompt"] for x in chunk], [derive_seed(config.seed, x["syn_id"]) for x in chunk]
+        answers = (guided_rows(sampler, schema, texts, seeds, config, categories) if config.guided
                    else free_rows(sampler, texts, seeds, config))
         records = []
         for x, answer in zip(chunk, answers):

@@ -110,10 +110,12 @@ def test_site_split_cli_gives_each_client_exactly_its_sites_rows(tmp_path):
 
 
 def test_leave_one_out_builds_one_round_driver_command_per_held_out_set(tmp_path):
+    from dataclasses import fields
     from step0_coldstart.leave_one_out import combine, fold_plan, load_config
-    from step0_coldstart.rounds import DEFAULTS
-    cfg = load_config(os.path.join(ROOT, "configs/synfed_loo.yaml"))
-    folds = fold_plan(cfg, "runs/loo", ckpt_dir="ckpt/smol", tokenizer_path="ckpt/smol")
+    from step0_coldstart.rounds import RoundsConfig
+    DEFAULTS = {f.name for f in fields(RoundsConfig)}
+    cfg, shared = load_config(os.path.join(ROOT, "configs/synfed_loo.yaml"))
+    folds = fold_plan(cfg, shared, "runs/loo", ckpt_dir="ckpt/smol", tokenizer_path="ckpt/smol")
     names = ["abalone", "adult", "buddy", "california", "med"]
     assert [f["name"] for f in folds] == names
     yamls = {n: f"configs/tabular/{n}.yaml" for n in names}

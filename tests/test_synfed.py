@@ -161,12 +161,12 @@ def test_guided_sampling_writes_every_key_of_an_unseen_table(stories_dir, world1
     from llama_mp.checkpoint import load_model
     from llama_mp.sampler import Sampler
     from llama_mp.tokenizer import Tokenizer
-    from step0_coldstart.syn_addprompt import DEFAULTS, guided_rows
+    from step0_coldstart.syn_addprompt import SynConfig, guided_rows
     schema = load_schema(os.path.join(ROOT, "configs/tabular/abalone.yaml"))
     load_rows(schema)
     sampler = Sampler(load_model(stories_dir, 1, 0, 512), Tokenizer(TOK512), max_batch_size=4)
     categories = {"Sex": ["F", "M"]}  # as if "I" were never seen in training rows: it must never be written
-    answers = guided_rows(sampler, schema, ["Once upon a time", "Rows:"], [1, 2], dict(DEFAULTS, max_value_tokens=6),
+    answers = guided_rows(sampler, schema, ["Once upon a time", "Rows:"], [1, 2], SynConfig(max_value_tokens=6),
                           categories)
     for answer in answers:
         keys = re.findall(r'"([^"]+)": ', answer[answer.index("{"):])
