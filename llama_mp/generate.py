@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from llama_mp import cli
 from llama_mp.chat import chat_format
-from llama_mp.jsonl import read_jsonl, write_jsonl_atomic
+from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 
 
 def main() -> None:
@@ -54,10 +54,13 @@ def main() -> None:
             parser.error("--prompts_file needs --output_file")
         if os.path.exists(opts.output_file) and not opts.overwrite:
             raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
-        records = read_jsonl(opts.prompts_file)
-        for number, record in enumerate(records, start=1):
+        records = []
+        for line, record in iter_jsonl(opts.prompts_file):
             if not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{opts.prompts_file}: record {number} has no \"prompt\" string")
+                raise ValueError(f"{opts.prompts_file}:{line}: record has no \"prompt\" string")
+            records.append(record)
+        if not records:
+            raise ValueError(f"{opts.prompts_file}: no prompt records")
     else:
         records = [{"prompt": p} for p in opts.prompt]
 

@@ -51,6 +51,24 @@ def preference_pairs(records: list[dict], max_pairs: int = 0, seed: int = 42) ->
     return pairs
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sample(r: dict) -> str:
+    """What is wrong with a scored sample's fields ("" when nothing): checked before any output is claimed."""
+    for key in ("prompt", "answer"):
+        if not isinstance(r[key], str):
+            return f"{key!r} must be a string, got {r[key]!r}"
+    if not isinstance(r["status"], str) or r["status"] not in STATUS_SCORE:
+        return f"'status' must be one of {sorted(STATUS_SCORE)}, got {r['status']!r}"
+    if r.get("gain_score") is not None and not is_number(r["gain_score"]):
+        return f"'gain_score' must be a number or null, got {r['gain_score']!r}"
+    if "status_score" in r and not is_number(r["status_score"]):
+        return f"'status_score' must be a number, got {r['status_score']!r}"
+    return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.convert_score_to_prefer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +83,9 @@ def main() -> None:
         missing = [k for k in ("syn_pmt_id", "prompt", "answer", "status") if k not in r]
         if missing:
             raise ValueError(f"{opts.score_file}:{line}: scored sample has no {missing[0]!r}")
+        bad = check_sample(r)
+        if bad:
+            raise ValueError(f"{opts.score_file}:{line}: {bad}")
         records.append(r)
     outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     pairs = preference_pairs(records, opts.max_pairs, opts.seed)

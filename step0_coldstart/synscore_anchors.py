@@ -48,11 +48,16 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args()
     config = read_yaml(opts.config)
-    num_clusters = opts.num_clusters or int(config.get("num_clusters", 32))
+    for key, default in (("num_clusters", 32), ("seed", 0)):
+        value = config.setdefault(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or (key == "num_clusters" and value < 1):
+            raise ValueError(f"{opts.config}: {key} must be {'a positive' if key == 'num_clusters' else 'an'} "
+                             f"integer, got {value!r}")
+    num_clusters = opts.num_clusters or config["num_clusters"]
     schema = load_schema(opts.dataset)
     rows = load_rows(schema)
     scoring = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["val"]]
-    chosen = anchors(schema, scoring, num_clusters, int(config.get("seed", 0)))
+    chosen = anchors(schema, scoring, num_clusters, config["seed"])
     path = os.path.join(opts.output_dir, f"{schema.name}_anchors.csv")
     outputs.claim([path], outputs.command_settings(opts), opts.overwrite)
     write_rows_csv(path, schema, chosen)

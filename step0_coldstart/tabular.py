@@ -83,6 +83,7 @@ def load_schema(path: str, root: Optional[str] = None) -> Schema:
         raise ValueError(f"{path}: target {raw['target']!r} is not among the columns")
     if raw["task"] == "regression" and columns[raw["target"]] == "category":
         raise ValueError(f"{path}: a regression target must be float or int")
+    check_plain_keys(path, raw)
     task_prompt = raw.get("task_prompt") or ""
     if task_prompt and task_prompt.count("{}") != 1:
         raise ValueError(f"{path}: task_prompt must contain exactly one {{}} where the features go")
@@ -103,6 +104,33 @@ def load_schema(path: str, root: Optional[str] = None) -> Schema:
                     split={"seed": 0, "val": 0.1, "test": 0.2, **(raw.get("split") or {})},
                     task_prompt=task_prompt, path=path)
     return schema
+
+
+def check_plain_keys(path: str, raw: dict) -> None:
+    """The keys with one plain value: each of its type, else a one-line error naming the file and the key."""
+    for key in ("name", "csv"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise ValueError(f"{path}: {key} must be a text, got {raw[key]!r}")
+    if not isinstance(raw.get("task_prompt") or "", str):
+        raise ValueError(f"{path}: task_prompt must be a text, got {raw['task_prompt']!r}")
+    labels = raw.get("labels")
+    if labels is not None and (not isinstance(labels, dict) or not all(is_scalar(v) for kv in labels.items()
+                                                                       for v in kv)):
+        raise ValueError(f"{path}: labels must map raw target values to the texts a model writes, got {labels!r}")
+    if not isinstance(raw.get("strip", False), bool):
+        raise ValueError(f"{path}: strip must be true or false, got {raw['strip']!r}")
+    precision = raw.get("float_precision", 4)
+    if not isinstance(precision, int) or isinstance(precision, bool) or precision < 0:
+        raise ValueError(f"{path}: float_precision must be a non-negative integer, got {precision!r}")
+    split = raw.get("split") or {}
+    if not isinstance(split, dict) or sorted(set(split) - {"seed", "val", "test"}):
+        raise ValueError(f"{path}: split must be a mapping of seed, val and test, got {split!r}")
+    if not isinstance(split.get("seed", 0), int) or isinstance(split.get("seed", 0), bool):
+        raise ValueError(f"{path}: split.seed must be an integer, got {split['seed']!r}")
+    for key in ("val", "test"):
+        value = split.get(key, 0.1)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+            raise ValueError(f"{path}: split.{key} must be a fraction of the rows in [0, 1), e.g. 0.1, got {value!r}")
 
 
 def is_scalar(value) -> bool:

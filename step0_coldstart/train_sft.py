@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from llama_mp import cli, distributed
 from llama_mp.batching import prompt_response_batch
 from llama_mp.chat import split_tokens
+from llama_mp.checkpoint import check_policy
 from llama_mp.lora import load_model
 from llama_mp.jsonl import read_records
 from llama_mp.logprobs import response_logprobs
@@ -65,6 +66,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, train_cfg, opts = parse_task_args(parser, SFTOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
+    check_policy(opts.ckpt_dir)  # fine-tunes a language model, not a reward model
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     examples = encode_records(opts.train_file, opts, tokenizer)
     info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)

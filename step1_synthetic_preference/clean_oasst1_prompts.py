@@ -28,6 +28,9 @@ def oasst1_prompts(messages_file: str) -> list[dict]:
             raise ValueError(f"{messages_file}:{line}: message has no {missing[0]!r} field")
         if message.get("deleted"):
             continue
+        wrong = [k for k in ("text", "role") if not isinstance(message[k], str)]
+        if wrong:
+            raise ValueError(f"{messages_file}:{line}: {wrong[0]!r} must be a string, got {message[wrong[0]]!r}")
         tree = message["message_tree_id"]
         tree_sizes[tree] = tree_sizes.get(tree, 0) + 1
         if message["parent_id"] is None and message["role"] == "prompter":

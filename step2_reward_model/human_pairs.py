@@ -1,5 +1,5 @@
 """Human preference pairs from OASST1's ranked sibling answers: what the reward model's human check and step 1's
-judge-agreement report both read (data/oasst1/oasst1_en_validation_messages.jsonl: 355 best-vs-lower pairs, 186
+judge-agreement report both read; and the split's first user turns, step 3's held-out prompts (data/oasst1/oasst1_en_validation_messages.jsonl: 355 best-vs-lower pairs, 186
 best-vs-worst, over 186 first-turn prompts with at least two ranked answers).
 
 Each pair: {"id": the prompt's message id, "instruction": the prompt, "chosen": the best-ranked answer (rank 0),
@@ -22,6 +22,9 @@ def oasst_human_pairs(messages_file: str, principles: list[str], against: str = 
             continue
         if not isinstance(m.get("message_id"), str) or not isinstance(m.get("text"), str):
             raise ValueError(f"{messages_file}:{line}: an OASST1 message needs \"message_id\" and \"text\" strings")
+        rank = m.get("rank")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+            raise ValueError(f"{messages_file}:{line}: \"rank\" must be an integer or null, got {rank!r}")
         if m.get("role") == "prompter" and m.get("parent_id") is None:
             prompts[m["message_id"]] = m["text"]
         elif m.get("role") == "assistant" and m.get("rank") is not None:
@@ -33,3 +36,15 @@ def oasst_human_pairs(messages_file: str, principles: list[str], against: str = 
             pairs.append({"id": pid, "instruction": text, "chosen": ranked[0][1], "rejected": worse,
                           "rejected_rank": rank, "principles": principles, "margin": 0.0})
     return pairs
+
+
+def first_turn_prompts(messages_file: str) -> list[tuple[str, str]]:
+    """(message id, text) of every first user turn (a prompter message without parent), in the file's order."""
+    prompts = []
+    for line, m in iter_jsonl(messages_file):
+        if m.get("deleted") or m.get("role") != "prompter" or m.get("parent_id") is not None:
+            continue
+        if not isinstance(m.get("message_id"), str) or not isinstance(m.get("text"), str):
+            raise ValueError(f"{messages_file}:{line}: an OASST1 message needs \"message_id\" and \"text\" strings")
+        prompts.append((m["message_id"], m["text"]))
+    return prompts

@@ -59,14 +59,41 @@ def load_reward_model(ckpt_dir: str, model_parallel_size: int = 1, model_paralle
     rm = RewardModel(model)
     head_file = head_file or os.path.join(ckpt_dir, "head.pth")
     if os.path.exists(head_file):
-        state = torch.load(head_file, map_location=device, weights_only=True)
-        try:
-            rm.load_state_dict(state, strict=False)
-        except RuntimeError as err:
-            raise ValueError(f"{head_file}: not a reward head for this model ({str(err).splitlines()[0]})") from None
-        if set(state) != {"head.weight", "head.bias"}:
-            raise ValueError(f"{head_file}: expected head.weight and head.bias, got {sorted(state)}")
+        load_head(rm, head_file)
     return rm
+
+
+HEAD_KEYS = {"head.weight", "head.bias"}
+
+
+def save_head(rm: RewardModel, head_file: str) -> None:
+    torch.save({k: v.detach() for k, v in rm.state_dict().items() if k in HEAD_KEYS}, head_file)
+
+
+def load_head(rm: RewardModel, head_file: str) -> None:
+    """A scalar head (a reward model's, or PPO's value model's) from head.pth, its keys and shapes checked."""
+    state = torch.load(head_file, map_location=next(rm.parameters()).device, weights_only=True)
+    if set(state) != HEAD_KEYS:
+        raise ValueError(f"{head_file}: expected head.weight and head.bias, got {sorted(state)}")
+    try:
+        rm.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"{head_file}: not a reward head for this model ({str(err).splitlines()[0]})") from None
+
+
+PLACEHOLDERS = ("{Output}", "{Input}", "{Dimensions}")
+
+
+def read_template(path: str) -> str:
+    """A reward-model prompt template file, checked: a missing file or placeholder is an error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: reward-model prompt template not found")
+    with open(path, encoding="utf-8") as f:
+        template = f.read()
+    missing = [p for p in PLACEHOLDERS if p not in template]
+    if missing:
+        raise ValueError(f"{path}: reward-model prompt template lacks {missing[0]}")
+    return template
 
 
 @dataclass
@@ -79,7 +106,7 @@ class PromptBuilder:
     response_len: int = 768
 
     def __post_init__(self):
-        for placeholder in ("{Output}", "{Input}", "{Dimensions}"):
+        for placeholder in PLACEHOLDERS:
             if placeholder not in self.template:
                 raise ValueError(f"reward-model prompt template lacks {placeholder}")
 

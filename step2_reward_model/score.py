@@ -12,8 +12,11 @@ import argparse
 import json
 
 from llama_mp import cli, distributed
+from llama_mp.chat import load_principles
+from llama_mp.checkpoint import check_reward_model
 from llama_mp.tokenizer import load_tokenizer
-from step2_reward_model.reward_model import DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardScorer, load_reward_model
+from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardScorer, load_reward_model,
+                                             read_template)
 
 
 def main() -> None:
@@ -36,10 +39,10 @@ def main() -> None:
     opts = parser.parse_args()
     principles = opts.principle
     if not principles:
-        with open(opts.principle_file, encoding="utf-8") as f:
-            principles = [p["definition"] for p in json.load(f)[:opts.num_principles]]
-    with open(opts.prompt_template, encoding="utf-8") as f:
-        template = f.read()
+        principles = [p["definition"] for p in load_principles(opts.principle_file, ("definition",))]
+        principles = principles[:opts.num_principles]
+    template = read_template(opts.prompt_template)
+    check_reward_model(opts.ckpt_dir)  # a policy's checkpoint has no trained head: its rewards would be noise
     info = distributed.init(opts.model_parallel_size)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                            device=info.device, dtype=cli.resolve_dtype(opts.dtype, info.device))

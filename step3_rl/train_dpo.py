@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from llama_mp import cli, distributed, lora
+from llama_mp.checkpoint import check_policy
 from llama_mp.batching import prompt_response_batch
 from llama_mp.chat import DEFAULT_META_PROMPT, ChatFormat, chat_format, split_tokens
 from llama_mp.lora import load_model
@@ -146,6 +147,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, train_cfg, opts = parse_task_args(parser, DPOOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
+    check_policy(opts.ckpt_dir)
     if opts.loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"loss_type must be sigmoid or ipo, got {opts.loss_type!r}")
     pairs = read_pairs(opts.train_file, opts)
