@@ -24,7 +24,6 @@ response length, share unfinished, seconds in generation / scoring / update; rol
 """
 
 import argparse
-import json
 import os
 import random
 import time
@@ -39,15 +38,16 @@ from torch import nn
 from llama_mp import cli, distributed, lora
 from llama_mp.chat import DATA, DEFAULT_META_PROMPT, chat_format, load_principles
 from llama_mp.batching import right_pad
-from llama_mp.checkpoint import load_weights, save_params, save_shard
-from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_records, write_json_atomic, write_jsonl_atomic
+from llama_mp.checkpoint import check_policy, check_reward_model, load_weights, save_params, save_shard
+from llama_mp.jsonl import read_json, write_json_atomic, write_jsonl_atomic
 from llama_mp.logprobs import chosen_logprobs
 from llama_mp.lora import load_model
-from llama_mp.progress import Progress
+from llama_mp.prompts import load_prompts
 from llama_mp.sampler import Sampler, derive_seed
 from llama_mp.tokenizer import load_tokenizer
 from llama_mp.train import TrainConfig, Trainer, add_lora, backbone_dtype, parse_task_args, require
-from step2_reward_model.reward_model import PromptBuilder, RewardModel, RewardScorer, load_reward_model
+from step2_reward_model.reward_model import (PromptBuilder, RewardModel, RewardScorer, load_head, load_reward_model,
+                                             save_head)
 from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
 
 
@@ -138,15 +138,11 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
     """The PPO loop; `reward_fn(rollouts)` replaces the reward model (tests use a programmatic reward). `dtype`: the
     frozen reward model's weights (the trained ones are float32, computed in cfg.precision)."""
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.policy_ckpt)
-    prompts = [r for _, r in read_records(opts.prompt_file)]
+    prompts = load_prompts(opts.prompt_file)  # step 1's loader: the same records, ids and checks
     if opts.max_prompts:
         prompts = prompts[:opts.max_prompts]
-    for i, p in enumerate(prompts, start=1):
-        if not isinstance(p.get("instruction"), str):
-            raise ValueError(f"{opts.prompt_file}:{i}: record has no \"instruction\" string")
     chat = chat_format(tokenizer, opts.chat_format, opts.meta_prompt_file)
-    queries = [tokenizer.encode(chat.query(p["instruction"], p.get("input") or ""), bos=True, eos=False)
-               for p in prompts]
+    queries = [tokenizer.encode(chat.query(p["instruction"], p["input"]), bos=True, eos=False) for p in prompts]
     keep = [i for i, q in enumerate(queries) if len(q) <= opts.max_prompt_len]  # longer prompts are filtered out
     if not keep:
         raise ValueError(f"{opts.prompt_file}: no prompt fits max_prompt_len {opts.max_prompt_len}")
@@ -182,10 +178,10 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         principles = [{"definition": "", "weight": 1}]
     sampler = Sampler(policy, tokenizer, max_batch_size=opts.rollout_batch_size, progress_every=1e9)
     kl_ctl = KLController(opts.kl_coef, opts.kl_target, opts.kl_horizon)
-    state = {"ppo_step": 0}
     minibatches = -(-opts.rollout_batch_size // opts.ppo_minibatch_size)
 
     def save_extra(directory: str) -> None:
+        """The value model (adapters or weights, and its head) and the KL controller, beside the policy."""
         if info.data_parallel_rank == 0:
             if lora.has_adapters(value.model):
                 lora.save_adapters(os.path.join(directory, "value"), mp_rank, value.model)
@@ -194,22 +190,16 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
             if mp_rank == 0:
                 if not lora.has_adapters(value.model):
                     save_params(os.path.join(directory, "value"), value.model.args)
-                torch.save({"head.weight": value.head.weight.detach(), "head.bias": value.head.bias.detach()},
-                           os.path.join(directory, "value", "head.pth"))
-                with open(os.path.join(directory, "ppo_state.json"), "w") as f:
-                    json.dump({**state, "kl": kl_ctl.state_dict()}, f)
+                save_head(value, os.path.join(directory, "value", "head.pth"))
+                write_json_atomic(os.path.join(directory, "ppo_state.json"), {"kl": kl_ctl.state_dict()})
 
     def load_extra(directory: str) -> None:
         if lora.has_adapters(value.model):
             lora.load_adapters(value.model, os.path.join(directory, "value"), mp_size, mp_rank)
         else:
             load_weights(value.model, os.path.join(directory, "value"), mp_size, mp_rank)
-        head = torch.load(os.path.join(directory, "value", "head.pth"), map_location=device, weights_only=True)
-        value.load_state_dict(head, strict=False)
-        with open(os.path.join(directory, "ppo_state.json")) as f:
-            saved = json.load(f)
-        state["ppo_step"] = saved["ppo_step"]
-        kl_ctl.load_state_dict(saved["kl"])
+        load_head(value, os.path.join(directory, "value", "head.pth"))  # the reward model's key checks
+        kl_ctl.load_state_dict(read_json(os.path.join(directory, "ppo_state.json"))["kl"])
 
     def loss(mod, batch):
         logp, _, values = forward_logp_values(mod, batch, opts.temperature)
@@ -217,21 +207,15 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         vf, vf_metrics = value_loss(values, batch["old_values"], batch["returns"], batch["mask"], opts.value_clip)
         return pg + opts.vf_coef * vf, {**pg_metrics, **vf_metrics}
 
-    current = {}  # this step's rollout batch: micro-batches are lists of its row indices
-
-    trainer = Trainer(module, policy, [], lambda rows: select(current["batch"], rows), loss, cfg, info, task="ppo",
-                      save_extra=save_extra, load_extra=load_extra, head_prefixes=(), tokenizer=tokenizer)
+    trainer = Trainer(module, policy, None, None, loss, cfg, info, task="ppo", save_extra=save_extra,
+                      load_extra=load_extra, head_prefixes=(), tokenizer=tokenizer)
     trainer.set_total_steps(opts.ppo_steps * opts.ppo_epochs * minibatches)
-    if resume:
-        trainer.load_latest()
     os.makedirs(os.path.join(cfg.output_dir, "rollouts"), exist_ok=True)
-    if info.is_main:
-        keep_steps_upto(os.path.join(cfg.output_dir, "metrics.jsonl"), state["ppo_step"])
-    history = []
     per_step = opts.rollout_batch_size * info.data_parallel_size
-    progress = Progress(opts.ppo_steps - state["ppo_step"], "ppo", "steps")
-    while state["ppo_step"] < opts.ppo_steps:
-        step = state["ppo_step"]
+
+    def ppo_step() -> dict:
+        """One PPO iteration of the shared loop (trainer.iteration is the step number)."""
+        step = trainer.iteration
         # 1. rollouts: a deterministic slice of a per-epoch permutation of the prompts
         order = np.random.default_rng(cfg.seed + (step * per_step) // len(keep)).permutation(keep)
         first = (step * per_step) % len(keep) + info.data_parallel_rank * opts.rollout_batch_size
@@ -275,8 +259,8 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
         advantages, returns = gae(rewards, old_values, mask, opts.gamma, opts.lam)
         advantages = whiten(advantages, mask, group=dp_group)  # statistics of the whole rollout, all replicas
         batch.update(old_logp=old_logp, old_values=old_values, advantages=advantages, returns=returns)
-        current["batch"] = batch
-        # 4. update: epochs over shuffled minibatches, each one optimizer step of the shared loop
+        # 4. update: epochs over shuffled minibatches, each one optimizer step of the shared loop; a micro-batch is a
+        # list of rows of this rollout batch
         stats = []
         shuffle = np.random.default_rng(derive_seed(cfg.seed, step, -1000))
         for _ in range(opts.ppo_epochs):
@@ -284,30 +268,27 @@ def run_ppo(opts: PPOOptions, cfg: TrainConfig, info, resume: bool = False,
             for m in range(minibatches):
                 rows = perm[m * opts.ppo_minibatch_size:(m + 1) * opts.ppo_minibatch_size]
                 stats.append(trainer.update([list(rows[k:k + cfg.micro_batch_size])
-                                             for k in range(0, len(rows), cfg.micro_batch_size)]))
+                                             for k in range(0, len(rows), cfg.micro_batch_size)],
+                                            collate=lambda picked: select(batch, picked)))
         t3 = time.perf_counter()
         seq_kl = float((kl * mask).sum(1).mean())
         kl_ctl.update(seq_kl, per_step)
-        state["ppo_step"] = step + 1
-        record = {"step": step + 1, "reward/mean": float(raw_score.mean()), "reward/std": float(raw_score.std()),
-                  "score/mean": float(score.mean()), "kl": seq_kl, "kl_coef": kl_ctl.value,
-                  "entropy": float(masked_mean(entropy, mask)),
-                  "response_length": float(mask.sum(1).mean()), "unfinished": float((~finished).float().mean()),
-                  **{k: float(np.mean([s[k] for s in stats])) for k in ("approx_kl", "clipfrac", "value_loss",
-                                                                         "value_clipfrac", "policy_loss", "grad_norm")},
-                  "lr": stats[-1]["lr"], "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2,
-                  "precision": trainer.precision}
-        history.append(record)
         if info.is_main:
-            append_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"), [record])
             write_jsonl_atomic(os.path.join(cfg.output_dir, "rollouts", f"step_{step + 1}.jsonl"),
                                [{k: v for k, v in r.items() if k != "tokens"} | {"score": float(s)}
                                 for r, s in zip(rollouts, raw_score)])
-        progress.update(1)
-        if cfg.save_every and state["ppo_step"] % cfg.save_every == 0 and state["ppo_step"] < opts.ppo_steps:
-            trainer.save()
-    trainer.save()
-    return history
+        return {"reward/mean": float(raw_score.mean()), "reward/std": float(raw_score.std()),
+                "score/mean": float(score.mean()), "kl": seq_kl, "kl_coef": kl_ctl.value,
+                "entropy": float(masked_mean(entropy, mask)),
+                "response_length": float(mask.sum(1).mean()), "unfinished": float((~finished).float().mean()),
+                **{k: float(np.mean([s[k] for s in stats])) for k in ("approx_kl", "clipfrac", "value_loss",
+                                                                       "value_clipfrac", "policy_loss", "grad_norm")},
+                "lr": stats[-1]["lr"], "tokens": sum(s["tokens"] for s in stats),
+                "time/generate": t1 - t0, "time/score": t2 - t1, "time/update": t3 - t2}
+
+    trainer.run({"ppo": asdict(opts)}, f"{len(keep)} prompts, {per_step} rollouts a step", resume=resume,
+                iteration=ppo_step, iterations=opts.ppo_steps)
+    return trainer.records
 
 
 def rollout_batch(queries: list[list[int]], chosen: list[int], responses: list[list[int]], device) -> dict:
@@ -335,9 +316,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args, cfg, opts = parse_task_args(parser, PPOOptions)
     require(opts, "policy_ckpt", "reward_ckpt")  # tokenizer_path: default the policy's own tokenizer
+    check_policy(opts.policy_ckpt)
+    check_reward_model(opts.reward_ckpt)
     info = distributed.init(args.model_parallel_size, seed=cfg.seed)
-    if info.is_main:
-        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), {"train": asdict(cfg), "ppo": asdict(opts)})
     history = run_ppo(opts, cfg, info, resume=args.resume, dtype=cli.resolve_dtype(args.dtype, info.device))
     if info.is_main and history:
         first, last = history[0], history[-1]

@@ -228,3 +228,179 @@ def test_data_parallel_2_equals_1_with_a_partial_last_step(stories_dir, tmp_path
         torch.testing.assert_close(rank["losses"], single["losses"], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(rank["wq"], single["wq"], atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(rank["head"], single["head"], atol=1e-6, rtol=1e-4)
+
+
+# Instructability in the evaluation: each held-out pair under its principles and under their negations.
+PRINCIPLES = [
+    {"dimension": "Kind", "definition": "The response should be kind and gentle.",
+     "negative_definition": "The response should be rude and mean."},
+    {"dimension": "Short", "definition": "The response should be short.",
+     "negative_definition": "The response should be long and rambling."},
+    {"dimension": "Odd", "definition": "The response should mention a cat."},  # no negative_definition
+]
+DEFINITION = {p["dimension"]: p["definition"] for p in PRINCIPLES}
+NEGATION = {p["dimension"]: p.get("negative_definition") for p in PRINCIPLES}
+WORDS = ["cat", "dog", "sun", "tree", "ball", "bird", "cake", "park", "boat", "girl", "frog", "hat"]
+
+
+def flip_records(n: int) -> list[dict]:
+    """Step-1-style records (two responses of the same words, so that the principles can tip the preference),
+    preference 1 and 2 in turn, principles as dimensions + negative_definitions tuples (some negated by step 1); every
+    fifth pair has an explicit principles list instead, every seventh a principle without a negative_definition."""
+    records = []
+    for i in range(n):
+        a, b = WORDS[i % 12], WORDS[(i * 5 + 3) % 12]
+        record = {"id": f"q{i}", "instruction": f"Tell me about the {a}.", "input": "",
+                  "output_1": f"The {a} and the {b}.", "output_2": f"The {b} and the {a}.", "preference": 1 + i % 2}
+        if i % 5 == 4:
+            record["principles"] = ["Be helpful."]
+        elif i % 7 == 6:
+            record.update(dimensions="('Kind', 'Odd')", negative_definitions="(0, 0)")
+        else:
+            record.update(dimensions=["('Kind', 'Short')", "('Short',)", "('Kind',)"][i % 3],
+                          negative_definitions=["(0, 1)", "(1,)", "(0,)"][i % 3])
+        records.append(record)
+    return records
+
+
+def principles_by_hand(record: dict, negate: bool):
+    """The principle texts of a record of flip_records, as given or negated (None: it cannot be negated), written out
+    from PRINCIPLES without the trainer's code."""
+    if "principles" in record:
+        return None if negate else record["principles"]
+    names = [n.strip(" '") for n in record["dimensions"].strip("(),").split(",") if n.strip(" '")]
+    flags = [int(f) for f in record["negative_definitions"].strip("(),").split(",") if f.strip()]
+    texts = [(DEFINITION[n] if f else NEGATION[n]) if negate else (NEGATION[n] if f else DEFINITION[n])
+             for n, f in zip(names, flags)]
+    return None if None in texts else texts
+
+
+def chosen_and_rejected(record: dict) -> tuple[str, str]:
+    return ((record["output_1"], record["output_2"]) if record["preference"] == 1 else
+            (record["output_2"], record["output_1"]))
+
+
+def rewards_by_hand(rm, builder, record: dict, principles: list[str]) -> tuple[float, float]:
+    """(chosen, rejected) rewards of a record under these principles: one forward pass per prompt, no padding."""
+    out = []
+    with torch.no_grad():
+        for response in chosen_and_rejected(record):
+            seq = builder.encode(record["instruction"], response, principles)
+            out.append(float(rm(torch.tensor([seq]), torch.tensor([len(seq) - 1]))[0]))
+    return tuple(out)
+
+
+def count_flips(before: list[tuple], after: list[tuple]) -> tuple[int, int]:
+    """(flips, ties) from (chosen, rejected) rewards: the preference changes sign; a tie on either side is no flip."""
+    sign = lambda a, b: (a > b) - (a < b)  # noqa: E731
+    signs = [(sign(*x), sign(*y)) for x, y in zip(before, after)]
+    return sum(s * t == -1 for s, t in signs), sum(s == 0 or t == 0 for s, t in signs)
+
+
+def test_pair_examples_negate_each_principle_and_leave_out_what_has_no_negation(tmp_path):
+    from step2_reward_model.train_reward_model import RewardModelOptions, pair_examples
+    principle_file = tmp_path / "principles.json"
+    principle_file.write_text(json.dumps(PRINCIPLES))
+    records = flip_records(14) + [{"instruction": "Hi", "output_1": "Hello!", "output_2": "Go.", "preference": 2}]
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    for default_principles, default_negation in ((2, [NEGATION["Kind"], NEGATION["Short"]]), (3, None)):
+        opts = RewardModelOptions(principle_file=str(principle_file), default_principles=default_principles)
+        examples = pair_examples(str(tmp_path / "pairs.json"), opts)
+        for record, example in zip(records[:-1], examples):
+            assert example["principles"] == principles_by_hand(record, negate=False)
+            assert example["negated_principles"] == principles_by_hand(record, negate=True)
+        assert examples[0]["principles"] == ["The response should be kind and gentle.",  # ('Kind', 'Short'), (0, 1)
+                                             "The response should be long and rambling."]
+        assert examples[0]["negated_principles"] == ["The response should be rude and mean.",
+                                                     "The response should be short."]
+        assert examples[1]["negated_principles"] == ["The response should be short."]  # negated by step 1: back
+        assert examples[4]["negated_principles"] is None  # an explicit principles list
+        assert examples[6]["negated_principles"] is None  # 'Odd' has no negative_definition
+        assert examples[-1]["negated_principles"] == default_negation  # the first N principles, when all have one
+    assert [i for i, e in enumerate(examples[:-1]) if e["negated_principles"] is None] == [4, 6, 9, 13]
+
+
+def test_eval_json_flip_counts_equal_a_count_from_direct_forward_passes(world1, stories_dir, tokenizer,
+                                                                         tmp_path):
+    from step2_reward_model.train_reward_model import held_out
+    records = flip_records(40)
+    (tmp_path / "pairs.json").write_text(json.dumps(records))
+    (tmp_path / "principles.json").write_text(json.dumps(PRINCIPLES))
+    (tmp_path / "template.txt").write_text(TEMPLATE)
+    out = tmp_path / "out"
+    # a small lr: the margins stay small enough for the negations to flip some pairs
+    result = run_cli("-m", "step2_reward_model.train_reward_model", "--config",
+                     os.path.join(os.path.dirname(TOK512), "../../configs/reward_model_tiny.yaml"),
+                     "--ckpt_dir", stories_dir, "--tokenizer_path", TOK512, "--train_file", str(tmp_path / "pairs.json"),
+                     "--principle_file", str(tmp_path / "principles.json"), "--prompt_template",
+                     str(tmp_path / "template.txt"), "--human_eval_file", "", "--output_dir", str(out),
+                     "--eval_fraction", "0.5", "--query_len", "16", "--response_len", "16", "--max_seq_len", "128",
+                     "--micro_batch_size", "3", "--epochs", "1", "--lr", "1e-5", "--precision", "fp32",
+                     "--log_every", "0")
+    assert result.returncode == 0, result.stderr
+    got = json.loads((out / "eval.json").read_text())
+
+    held = [r for r in records if held_out(r["id"], 0.5)]
+    rm = load_reward_model(str(out / open(out / "latest").read().strip()))  # the final weights, as evaluated
+    builder = PromptBuilder(tokenizer, TEMPLATE, query_len=16, response_len=16)
+    under = [rewards_by_hand(rm, builder, r, principles_by_hand(r, negate=False)) for r in held]
+    negatable = [i for i, r in enumerate(held) if principles_by_hand(r, negate=True) is not None]
+    before = [under[i] for i in negatable]
+    after = [rewards_by_hand(rm, builder, held[i], principles_by_hand(held[i], negate=True)) for i in negatable]
+    assert min(abs(a - b) for a, b in before + after) > 5e-5  # no pair so close that float noise could flip it
+    flips, ties = count_flips(before, after)
+    skipped = len(held) - len(negatable)
+    assert 0 < flips < len(negatable) and skipped >= 2  # not trivially none or all; some pairs are left out
+    assert got["heldout_pairs"] == len(held)
+    assert got["heldout_accuracy"] == pytest.approx(sum(a > b for a, b in under) / len(held))
+    assert got["heldout_flip_pairs"] == len(negatable) and got["heldout_flip_skipped"] == skipped
+    assert got["heldout_flip_rate"] == pytest.approx(flips / len(negatable))
+    assert got["heldout_flip_rate_untied"] == pytest.approx(flips / (len(negatable) - ties))
+    assert not any(k.startswith("human_") for k in got)  # --human_eval_file "": no human check
+
+
+def flip_metrics(ckpt_dir: str, micro_batch_size: int):
+    """accuracy_and_margin with flips on 7 encoded pairs (2 without a negation) at this world's data-parallel size."""
+    from step2_reward_model.train_reward_model import accuracy_and_margin
+    info = distributed.init(1)  # model parallel 1: every process is a data-parallel replica
+    rm = RewardModel(load_model(ckpt_dir), head_std=0.5)
+    builder = PromptBuilder(Tokenizer(TOK512), TEMPLATE, query_len=16, response_len=16)
+
+    def encode(record, principles):
+        chosen, rejected = chosen_and_rejected(record)
+        return {"chosen": builder.encode(record["instruction"], chosen, principles),
+                "rejected": builder.encode(record["instruction"], rejected, principles)}
+
+    data = []
+    for record in flip_records(7):
+        negated = principles_by_hand(record, negate=True)
+        data.append({**encode(record, principles_by_hand(record, negate=False)),
+                     "negated": encode(record, negated) if negated is not None else None})
+    return accuracy_and_margin(rm, data, micro_batch_size, "fp32", info, flips=True)
+
+
+def test_flip_counts_are_summed_over_data_parallel_ranks(stories_dir, tokenizer, tmp_path):
+    single = flip_metrics(stories_dir, 2)
+    distributed.teardown()
+    ranks = run_distributed(flip_metrics, 2, stories_dir, 2, tmp_dir=str(tmp_path))
+    distributed.init(1)
+    try:
+        rm = RewardModel(load_model(stories_dir), head_std=0.5)
+    finally:
+        distributed.teardown()
+    builder = PromptBuilder(tokenizer, TEMPLATE, query_len=16, response_len=16)
+    negatable = [r for r in flip_records(7) if principles_by_hand(r, negate=True) is not None]
+    before, after = ([rewards_by_hand(rm, builder, r, principles_by_hand(r, negate)) for r in negatable]
+                     for negate in (False, True))
+    assert min(abs(a - b) for a, b in before + after) > 5e-5
+    flips, ties = count_flips(before, after)
+    assert 0 < flips < 5
+    assert single["flip_pairs"] == 5 and single["flip_skipped"] == 2 and single["pairs"] == 7
+    assert single["flip_rate"] == pytest.approx(flips / 5)
+    assert single["flip_rate_untied"] == pytest.approx(flips / (5 - ties))
+    for rank in ranks:  # rank 0 scores pairs 0, 2, 4, 6 and rank 1 pairs 1, 3, 5: the sums are the whole figure
+        assert rank["flip_pairs"] == 5 and rank["flip_skipped"] == 2 and rank["pairs"] == 7
+        assert rank["flip_rate"] == pytest.approx(single["flip_rate"])
+        assert rank["flip_rate_untied"] == pytest.approx(single["flip_rate_untied"])
+        # accuracy and margin as before; the margin to float32 rounding (other rows share a rank's micro-batches)
+        assert rank["accuracy"] == single["accuracy"] and rank["margin"] == pytest.approx(single["margin"], abs=1e-6)
