@@ -15,13 +15,15 @@ the step is distributed):
   reward_model     the principle-following reward model, evaluated on held-out synthetic and OASST1 human pairs
   dpo              DPO of the policy on the step-1 pairs
   ppo              PPO of the policy against the reward model with the RL-time principles
+  policy_eval      the DPO and PPO policies against the initial one on held-out prompts (OASST1 validation first
+                   turns): reward-model score, KL, length, self-judge win rate (salmon.eval_prompts; 0 skips it)
   tabular          round 0 (SFT generator, anchors), one round of synthetic preference + DPO, ML efficiency
 Each command of a stage is a step of llama_mp.stages: recorded in <run_dir>/stages.json once its outputs are
 written, with the stage's status, seconds, peak memory and figures; a rerun skips finished steps and continues an
 unfinished one where it stopped (jobs from their last chunk, trainers from their last checkpoint), so after a crash or
 kill -9 at any instant the same command ends with the same outputs as an uninterrupted run. The run directory is
-locked while a run (or any command of a killed one) uses it. --fresh starts over. At the end <run_dir>/report.json and report.md are written (and PNG curves when
-matplotlib is installed).
+locked while a run (or any command of a killed one) uses it. --fresh starts over. At the end <run_dir>/report.json and report.md are written, with PNG pictures
+(scripts/quickstart_report.py).
 """
 
 import argparse
@@ -30,15 +32,18 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llama_mp import cli  # noqa: E402
+from llama_mp.config import Arg, add_config_flags, load_config  # noqa: E402
 from llama_mp.stages import RunDir  # noqa: E402
-from llama_mp.jsonl import read_jsonl, read_yaml, write_json_atomic, write_text_atomic  # noqa: E402
-from llama_mp.train import resume_args  # noqa: E402
+from llama_mp.jsonl import read_jsonl  # noqa: E402
+from llama_mp.checkpoint import resume_args  # noqa: E402
+from quickstart_report import write_report  # noqa: E402
 
 MODELS = {  # model -> (the policy checkpoint, relative to the run directory or absolute; its tokenizer)
     "stories260K": ("stories260K_mp1", os.path.join(ROOT, "data/llama2c/tok512.model")),
@@ -46,18 +51,46 @@ MODELS = {  # model -> (the policy checkpoint, relative to the run directory or 
 }
 CONFIGS = {"smollm2": os.path.join(ROOT, "configs/quickstart.yaml"),
            "stories260K": os.path.join(ROOT, "configs/quickstart_stories260K.yaml")}
-STAGES = ["llama_mp", "salmon_responses", "salmon_judge", "reward_model", "dpo", "ppo", "tabular"]
+STAGES = ["llama_mp", "salmon_responses", "salmon_judge", "reward_model", "dpo", "ppo", "policy_eval", "tabular"]
 
 
-def load_config(path: str) -> dict:
-    config = read_yaml(path)
-    for key in ("run_dir", "nproc", "salmon", "tabular"):
-        if key not in config:
-            raise ValueError(f"{path}: missing key {key!r}")
-    config.setdefault("model", "stories260K")
-    if config["model"] not in MODELS:
-        raise ValueError(f"{path}: model {config['model']!r} is not one of {', '.join(MODELS)}")
-    return config
+@dataclass
+class Salmon:
+    """The SALMON stages' sizes; the *_flags lists go to the step scripts unchanged (any option of the command)."""
+    max_prompts: int = 32  # OASST1 prompts answered twice and self-judged under every principle
+    max_gen_len: int = 128  # response tokens
+    max_response_tokens: int = 128  # judge prompt budget per response
+    max_instruction_tokens: int = 64
+    judge_eval_pairs: int = 0  # > 0: OASST1 best-vs-worst human pairs judged before any training
+    judge_max_seq_len: int = 1536
+    eval_prompts: int = 0  # > 0: held-out prompts of the DPO/PPO evaluation (policy_eval)
+    rm_flags: list[Arg] = field(default_factory=list)
+    dpo_flags: list[Arg] = field(default_factory=list)
+    ppo_flags: list[Arg] = field(default_factory=list)
+    eval_flags: list[Arg] = field(default_factory=list)
+
+
+@dataclass
+class Tabular:
+    config: str = "configs/synfed_tiny.yaml"  # the round driver's own config (step0_coldstart.rounds)
+    rounds: int = 1
+
+
+@dataclass
+class QuickstartConfig:
+    model: str = "stories260K"  # smollm2 | stories260K
+    dtype: str = "float32"  # of the sampling commands; auto: bfloat16 where the CPU (or GPU) computes it natively
+    run_dir: str = "runs/quickstart"
+    nproc: int = 2  # processes per stage (torchrun on this machine)
+    model_parallel_size: Optional[int] = None  # of every model stage (default: the stage's world size)
+    salmon: Salmon = field(default_factory=Salmon)
+    tabular: Tabular = field(default_factory=Tabular)
+
+
+def kl_target(cfg: dict):
+    """PPO's --kl_target among the config's ppo_flags (None when PPO runs with a fixed coefficient)."""
+    flags = cfg.salmon.ppo_flags
+    return float(flags[flags.index("--kl_target") + 1]) if "--kl_target" in flags else None
 
 
 def sampling_dtype(choice: str) -> str:
@@ -117,7 +150,7 @@ def count_lines(path: str) -> int:
 
 # ---- the stages: each runs its commands and returns its figures ---------------------------------------------------------
 def stage_llama_mp(run: Runner, d: dict, cfg: dict) -> dict:
-    if cfg["model"] == "smollm2":
+    if cfg.model == "smollm2":
         return sample_smollm2(run, d, cfg)
     for mp in (1, 2):  # deterministic: a step killed midway is redone whole (--overwrite of its own output)
         out = os.path.join(d["run"], f"stories260K_mp{mp}")
@@ -156,9 +189,9 @@ def sample_smollm2(run: Runner, d: dict, cfg: dict) -> dict:
 
 
 def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
-    s = cfg["salmon"]
-    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s["max_prompts"]),
-           "MAX_GEN_LEN": str(s["max_gen_len"])}
+    s = cfg.salmon
+    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s.max_prompts),
+           "MAX_GEN_LEN": str(s.max_gen_len)}
     for i in (0, 1):  # resumable: a rerun of the same command continues from the last chunk
         run.step(f"response{i}", lambda i=i: script(f"generate_oasst1_response{i}.sh", *d["sampling_flags"]), env,
                  [os.path.join(d["step1"], f"oasst1_response{i}.jsonl")])
@@ -171,18 +204,18 @@ def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
 
 
 def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
-    s = cfg["salmon"]
+    s = cfg.salmon
     env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
-           "MAX_RESPONSE_TOKENS": str(s["max_response_tokens"]), "MAX_INSTRUCTION_TOKENS": str(s["max_instruction_tokens"])}
+           "MAX_RESPONSE_TOKENS": str(s.max_response_tokens), "MAX_INSTRUCTION_TOKENS": str(s.max_instruction_tokens)}
     figures = {}
-    if s.get("judge_eval_pairs"):  # the judge's quality before anything is trained on its judgments
+    if s.judge_eval_pairs:  # the judge's quality before anything is trained on its judgments
         agreement = os.path.join(d["step1"], "judge_agreement.json")
         run.step("judge_agreement", lambda: script(
             "launch.sh", "step1_synthetic_preference.judge_agreement", "--ckpt_dir", d["policy"], "--tokenizer_path",
-            d["tokenizer"], "--max_pairs", str(s["judge_eval_pairs"]), "--output_file", agreement,
-            "--max_response_tokens", str(s["max_response_tokens"]), "--max_instruction_tokens",
-            str(s["max_instruction_tokens"]), "--max_seq_len", str(s.get("judge_max_seq_len", 1536)),
-            *d["sampling_flags"], "--model_parallel_size", str(cfg.get("model_parallel_size") or cfg["nproc"])),
+            d["tokenizer"], "--max_pairs", str(s.judge_eval_pairs), "--output_file", agreement,
+            "--max_response_tokens", str(s.max_response_tokens), "--max_instruction_tokens",
+            str(s.max_instruction_tokens), "--max_seq_len", str(s.judge_max_seq_len),
+            *d["sampling_flags"], "--model_parallel_size", str(cfg.model_parallel_size or cfg.nproc)),
             None, [agreement])
         with open(agreement) as f:
             figures["judge_agreement"] = json.load(f)["overall"]
@@ -202,7 +235,10 @@ def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "rm")
-    run.step("reward_model", lambda: script("train_reward_model.sh", *cfg["salmon"].get("rm_flags", []),
+    same_pairs = []  # the human check on the pairs the judge's agreement was measured on: the figures compare
+    if cfg.salmon.judge_eval_pairs:
+        same_pairs = ["--human_eval_against", "worst", "--human_eval_max_pairs", str(cfg.salmon.judge_eval_pairs)]
+    run.step("reward_model", lambda: script("train_reward_model.sh", *same_pairs, *cfg.salmon.rm_flags,
                                             *resume_args(out)),
              {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
               "OUTPUT_DIR": out})
@@ -215,7 +251,7 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "dpo")
-    run.step("dpo", lambda: script("train_dpo.sh", *cfg["salmon"].get("dpo_flags", []), *resume_args(out)),
+    run.step("dpo", lambda: script("train_dpo.sh", *cfg.salmon.dpo_flags, *resume_args(out)),
              {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
               "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
@@ -226,7 +262,7 @@ def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "ppo")
-    run.step("ppo", lambda: script("train_ppo.sh", *cfg["salmon"].get("ppo_flags", []), *resume_args(out)),
+    run.step("ppo", lambda: script("train_ppo.sh", *cfg.salmon.ppo_flags, *resume_args(out)),
              {"CKPT_DIR": d["policy"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("reward/mean", "kl", "response_length")
@@ -234,13 +270,31 @@ def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
             "last": {k: curve[-1].get(k) for k in keys}}
 
 
+def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
+    s = cfg.salmon
+    if not s.eval_prompts:
+        return {"skipped": "salmon.eval_prompts is 0"}
+    out = os.path.join(d["run"], "policy_eval.json")
+    # one process with every thread: a short job, and data parallelism would split its few prompts
+    run.step("policy_eval", lambda: script(
+        "launch.sh", "step3_rl.evaluate_policy", "--initial_ckpt", d["policy"], "--tokenizer_path", d["tokenizer"],
+        "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
+        "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
+        "--judge_dtype", d["dtype"], *s.eval_flags),
+        {"NPROC_PER_NODE": "1", "OMP_NUM_THREADS": str(cfg.nproc)}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
+    with open(out) as f:
+        report = json.load(f)
+    return {"outputs": [out, os.path.splitext(out)[0] + ".samples.jsonl"], "prompts": report["prompts"],
+            "policies": report["policies"]}
+
+
 def stage_tabular(run: Runner, d: dict, cfg: dict) -> dict:
-    t, work = cfg["tabular"], os.path.join(d["run"], "tabular")
-    run.step("tabular", lambda: python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t["config"]),
+    t, work = cfg.tabular, os.path.join(d["run"], "tabular")
+    run.step("tabular", lambda: python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t.config),
                                        "--workdir", work, "--ckpt_dir", d["policy"], "--tokenizer_path", d["tokenizer"],
-                                       "--dtype", d["dtype"], "--rounds", str(t.get("rounds", 1)),
-                                       *(["--model_parallel_size", str(cfg["model_parallel_size"])]
-                                         if cfg.get("model_parallel_size") else [])))
+                                       "--dtype", d["dtype"], "--rounds", str(t.rounds),
+                                       *(["--model_parallel_size", str(cfg.model_parallel_size)]
+                                         if cfg.model_parallel_size else [])))
     with open(os.path.join(work, "report.json")) as f:
         report = json.load(f)
     notes = os.path.join(work, "notes.json")
@@ -249,90 +303,40 @@ def stage_tabular(run: Runner, d: dict, cfg: dict) -> dict:
 
 
 RUNNERS = {"llama_mp": stage_llama_mp, "salmon_responses": stage_salmon_responses, "salmon_judge": stage_salmon_judge,
-           "reward_model": stage_reward_model, "dpo": stage_dpo, "ppo": stage_ppo, "tabular": stage_tabular}
-
-
-# ---- report --------------------------------------------------------------------------------------------------------
-def plot_curves(d: dict) -> list[str]:
-    """Training curves as PNG when matplotlib is installed (optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    panels = [("reward_model", "rm", ["loss", "accuracy"]), ("dpo", "dpo", ["loss", "rewards/margin"]),
-              ("ppo", "ppo", ["reward/mean", "kl"]), ("tabular_sft", "tabular/sft", ["loss"])]
-    written = []
-    os.makedirs(os.path.join(d["run"], "plots"), exist_ok=True)
-    for name, sub, keys in panels:
-        curve = metrics(os.path.join(d["run"], sub, "metrics.jsonl"))
-        if not curve:
-            continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-        for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
-            points = [(r["step"], r[key]) for r in curve if r.get(key) is not None]
-            ax.plot([p[0] for p in points], [p[1] for p in points])
-            ax.set_title(f"{name}: {key}")
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        path = os.path.join(d["run"], "plots", f"{name}.png")
-        fig.savefig(path + ".tmp.png")
-        os.replace(path + ".tmp.png", path)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def markdown(report: dict) -> str:
-    from step0_coldstart.evaluate import table
-    lines = ["# Quickstart report", "", f"Config: `{report['config']}`; run directory `{report['run_dir']}`.", "",
-             "| stage | status | seconds | peak memory (MiB) | key figures |", "|---|---|---|---|---|"]
-    for name in STAGES:
-        s = report["stages"].get(name, {"status": "not run"})
-        figures = {k: v for k, v in s.get("figures", {}).items() if k not in ("outputs", "ml_efficiency", "example")}
-        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {s.get('peak_rss_mib', '')} | "
-                     f"{json.dumps(figures)[:400]} |")
-    tabular = report["stages"].get("tabular", {}).get("figures", {}).get("ml_efficiency")
-    if tabular:
-        lines += ["", "## ML efficiency of the tabular generators (synthetic rows -> real test split)", "", table(tabular)]
-    example = report["stages"].get("llama_mp", {}).get("figures", {}).get("example")
-    if example:
-        lines += ["", "## A sampled story (2-way tensor parallel)", "", "> " + example.replace("\n", " ")]
-    if report.get("plots"):
-        lines += ["", "## Curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in report["plots"]]
-    lines += ["", f"Total: {report['total_seconds']} s of stage time; peak memory of any one process "
-                  f"{report['peak_rss_mib']} MiB."]
-    return "\n".join(lines) + "\n"
+           "reward_model": stage_reward_model, "dpo": stage_dpo, "ppo": stage_ppo, "policy_eval": stage_policy_eval,
+           "tabular": stage_tabular}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python scripts/quickstart.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="smollm2", help="picks the default --config")
-    parser.add_argument("--config", default=None, help="default: configs/quickstart.yaml (smollm2) or "
-                                                         "configs/quickstart_stories260K.yaml")
-    parser.add_argument("--run_dir", default=None, help="default: the config's run_dir")
+    parser.add_argument("--config", default=None, help="default: configs/quickstart.yaml (--model smollm2, the "
+                                                         "default) or configs/quickstart_stories260K.yaml")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    add_config_flags(parser, QuickstartConfig)  # every config key is also a flag: --run_dir, --salmon.max_prompts 8
     opts = parser.parse_args()
-    opts.config = opts.config or CONFIGS[opts.model]
-    cfg = load_config(opts.config)
-    run_dir = os.path.abspath(opts.run_dir or os.path.join(ROOT, cfg["run_dir"]))
+    if opts.model is not None and opts.model not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {opts.model!r}")
+    config_file = opts.config or CONFIGS[opts.model or "smollm2"]
+    cfg = load_config(QuickstartConfig, opts, config_file)
+    if cfg.model not in MODELS:
+        raise ValueError(f"{config_file}: model {cfg.model!r} is not one of {', '.join(MODELS)}")
+    run_dir = os.path.abspath(os.path.join(ROOT, cfg.run_dir))
     rd = RunDir(run_dir, fresh=opts.fresh)
-    policy, tokenizer = MODELS[cfg["model"]]
-    dtype = sampling_dtype(cfg.get("dtype", "float32"))
+    policy, tokenizer = MODELS[cfg.model]
+    dtype = sampling_dtype(cfg.dtype)
     d = {"run": run_dir, "policy": os.path.join(run_dir, policy), "tokenizer": tokenizer, "dtype": dtype,
          "sampling_flags": ["--dtype", dtype], "env": {"TOKENIZER": tokenizer}, "mp2": os.path.join(run_dir, "stories260K_mp2"),
          "step1": os.path.join(run_dir, "step1")}
-    if cfg.get("model_parallel_size"):  # every model stage (the step scripts read MODEL_PARALLEL_SIZE)
-        d["env"]["MODEL_PARALLEL_SIZE"] = str(cfg["model_parallel_size"])
+    if cfg.model_parallel_size:  # every model stage (the step scripts read MODEL_PARALLEL_SIZE)
+        d["env"]["MODEL_PARALLEL_SIZE"] = str(cfg.model_parallel_size)
     for number, name in enumerate(STAGES, start=1):
         prefix = f"[quickstart {number}/{len(STAGES)} {name}]"
         if rd.stage(name):
             print(f"{prefix} done in an earlier run ({rd.stage(name)['seconds']} s), skipped", flush=True)
             continue
         print(f"{prefix} {time.strftime('%H:%M:%S')} started (log: {run_dir}/quickstart.log)", flush=True)
-        run = Runner(rd, int(cfg["nproc"]), d["env"])
+        run = Runner(rd, cfg.nproc, d["env"])
         start = time.perf_counter()
         try:
             figures = RUNNERS[name](run, d, cfg)
@@ -345,14 +349,10 @@ def main() -> None:
         shown = {k: v for k, v in figures.items() if k not in ("outputs", "ml_efficiency", "example")}
         print(f"{prefix} done in {seconds} s: {json.dumps(shown)[:300]}", flush=True)
     stages = rd.state["stages"]
-    report = {"config": os.path.relpath(opts.config, ROOT), "run_dir": run_dir, "stages": stages,
-              "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
+    report = {"model": cfg.model, "config": os.path.relpath(config_file, ROOT), "run_dir": run_dir,
+              "stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1),
               "peak_rss_mib": max(s["peak_rss_mib"] for s in stages.values())}
-    report["plots"] = plot_curves(d)
-    write_json_atomic(os.path.join(run_dir, "report.json"), report)
-    text = markdown(report)
-    write_text_atomic(os.path.join(run_dir, "report.md"), text)
-    print(text)
+    print(write_report(run_dir, report, kl_target(cfg)))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     quickstart(cut)
     assert kills >= 10  # it really was interrupted, all over the run
     report = {name: json.load(open(os.path.join(d, "report.json"))) for name, d in (("whole", whole), ("cut", cut))}
-    assert [s["status"] for s in report["whole"]["stages"].values()] == ["done"] * 7
+    assert [s["status"] for s in report["whole"]["stages"].values()] == ["done"] * 8
     assert set(report["whole"]["stages"]) == set(report["cut"]["stages"])
     for name, stage in report["whole"]["stages"].items():
         figures = {k: v for k, v in stage["figures"].items() if k != "outputs"}
@@ -148,7 +148,7 @@ def test_the_smollm2_chain_runs_end_to_end(tmp_path):
                              "--run_dir", run_dir], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.load(open(os.path.join(run_dir, "report.json")))
-    assert [s["status"] for s in report["stages"].values()] == ["done"] * 7
+    assert [s["status"] for s in report["stages"].values()] == ["done"] * 8
     responses = [json.loads(line) for line in open(os.path.join(run_dir, "step1", "oasst1_response0.jsonl"))]
     assert len(responses) == 4 and all(r["finish_reason"] in ("eos", "length", "prompt_too_long") for r in responses)
     judge = report["stages"]["salmon_judge"]["figures"]["judge_agreement"]
@@ -158,3 +158,11 @@ def test_the_smollm2_chain_runs_end_to_end(tmp_path):
         assert os.path.isfile(os.path.join(ckpt, "adapter_config.json")), sub
         assert os.path.isfile(os.path.join(ckpt, "tokenizer.json")), sub
     assert "abalone" in report["stages"]["tabular"]["figures"]["ml_efficiency"]
+    evaluation = report["stages"]["policy_eval"]["figures"]  # held-out prompts: the trained policies against the start
+    assert evaluation["prompts"] == 2 and set(evaluation["policies"]) == {"initial", "dpo", "ppo"}
+    assert evaluation["policies"]["initial"]["kl"] == 0.0 and evaluation["policies"]["initial"]["reward_gain"] == 0.0
+    assert all(0.0 <= evaluation["policies"][p]["win_rate"] <= 1.0 for p in ("dpo", "ppo"))
+    markdown = open(os.path.join(run_dir, "report.md")).read()
+    for picture in report["plots"]:  # every picture drawn is embedded in the page
+        assert os.path.isfile(os.path.join(run_dir, picture)) and f"]({picture})" in markdown
+    assert {"plots/judge.png", "plots/policies.png", "plots/tabular.png"} <= set(report["plots"])

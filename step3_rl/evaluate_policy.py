@@ -1,0 +1,225 @@
+"""Trained policies against their starting point, on prompts no step trained on (SALMON step 3's figures).
+
+  python -m step3_rl.evaluate_policy --initial_ckpt D --policy dpo=runs/dpo --policy ppo=runs/ppo \
+      --reward_ckpt runs/rm --output_file runs/policy_eval.json [--num_prompts 64]
+
+Prompts: the first user turns of OASST1's validation split (--messages_file; step 1 and PPO draw theirs from the train
+split's data/oasst1/oasst1_prompts.json), or any prompts file (--prompts_file), in the policy's chat format; the
+first --num_prompts whose query fits --max_prompt_len tokens. A --policy is NAME=DIR (a checkpoint, a LoRA adapter
+checkpoint, or a training output directory: its latest checkpoint). For the initial policy and each trained one, with
+the same per-prompt seeds:
+  reward        the reward model's score of the response under --num_principles RL-time principles drawn by weight
+                per prompt (principle_collection_ppo.json, as PPO draws them; the same draw for every policy);
+  kl            KL(pi || pi_0) per sequence, estimated on the policy's own samples (k1, unbiased):
+                mean over prompts of sum_t [log pi(y_t | ...) - log pi_0(y_t | ...)], both with logits / temperature,
+                as PPO's own "kl" figure;
+  length        mean response tokens, and the share that never stopped (hit --max_gen_len);
+  win_rate      the initial policy as judge (step 1's judge, llama_mp/judge.py): the trained response as output 1
+                against the initial one, under every principle of --judge_principle_file, both orders; the share of
+                (prompt, principle) judgments with r12 + r21 > 0 (a tie counts one half), and both_orders_agree (the
+                share where both orders prefer the same response).
+Policies, reward model and log-probs in --dtype (default float32: a LoRA run's adapters are merged into the weights,
+and bfloat16 weights would round a small update away); the judge in --judge_dtype. Each data-parallel replica takes
+a slice of the prompts. Writes JSON {"prompts", "prompt_source", "policies": {name: figures}} and beside it
+<output>.samples.jsonl (each prompt's responses and rewards); refuses to replace them without --overwrite.
+"""
+
+import argparse
+import os
+import random
+
+import torch
+
+from llama_mp import cli, distributed, outputs
+from llama_mp.chat import DATA, FORMATS, chat_format, load_principles
+from llama_mp.checkpoint import check_policy, check_reward_model, resolve_checkpoint
+from llama_mp.jsonl import read_text, write_json_atomic, write_jsonl_atomic
+from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
+from llama_mp.lora import load_model
+from llama_mp.prompts import load_prompts, prompt_id
+from llama_mp.sampler import Sampler, derive_seed
+from llama_mp.tokenizer import load_tokenizer
+from step2_reward_model.human_pairs import first_turn_prompts
+from step2_reward_model.reward_model import PromptBuilder, RewardScorer, load_reward_model
+from step3_rl.train_ppo import weighted_sample
+
+
+def parse_policy(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT_DIR, got {text!r}")
+    return name, path
+
+
+def heldout_prompts(opts) -> tuple[list[dict], str]:
+    if opts.prompts_file:
+        return load_prompts(opts.prompts_file), opts.prompts_file
+    prompts = [{"id": pid, "instruction": text, "input": ""} for pid, text in first_turn_prompts(opts.messages_file)]
+    if not prompts:
+        raise ValueError(f"{opts.messages_file}: no first-turn prompts")
+    return prompts, f"{opts.messages_file} (first user turns)"
+
+
+def gather(info, rows: list) -> list:
+    """Every data-parallel replica's rows, in replica order (identical on all ranks)."""
+    if info.data_parallel_size == 1:
+        return rows
+    from fairscale.nn.model_parallel import initialize as fs_init
+    everything = [None] * info.data_parallel_size
+    torch.distributed.all_gather_object(everything, rows, group=fs_init.get_data_parallel_group())
+    return [r for part in everything for r in part]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m step3_rl.evaluate_policy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--initial_ckpt", required=True, help="the policy every trained one started from")
+    parser.add_argument("--policy", action="append", type=parse_policy, required=True, metavar="NAME=DIR")
+    parser.add_argument("--reward_ckpt", required=True, help="a reward model checkpoint or its training output dir")
+    parser.add_argument("--tokenizer_path", default=None, help="default: the one --initial_ckpt carries")
+    parser.add_argument("--output_file", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--messages_file", default=os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl"))
+    parser.add_argument("--prompts_file", default=None, help="prompt records instead of --messages_file")
+    parser.add_argument("--num_prompts", type=cli.positive_int, default=64)
+    parser.add_argument("--max_prompt_len", type=cli.positive_int, default=192, help="longer queries are left out")
+    parser.add_argument("--max_gen_len", type=cli.positive_int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--chat_format", choices=FORMATS, default="auto")
+    parser.add_argument("--principle_file", default=os.path.join(DATA, "salmon/principle_collection_ppo.json"))
+    parser.add_argument("--num_principles", type=int, default=3)
+    parser.add_argument("--rm_prompt_template", default=os.path.join(DATA, "salmon/salmon_reward_model_prompt_v1.txt"))
+    parser.add_argument("--rm_query_len", type=int, default=128)
+    parser.add_argument("--rm_response_len", type=int, default=512)
+    parser.add_argument("--judge_principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
+    parser.add_argument("--judge_prompt_template", default=DEFAULT_JUDGE_PROMPT)
+    parser.add_argument("--max_instruction_tokens", type=int, default=256)
+    parser.add_argument("--max_response_tokens", type=int, default=640)
+    parser.add_argument("--judge_max_seq_len", type=cli.positive_int, default=2048)
+    parser.add_argument("--max_batch_size", type=cli.positive_int, default=32)
+    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
+    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="float32")
+    parser.add_argument("--judge_dtype", choices=["auto", *cli.DTYPES], default="auto",
+                        help="auto: bfloat16 on CUDA, else float32")
+    opts = parser.parse_args()
+    names = [name for name, _ in opts.policy]
+    if len(set(names)) != len(names) or "initial" in names:
+        raise ValueError(f"--policy names must be distinct and not 'initial', got {names}")
+    for ckpt in [opts.initial_ckpt, *(path for _, path in opts.policy)]:
+        check_policy(resolve_checkpoint(ckpt))
+    check_reward_model(resolve_checkpoint(opts.reward_ckpt))
+    samples_file = os.path.splitext(opts.output_file)[0] + ".samples.jsonl"
+    prompts, source = heldout_prompts(opts)
+    rm_principles = load_principles(opts.principle_file)
+    judge_principles = load_principles(opts.judge_principle_file)
+    judge_template, rm_template = read_text(opts.judge_prompt_template), read_text(opts.rm_prompt_template)
+
+    if distributed.global_rank() == 0:
+        outputs.claim([opts.output_file, samples_file], outputs.command_settings(opts), opts.overwrite)
+    info = distributed.init(opts.model_parallel_size, seed=opts.seed)
+    tokenizer = load_tokenizer(opts.tokenizer_path, opts.initial_ckpt)
+    chat = chat_format(tokenizer, opts.chat_format)
+    queries = [chat.query(p["instruction"], p["input"]) for p in prompts]
+    fits = [i for i, q in enumerate(queries) if len(tokenizer.encode(q, bos=True, eos=False)) <= opts.max_prompt_len]
+    chosen = fits[:opts.num_prompts]
+    if not chosen:
+        raise ValueError(f"{source}: no prompt fits --max_prompt_len {opts.max_prompt_len}")
+    mine = chosen[info.data_parallel_rank::info.data_parallel_size]
+    mp = (info.model_parallel_size, info.model_parallel_rank)
+    dtype, judge_dtype = cli.resolve_dtype(opts.dtype, info.device), cli.resolve_dtype(opts.judge_dtype, info.device)
+    seq_len = opts.max_prompt_len + opts.max_gen_len + 1
+
+    def sampler_of(ckpt: str, kind_dtype, max_seq_len: int) -> Sampler:
+        model = load_model(resolve_checkpoint(ckpt), *mp, max_seq_len, device=info.device, dtype=kind_dtype)
+        return Sampler(model, tokenizer, max_batch_size=opts.max_batch_size)
+
+    initial = sampler_of(opts.initial_ckpt, dtype, seq_len)
+    seeds = [derive_seed(opts.seed, prompt_id(prompts[i]["instruction"], prompts[i]["input"])) for i in mine]
+    draws = [weighted_sample(random.Random(seed), rm_principles, opts.num_principles) for seed in seeds]
+
+    def respond(sampler: Sampler) -> list:
+        return sampler.generate([queries[i] for i in mine], opts.max_gen_len, opts.temperature, stop=chat.stop,
+                                seed=seeds, desc="respond")
+
+    def sequence_logprobs(sampler: Sampler, completions) -> list[float]:
+        rows = [j for j, c in enumerate(completions) if c.tokens]
+        scores = sampler.score([queries[mine[j]] for j in rows], [completions[j].tokens for j in rows],
+                               opts.temperature) if rows else []
+        out = [0.0] * len(completions)
+        for j, s in zip(rows, scores):
+            out[j] = sum(s)
+        return out
+
+    responses = {"initial": respond(initial)}
+    kl = {"initial": [0.0] * len(mine)}
+    for name, ckpt in opts.policy:
+        policy = sampler_of(ckpt, dtype, seq_len)
+        responses[name] = respond(policy)
+        own = sequence_logprobs(policy, responses[name])
+        del policy
+        kl[name] = [a - b for a, b in zip(own, sequence_logprobs(initial, responses[name]))]
+    del initial
+
+    rm = load_reward_model(resolve_checkpoint(opts.reward_ckpt), *mp, device=info.device, dtype=dtype)
+    scorer = RewardScorer(rm, PromptBuilder(tokenizer, rm_template, opts.rm_query_len, opts.rm_response_len))
+    rewards = {name: scorer.score([prompts[i]["instruction"] for i in mine], [c.text for c in completions], draws).tolist()
+               for name, completions in responses.items()}
+    del rm, scorer
+
+    judge = sampler_of(opts.initial_ckpt, judge_dtype, opts.judge_max_seq_len)
+    id_a, id_b = answer_token_ids(tokenizer)
+    judged = {}
+    for name, _ in opts.policy:
+        pairs = [{"id": prompts[i]["id"], "example_idx": j, "instruction": prompts[i]["instruction"],
+                  "input": prompts[i]["input"], "output_1": responses[name][j].text,
+                  "output_2": responses["initial"][j].text} for j, i in enumerate(mine)]
+        judged[name] = [r for k in range(0, len(pairs), 4) for r in judge_chunk(
+            judge, chat, pairs[k:k + 4], judge_principles, judge_template, id_a, id_b, opts.max_instruction_tokens,
+            opts.max_response_tokens)]
+
+    rows = [{"id": prompts[i]["id"], "instruction": prompts[i]["instruction"], "principles": draws[j],
+             **{name: {"response": responses[name][j].text, "token_ids": responses[name][j].tokens,
+                       "finish_reason": responses[name][j].finish_reason, "reward": rewards[name][j],
+                       "kl": kl[name][j]} for name in responses}} for j, i in enumerate(mine)]
+    rows = gather(info, rows)
+    judged = {name: gather(info, records) for name, records in judged.items()}
+    if not info.is_main:
+        return
+    report = {"prompts": len(rows), "prompt_source": source, "temperature": opts.temperature,
+              "policies": {name: figures(rows, name, judged.get(name)) for name in responses}}
+    write_jsonl_atomic(samples_file, rows)
+    write_json_atomic(opts.output_file, report)
+    outputs.complete([opts.output_file, samples_file])
+    print(table(report))
+    print(f"{len(rows)} held-out prompts -> {opts.output_file}")
+
+
+def mean(xs: list[float]):
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def figures(rows: list[dict], name: str, judgments: list[dict] = None) -> dict:
+    out = {"reward_mean": mean([r[name]["reward"] for r in rows]),
+           "reward_gain": mean([r[name]["reward"] - r["initial"]["reward"] for r in rows]),
+           "kl": mean([r[name]["kl"] for r in rows]), "length": mean([len(r[name]["token_ids"]) for r in rows]),
+           "unfinished": mean([float(r[name]["finish_reason"] == "length") for r in rows])}
+    if judgments is not None:
+        judged = [r for r in judgments if r.get("relative_score") is not None]
+        out.update({"win_rate": mean([1.0 if sum(r["relative_score"]) > 0 else 0.0 if sum(r["relative_score"]) < 0
+                                      else 0.5 for r in judged]),
+                    "both_orders_agree": mean([float(r["prompt_preference"] in (1, 2)) for r in judged]),
+                    "judgments": len(judged), "judgments_skipped": len(judgments) - len(judged)})
+    return out
+
+
+def table(report: dict) -> str:
+    keys = ("reward_mean", "reward_gain", "kl", "length", "unfinished", "win_rate", "both_orders_agree")
+    lines = ["| policy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, f in report["policies"].items():
+        lines.append(f"| {name} | " + " | ".join("" if f.get(k) is None else str(f[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli.run(main)

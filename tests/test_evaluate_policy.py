@@ -1,0 +1,103 @@
+"""step3_rl.evaluate_policy: held-out figures of trained policies, checked against float64 recomputations."""
+
+import json
+import math
+
+import torch
+
+from conftest import TOK512, run_cli
+from llama_mp import distributed
+from llama_mp.checkpoint import load_model, load_state, save_checkpoint, split_state
+from llama_mp.tokenizer import Tokenizer
+from step2_reward_model.reward_model import PromptBuilder, load_reward_model
+
+JUDGE_TEMPLATE = ("Q: {UserInstruction}\nA: {OutputA}\nB: {OutputB}\n{Definition}\n"
+                  "I think the more {Dimension} output is Output (")
+RM_TEMPLATE = "Response: {Output}\nInstruction: {Input}\nPrinciples:\n{Dimensions}\nScore:"
+PRINCIPLES = [{"dimension": "Concise", "definition": "Be brief.", "weight": 1},
+              {"dimension": "Honest", "definition": "Be truthful.", "weight": 2},
+              {"dimension": "Kind", "definition": "Be kind.", "weight": 1}]
+
+
+def setup(tmp_path, stories_dir):
+    """The initial policy (stories260K), a perturbed copy of it as the 'trained' one, a reward model (stories260K
+    with a random head), prompts and principle files."""
+    args, state = load_state(stories_dir, 1, 0)
+    gen = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.02 * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v for k, v in state.items()}
+    save_checkpoint(str(tmp_path / "trained"), args, split_state(perturbed, args, 1))
+    save_checkpoint(str(tmp_path / "rm"), args, split_state(state, args, 1))
+    torch.save({"head.weight": torch.randn(1, args.dim, generator=gen), "head.bias": torch.zeros(1)},
+               tmp_path / "rm" / "head.pth")
+    prompts = ["Tell me a story about a cat.", "What is a dog?", "Say hello.", "Why is the sky blue?",
+               "Write a poem.", "Name a color."]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in prompts))
+    (tmp_path / "principles.json").write_text(json.dumps(PRINCIPLES))
+    (tmp_path / "judge.txt").write_text(JUDGE_TEMPLATE)
+    (tmp_path / "rm.txt").write_text(RM_TEMPLATE)
+    return prompts
+
+
+def evaluate(tmp_path, stories_dir, *extra):
+    out = tmp_path / "eval.json"
+    result = run_cli("-m", "step3_rl.evaluate_policy", "--initial_ckpt", stories_dir, "--tokenizer_path", TOK512,
+                     "--policy", f"same={stories_dir}", "--policy", f"trained={tmp_path / 'trained'}",
+                     "--reward_ckpt", str(tmp_path / "rm"), "--prompts_file", str(tmp_path / "prompts.jsonl"),
+                     "--chat_format", "dromedary", "--max_gen_len", "16", "--max_prompt_len", "320",
+                     "--principle_file", str(tmp_path / "principles.json"), "--num_principles", "2",
+                     "--rm_prompt_template", str(tmp_path / "rm.txt"), "--rm_query_len", "64", "--rm_response_len", "64",
+                     "--judge_principle_file", str(tmp_path / "principles.json"),
+                     "--judge_prompt_template", str(tmp_path / "judge.txt"), "--judge_max_seq_len", "512",
+                     "--output_file", str(out), *extra, timeout=300)
+    return result, out
+
+
+def test_policy_evaluation_against_float64_recomputation(tmp_path, stories_dir):
+    setup(tmp_path, stories_dir)
+    result, out = evaluate(tmp_path, stories_dir)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = [json.loads(line) for line in open(str(out).replace(".json", ".samples.jsonl"))]
+    assert report["prompts"] == len(rows) == 6
+    same, trained = report["policies"]["same"], report["policies"]["trained"]
+    # the initial policy evaluated as a trained one: the same samples (same seeds), so no KL, no reward change, and
+    # both judge orders read the same prompt, so r12 = -r21: every judgment a tie (win rate 1/2, no order agreement)
+    assert all(r["same"]["token_ids"] == r["initial"]["token_ids"] for r in rows)
+    assert same["kl"] == 0.0 and same["reward_gain"] == 0.0
+    assert same["win_rate"] == 0.5 and same["both_orders_agree"] == 0.0 and same["judgments"] == 6 * 3
+    assert any(r["trained"]["token_ids"] != r["initial"]["token_ids"] for r in rows)  # the perturbation shows
+    assert 0.0 <= trained["win_rate"] <= 1.0 and trained["judgments"] + trained["judgments_skipped"] == 18
+
+    tokenizer = Tokenizer(TOK512)
+    meta = open("data/salmon/dromedary_inference_prompt.txt").read()
+    distributed.init(1)
+    try:  # float64 references: full teacher-forced forwards, one sequence at a time
+        initial = load_model(stories_dir, dtype=torch.float64)
+        policy = load_model(str(tmp_path / "trained"), dtype=torch.float64)
+        rm = load_reward_model(str(tmp_path / "rm"), dtype=torch.float64)
+        builder = PromptBuilder(tokenizer, RM_TEMPLATE, 64, 64)
+        for r in rows:
+            query = tokenizer.encode(f"{meta}\n{r['instruction']}\n\n### Dromedary", bos=True, eos=False)
+            response = r["trained"]["token_ids"]
+            seq = torch.tensor([query + response])
+            with torch.no_grad():
+                logp = [torch.log_softmax(m(seq)[0].double() / 0.7, -1) for m in (policy, initial)]
+            positions = torch.arange(len(query) - 1, len(query) + len(response) - 1)
+            targets = torch.tensor(response)
+            kl = float((logp[0][positions, targets] - logp[1][positions, targets]).sum())
+            # float32 log-softmax of logits of magnitude ~10: ~1e-5 per token, 16 tokens
+            assert math.isclose(r["trained"]["kl"], kl, abs_tol=1e-3), (r["trained"]["kl"], kl)
+            for name in ("initial", "trained"):
+                ids = builder.encode(r["instruction"], r[name]["response"], r["principles"])
+                with torch.no_grad():
+                    reward = float(rm(torch.tensor([ids]), torch.tensor([len(ids) - 1]))[0])
+                # float32 backbone vs float64, a head of norm ~sqrt(dim) on hidden states of magnitude ~1
+                assert math.isclose(r[name]["reward"], reward, abs_tol=1e-3), (name, r[name]["reward"], reward)
+    finally:
+        distributed.teardown()
+    assert len({tuple(r["principles"]) for r in rows}) > 1  # drawn per prompt
+    expected_kl = sum(r["trained"]["kl"] for r in rows) / 6
+    assert math.isclose(trained["kl"], expected_kl, abs_tol=1e-4)
+
+    again, _ = evaluate(tmp_path, stories_dir)  # a finished evaluation is not replaced without --overwrite
+    assert again.returncode == 2 and "already exists" in again.stderr and json.loads(out.read_text()) == report
