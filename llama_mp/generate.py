@@ -19,11 +19,10 @@ processes or the batching.
 
 import argparse
 import codecs
-import os
 
 import torch.distributed as dist
 
-from llama_mp import cli
+from llama_mp import cli, distributed, outputs
 from llama_mp.chat import chat_format
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 
@@ -52,8 +51,6 @@ def main() -> None:
     if opts.prompts_file:
         if not opts.output_file:
             parser.error("--prompts_file needs --output_file")
-        if os.path.exists(opts.output_file) and not opts.overwrite:
-            raise FileExistsError(f"{opts.output_file}: already exists (pass --overwrite to replace it)")
         records = []
         for line, record in iter_jsonl(opts.prompts_file):
             if not isinstance(record.get("prompt"), str):
@@ -64,6 +61,8 @@ def main() -> None:
     else:
         records = [{"prompt": p} for p in opts.prompt]
 
+    if opts.output_file and distributed.global_rank() == 0:  # one refuse-to-overwrite rule (llama_mp/outputs.py)
+        outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     info, sampler = cli.build(opts)
     choice = opts.chat_format
     if choice == "auto":  # an instruction model (its tokenizer carries a chat template) gets it, a base model nothing
@@ -87,6 +86,7 @@ def main() -> None:
     results = [record for _, record in sorted(results, key=lambda pair: pair[0])]
     if opts.output_file:
         write_jsonl_atomic(opts.output_file, results)
+        outputs.complete([opts.output_file])
         cli.log(f"wrote {len(results)} completions to {opts.output_file}")
     else:
         for record in results:
