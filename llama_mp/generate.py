@@ -22,7 +22,7 @@ import codecs
 
 import torch.distributed as dist
 
-from llama_mp import cli, distributed, outputs
+from llama_mp import cli, outputs
 from llama_mp.chat import chat_format
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 
@@ -61,9 +61,9 @@ def main() -> None:
     else:
         records = [{"prompt": p} for p in opts.prompt]
 
-    if opts.output_file and distributed.global_rank() == 0:  # one refuse-to-overwrite rule (llama_mp/outputs.py)
-        outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     info, sampler = cli.build(opts)
+    if opts.output_file and info.is_main:  # after every input loaded: one refuse-to-overwrite rule (llama_mp/outputs.py)
+        outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
     choice = opts.chat_format
     if choice == "auto":  # an instruction model (its tokenizer carries a chat template) gets it, a base model nothing
         choice = "template" if sampler.tokenizer.chat_template else "none"

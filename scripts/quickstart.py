@@ -280,7 +280,7 @@ def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
         "launch.sh", "step3_rl.evaluate_policy", "--initial_ckpt", d["policy"], "--tokenizer_path", d["tokenizer"],
         "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
         "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
-        "--judge_dtype", d["dtype"], *s.eval_flags),
+        "--judge_dtype", d["dtype"], "--overwrite", *s.eval_flags),  # redone whole if killed (complete: skipped)
         {"NPROC_PER_NODE": "1", "OMP_NUM_THREADS": str(cfg.nproc)}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
     with open(out) as f:
         report = json.load(f)

@@ -15,7 +15,8 @@ the same per-prompt seeds:
                 as PPO's own "kl" figure;
   length        mean response tokens, and the share that never stopped (hit --max_gen_len);
   win_rate      the initial policy as judge (step 1's judge, llama_mp/judge.py): the trained response as output 1
-                against the initial one, under every principle of --judge_principle_file, both orders; the share of
+                against the initial one, under every principle of --judge_principle_file (or its first
+                --judge_principles), both orders; the share of
                 (prompt, principle) judgments with r12 + r21 > 0 (a tie counts one half), and both_orders_agree (the
                 share where both orders prefer the same response).
 Policies, reward model and log-probs in --dtype (default float32: a LoRA run's adapters are merged into the weights,
@@ -36,6 +37,7 @@ from llama_mp.checkpoint import check_policy, check_reward_model, resolve_checkp
 from llama_mp.jsonl import read_text, write_json_atomic, write_jsonl_atomic
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
 from llama_mp.lora import load_model
+from llama_mp.progress import Progress
 from llama_mp.prompts import load_prompts, prompt_id
 from llama_mp.sampler import Sampler, derive_seed
 from llama_mp.tokenizer import load_tokenizer
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--rm_query_len", type=int, default=128)
     parser.add_argument("--rm_response_len", type=int, default=512)
     parser.add_argument("--judge_principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
+    parser.add_argument("--judge_principles", type=int, default=0, help="the first N principles of the file (0: all)")
     parser.add_argument("--judge_prompt_template", default=DEFAULT_JUDGE_PROMPT)
     parser.add_argument("--max_instruction_tokens", type=int, default=256)
     parser.add_argument("--max_response_tokens", type=int, default=640)
@@ -113,10 +116,9 @@ def main() -> None:
     prompts, source = heldout_prompts(opts)
     rm_principles = load_principles(opts.principle_file)
     judge_principles = load_principles(opts.judge_principle_file)
+    judge_principles = judge_principles[:opts.judge_principles] if opts.judge_principles > 0 else judge_principles
     judge_template, rm_template = read_text(opts.judge_prompt_template), read_text(opts.rm_prompt_template)
 
-    if distributed.global_rank() == 0:
-        outputs.claim([opts.output_file, samples_file], outputs.command_settings(opts), opts.overwrite)
     info = distributed.init(opts.model_parallel_size, seed=opts.seed)
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.initial_ckpt)
     chat = chat_format(tokenizer, opts.chat_format)
@@ -135,6 +137,8 @@ def main() -> None:
         return Sampler(model, tokenizer, max_batch_size=opts.max_batch_size)
 
     initial = sampler_of(opts.initial_ckpt, dtype, seq_len)
+    if info.is_main:  # once the inputs have loaded (a refused output is refused before any sampling)
+        outputs.claim([opts.output_file, samples_file], outputs.command_settings(opts), opts.overwrite)
     seeds = [derive_seed(opts.seed, prompt_id(prompts[i]["instruction"], prompts[i]["input"])) for i in mine]
     draws = [weighted_sample(random.Random(seed), rm_principles, opts.num_principles) for seed in seeds]
 
@@ -163,20 +167,27 @@ def main() -> None:
 
     rm = load_reward_model(resolve_checkpoint(opts.reward_ckpt), *mp, device=info.device, dtype=dtype)
     scorer = RewardScorer(rm, PromptBuilder(tokenizer, rm_template, opts.rm_query_len, opts.rm_response_len))
-    rewards = {name: scorer.score([prompts[i]["instruction"] for i in mine], [c.text for c in completions], draws).tolist()
-               for name, completions in responses.items()}
+    progress = Progress(len(responses) * len(mine), "reward", "responses")
+    rewards = {}
+    for name, completions in responses.items():
+        rewards[name] = scorer.score([prompts[i]["instruction"] for i in mine], [c.text for c in completions],
+                                     draws).tolist()
+        progress.update(len(mine))
     del rm, scorer
 
     judge = sampler_of(opts.initial_ckpt, judge_dtype, opts.judge_max_seq_len)
     id_a, id_b = answer_token_ids(tokenizer)
     judged = {}
+    progress = Progress(len(opts.policy) * len(mine), "judge", "pairs")
     for name, _ in opts.policy:
         pairs = [{"id": prompts[i]["id"], "example_idx": j, "instruction": prompts[i]["instruction"],
                   "input": prompts[i]["input"], "output_1": responses[name][j].text,
                   "output_2": responses["initial"][j].text} for j, i in enumerate(mine)]
-        judged[name] = [r for k in range(0, len(pairs), 4) for r in judge_chunk(
-            judge, chat, pairs[k:k + 4], judge_principles, judge_template, id_a, id_b, opts.max_instruction_tokens,
-            opts.max_response_tokens)]
+        judged[name] = []
+        for k in range(0, len(pairs), 4):
+            judged[name] += judge_chunk(judge, chat, pairs[k:k + 4], judge_principles, judge_template, id_a, id_b,
+                                        opts.max_instruction_tokens, opts.max_response_tokens)
+            progress.update(len(pairs[k:k + 4]))
 
     rows = [{"id": prompts[i]["id"], "instruction": prompts[i]["instruction"], "principles": draws[j],
              **{name: {"response": responses[name][j].text, "token_ids": responses[name][j].tokens,
