@@ -38,7 +38,7 @@ from llama_mp.checkpoint import (copy_tokenizer_files, latest_checkpoint, load_w
                                  split_dim, tokenizer_home, write_latest)
 from llama_mp.config import parse_config
 from llama_mp.distributed import DistInfo, barrier
-from llama_mp.jsonl import append_jsonl, keep_steps_upto, write_json_atomic
+from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_jsonl, write_json_atomic
 from llama_mp.model import Transformer
 from llama_mp.progress import Progress
 
@@ -329,9 +329,12 @@ class Trainer:
         metrics_file = os.path.join(self.cfg.output_dir, "metrics.jsonl")
         if self.info.is_main:
             keep_steps_upto(metrics_file, self.iteration)
+        barrier()  # every rank reads the file as rank 0 left it
         total = iterations if iteration else self.total_steps
         progress = Progress(total - self.iteration, self.task, "steps", every=10.0)
-        last = {}
+        # a run resumed from its final checkpoint has nothing left to do: its last record is the one logged
+        last = next((r for r in reversed(read_jsonl(metrics_file)) if r.get("step") == self.iteration), {}) \
+            if self.iteration >= total and os.path.exists(metrics_file) else {}
         window_tokens, window_start = 0.0, time.perf_counter()
         while self.iteration < total:
             last = iteration() if iteration else self.train_step()

@@ -56,7 +56,7 @@ def test_resume_in_bf16_equals_an_uninterrupted_run(world1, stories_dir, tokeniz
                               config, world1)
 
     whole, trainer = trainer_for(str(tmp_path / "whole"))
-    trainer.fit()
+    final = trainer.fit()
     _, crashing = trainer_for(str(tmp_path / "cut"))
     step = crashing.train_step
 
@@ -75,6 +75,13 @@ def test_resume_in_bf16_equals_an_uninterrupted_run(world1, stories_dir, tokeniz
     losses = {name: [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
               for name in ("whole", "cut")}
     assert losses["cut"] == losses["whole"] and len(losses["whole"]) == 6
+    # killed after the final checkpoint, before the command reported: the rerun has no step left, and reports the
+    # final step's record as the uninterrupted run did (not an empty one)
+    _, finished = trainer_for(str(tmp_path / "whole"))
+    again = finished.fit(resume=True)
+    assert again == json.loads(open(tmp_path / "whole" / "metrics.jsonl").readlines()[-1])
+    assert {k: v for k, v in again.items() if k != "tokens_per_s"} == {
+        k: v for k, v in final.items() if k != "tokens_per_s"} and again["step"] == 6
 
 
 def test_precision_names():
