@@ -32,6 +32,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 
 from llama_mp.batching import last_positions, right_pad
+from llama_mp.logprobs import chosen_logprobs
 from llama_mp.model import KVCache, Transformer
 from llama_mp.progress import Progress
 from llama_mp.tokenizer import Tokenizer
@@ -291,14 +292,17 @@ class Sampler:
             starts.append(len(prompt_ids))
         results: list[Optional[list[float]]] = [None] * len(seqs)
         for batch, hidden in self._hidden_batches(seqs, desc):
-            logits = self.model.output(hidden).float()
-            if temperature > 0:
-                logits = logits / temperature
-            logp = torch.log_softmax(logits, dim=-1)
-            for row, i in enumerate(batch):
-                targets = torch.tensor(seqs[i][starts[i]:], device=self.device)
-                positions = torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=self.device)
-                results[i] = logp[row, positions].gather(-1, targets[:, None])[:, 0].tolist()
+            # only the positions that predict a continuation token reach the LM head, in chunks (no [B, T, vocab])
+            rows = torch.cat([torch.full((len(seqs[i]) - starts[i],), row, device=self.device)
+                              for row, i in enumerate(batch)])
+            positions = torch.cat([torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=self.device) for i in batch])
+            targets = torch.tensor([t for i in batch for t in seqs[i][starts[i]:]], device=self.device)
+            logp = chosen_logprobs(self.model, hidden[rows, positions], targets,
+                                   temperature if temperature > 0 else 1.0).tolist()
+            at = 0
+            for i in batch:
+                n = len(seqs[i]) - starts[i]
+                results[i], at = logp[at:at + n], at + n
         return results
 
     @torch.inference_mode()
