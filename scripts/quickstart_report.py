@@ -44,7 +44,8 @@ def verdict_judge(f: dict) -> str:
     a, b, length = j["agreement"], j["both_orders_agree"], j["length_baseline"]
     quality = ("no better than chance" if a <= 0.5 else "better than chance but below 'the longer answer wins'"
                if a < length else "at or above 'the longer answer wins'")
-    return (f"judge agrees with OASST1 humans on {fmt(a, 2)} of {j['judged']} judgments ({quality}, {fmt(length, 2)}); "
+    return (f"judge agrees with OASST1 humans on {fmt(a, 2)} of {j['judged']} judgments ({quality}; the longer answer "
+            f"wins on {fmt(length, 2)}); "
             f"both orders agree on {fmt(b, 2)}; {pairs}")
 
 
