@@ -12,7 +12,7 @@ judge prompt, exactly as step1_synthetic_preference.synthetic_preference builds 
 
 --model smollm2: SmolLM2-135M-Instruct, its responses to the prompts in its chat template, and every judge prompt
 in its chat template too (llama_mp.chat.chat_format(tokenizer).conversation(judge_prompt(...)), through
-synthetic_preference.judge_sequences: what the step runs on this model), in every precision the CPU has (bf16 weights
+llama_mp.judge.judge_sequences: what the step runs on this model), in every precision the CPU has (bf16 weights
 where it computes bf16 natively, and fp32); the two ways alternate within each repeat, after a warm-up on the first
 pair. Prints one JSON object: {"precisions": {precision: {"judgments_per_s", "speedup", "max_abs_diff",
 "tokens_computed": {"prefix_reuse", "recompute", each with "padded": what the batches really hold},
