@@ -1,6 +1,7 @@
 """The main job: both pipelines end to end on an embedded model, stage by stage, with a report.
 
   python scripts/quickstart.py [--model smollm2|stories260K] [--config YAML] [--run_dir DIR] [--fresh]
+      [--salmon.max_prompts N ...]   (every key of the config is also a flag: llama_mp/config.py)
   (bash scripts/quickstart.sh does the same after the set-up)
 
 --model picks the config: smollm2 (the default: SmolLM2-135M-Instruct, converted by the set-up, in bf16 where the CPU
