@@ -79,6 +79,11 @@ def judgments(pair: dict, principles: list[dict], logits, id_a: int, id_b: int) 
     return records
 
 
+def half_credit(x: float) -> float:
+    """A judgment read as a vote: r12 + r21 > 0 is 1 (output 1 preferred), < 0 is 0, a tie one half."""
+    return 1.0 if x > 0 else 0.0 if x < 0 else 0.5
+
+
 def common_prefix_length(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs)
     for i in range(n):

@@ -25,7 +25,7 @@ import os
 from llama_mp import cli, jobs, outputs
 from llama_mp.chat import FORMATS, chat_format, load_principles
 from llama_mp.jsonl import read_jsonl, write_json_atomic
-from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
+from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, half_credit, judge_chunk
 from llama_mp.jsonl import read_text
 from step1_synthetic_preference.common import DATA
 from step2_reward_model.human_pairs import AGAINST, oasst_human_pairs
@@ -37,10 +37,6 @@ def judge_pairs(human: list[dict]) -> list[dict]:
     """Human pairs as synthetic_preference's pairs: the human's choice is output 1."""
     return [{"id": f"{h['id']}-{h['rejected_rank']}", "example_idx": i, "instruction": h["instruction"], "input": "",
              "output_1": h["chosen"], "output_2": h["rejected"]} for i, h in enumerate(human)]
-
-
-def half_credit(x: float) -> float:
-    return 1.0 if x > 0 else 0.0 if x < 0 else 0.5
 
 
 def figures(rows: list[tuple[dict, dict]]) -> dict:

@@ -35,7 +35,7 @@ from llama_mp import cli, distributed, outputs
 from llama_mp.chat import DATA, FORMATS, chat_format, load_principles
 from llama_mp.checkpoint import check_policy, check_reward_model, resolve_checkpoint
 from llama_mp.jsonl import read_text, write_json_atomic, write_jsonl_atomic
-from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
+from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, half_credit, judge_chunk
 from llama_mp.lora import load_model
 from llama_mp.progress import Progress
 from llama_mp.prompts import load_prompts, prompt_id
@@ -217,8 +217,7 @@ def figures(rows: list[dict], name: str, judgments: list[dict] = None) -> dict:
            "unfinished": mean([float(r[name]["finish_reason"] == "length") for r in rows])}
     if judgments is not None:
         judged = [r for r in judgments if r.get("relative_score") is not None]
-        out.update({"win_rate": mean([1.0 if sum(r["relative_score"]) > 0 else 0.0 if sum(r["relative_score"]) < 0
-                                      else 0.5 for r in judged]),
+        out.update({"win_rate": mean([half_credit(sum(r["relative_score"])) for r in judged]),
                     "both_orders_agree": mean([float(r["prompt_preference"] in (1, 2)) for r in judged]),
                     "judgments": len(judged), "judgments_skipped": len(judgments) - len(judged)})
     return out
