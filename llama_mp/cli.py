@@ -3,10 +3,12 @@
 Imports nothing heavy at module level: the CPU-only commands (CSV conversion, aggregation, evaluation, ...) start
 without loading torch; the model-loading helpers import it when called."""
 
-import argparse
 import os
 import sys
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional
+
+from llama_mp.config import PositiveInt, require
 
 
 def _rank() -> int:
@@ -39,30 +41,27 @@ def log(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype names, torch.<name>
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True, seed: bool = True) -> None:
-    """The flags every model-loading command shares (names as in Meta's llama examples). seed=False: the command's
-    config has the seed (and its --seed flag); the command sets opts.seed from it before build()."""
-    parser.add_argument("--ckpt_dir", required=required,
-                        help="Meta-layout checkpoint (params.json + consolidated.NN.pth), or a LoRA adapter checkpoint")
-    parser.add_argument("--tokenizer_path", default=None,
-                        help="a SentencePiece .model (e.g. data/llama2c/tok512.model), a tokenizer.json, or a directory "
-                             "carrying one (default: --ckpt_dir, when it carries tokenizer.json or tokenizer.model)")
-    parser.add_argument("--max_seq_len", type=positive_int, default=None, help="context length (default: params.json's)")
-    parser.add_argument("--max_batch_size", type=positive_int, default=32)
-    parser.add_argument("--model_parallel_size", type=positive_int, default=None, help="default: the world size")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, else float32")
-    if seed:
-        parser.add_argument("--seed", type=int, default=1)
+@dataclass
+class Layout:
+    """How a command's models are laid out: the tensor-parallel size and the compute dtype of its loaded models."""
+    model_parallel_size: Optional[PositiveInt] = field(default=None, metadata={"help": "default: the world size"})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto: bfloat16 on CUDA, else float32"})
+
+
+@dataclass
+class ModelOptions(Layout):
+    """The options every command that loads one language model shares (names as in Meta's llama examples): keys of
+    the command's --config and flags, like its own options."""
+    ckpt_dir: Optional[str] = field(default=None, metadata={
+        "help": "Meta-layout checkpoint (params.json + consolidated.NN.pth), or a LoRA adapter checkpoint"})
+    tokenizer_path: Optional[str] = field(default=None, metadata={
+        "help": "a SentencePiece .model, a tokenizer.json, or a directory carrying one (default: ckpt_dir's own)"})
+    max_seq_len: Optional[PositiveInt] = field(default=None, metadata={"help": "context length (default: params.json's)"})
+    max_batch_size: PositiveInt = 32
 
 
 def resolve_dtype(name: str, device):
@@ -74,17 +73,19 @@ def resolve_dtype(name: str, device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build(opts: argparse.Namespace):
-    """Join the process group and load the model shard (a checkpoint or a LoRA adapter checkpoint, merged in memory)
-    and the tokenizer for this rank: (DistInfo, Sampler). A reward model's checkpoint is refused."""
+def build(opts: ModelOptions, seed: int):
+    """Join the process group (torch seeded with `seed`) and load the model shard (a checkpoint or a LoRA adapter
+    checkpoint, merged in memory) and the tokenizer for this rank: (DistInfo, Sampler). A reward model's checkpoint is
+    refused."""
     from llama_mp import distributed
     from llama_mp.checkpoint import check_policy
     from llama_mp.lora import load_model
     from llama_mp.sampler import Sampler
     from llama_mp.tokenizer import load_tokenizer
 
+    require(opts, "ckpt_dir")
     check_policy(opts.ckpt_dir)  # these commands sample from a language model, never from a reward model
-    info = distributed.init(opts.model_parallel_size, seed=opts.seed)
+    info = distributed.init(opts.model_parallel_size, seed=seed)
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     dtype = resolve_dtype(opts.dtype, info.device)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,

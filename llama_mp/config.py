@@ -17,23 +17,32 @@
 Several classes may share one file and one command line (a trainer's TrainConfig and its task's options):
 `args, train_config, options = parse_config(parser, TrainConfig, Options)`; a name both classes have is one key (and
 one flag) given to both. A value's type is the field's annotation: int (an int: 2.5 is refused, never truncated),
-float (an int, a float, or a text that reads as one), str, bool (a YAML boolean; a flag true or false), Optional[X]
-(YAML null; a flag null), list[X] (a YAML list; a flag takes any number of values), dict[str, X] (a mapping; as a flag,
-a YAML mapping text), Arg (an element of a list of command-line arguments: a text or a number, kept as text;
+PositiveInt (an int >= 1), float (an int, a float, or a text that reads as one), str, bool (a YAML boolean; a flag true or false, or alone for
+true: `--overwrite`), Literal["a", "b"] (one of the texts), Optional[X] (YAML null; a flag null), list[X] (a YAML list;
+a flag takes any number of values and may be repeated: `--stop A --stop B`), dict[str, X] (a mapping; as a flag, a YAML
+mapping text), Arg (an element of a list of command-line arguments: a text or a number, kept as text;
 argparse takes no flag value that starts with '-', so such a list goes in the YAML file) and a
 nested dataclass (a YAML mapping section; flags --section.key). A key that no class knows, at any level, is refused,
 and so is a value of the wrong type: a ValueError of one line naming the file (or the flag) and the key,
 `run.yaml: unknown keys ['salmon.max_promts'] (did you mean salmon.max_prompts?)`,
-`run.yaml: salmon.max_prompts must be int, got 2.5`, `--lr must be float, got 'fast'`.
+`run.yaml: salmon.max_prompts must be int, got 2.5`, `--lr must be float, got 'fast'`. A field without a default a
+command needs is Optional (None) and checked with `require`, so that it may come from the file or the flag.
+
+Only the flags that say how to run, not what to compute, stay outside the classes: --config, --resume (trainers),
+--overwrite where a command replaces a finished output, --dry_run, --fresh.
 """
 
 import argparse
 import dataclasses
 import difflib
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from llama_mp.jsonl import read_yaml
+
+
+class PositiveInt(int):
+    """The annotation of a count that must be at least 1 (a batch size, a number of prompts): int, and >= 1."""
 
 
 class Arg(str):
@@ -74,8 +83,12 @@ def type_name(hint) -> str:
         name = f"a mapping of {type_name(args[1])}" if args and args[1] is not Any else "a mapping"
     elif _is_section(inner):
         name = "a mapping (section)"
+    elif origin is Literal:
+        name = "one of " + ", ".join(str(a) for a in args)
     elif inner is Arg:
         name = "a text or a number"
+    elif inner is PositiveInt:
+        name = "a positive int"
     elif inner in (int, float, str, bool):
         name = inner.__name__
     else:
@@ -106,6 +119,10 @@ def _from_yaml(value, hint, key: str, where: str):
         return {k: _from_yaml(v, kind, f"{key}.{k}", where) for k, v in value.items()}
     if inner is Any:
         return value
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise _bad(where, key, hint, value)
     if _is_section(inner):
         if not isinstance(value, dict):
             raise _bad(where, key, hint, value)
@@ -114,6 +131,8 @@ def _from_yaml(value, hint, key: str, where: str):
     if inner is bool and isinstance(value, bool):
         return value
     if inner is int and number and isinstance(value, int):
+        return value
+    if inner is PositiveInt and number and isinstance(value, int) and value >= 1:
         return value
     if inner is float:
         if number:
@@ -146,15 +165,22 @@ def _from_text(text, hint, flag: str):
         except yaml.YAMLError:
             raise _bad("", flag, hint, text) from None
         return _from_yaml(loaded, hint, flag, "")
+    if origin is Literal:
+        if text in args:
+            return text
+        raise _bad("", flag, hint, text)
     if inner is bool:
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
         raise _bad("", flag, hint, text)
-    if inner in (int, float):
+    if inner in (int, float, PositiveInt):
         try:
-            return inner(text)
+            value = (int if inner is PositiveInt else inner)(text)
         except ValueError:
             raise _bad("", flag, hint, text) from None
+        if inner is PositiveInt and value < 1:
+            raise _bad("", flag, hint, text)
+        return value
     if inner in (str, Arg):
         return str(text)
     raise TypeError(f"unsupported config annotation {hint}")
@@ -206,9 +232,15 @@ def add_config_flags(parser: argparse.ArgumentParser, *classes, prefix: str = ""
             if _is_section(inner):
                 add_config_flags(parser, inner, prefix=f"{flag}.")
                 continue
-            text = f"{type_name(hint)}, default {_default(f)!r}".replace("%", "%%")
-            parser.add_argument(f"--{flag}", dest=flag, default=None, help=text,
-                                nargs="*" if typing.get_origin(inner) is list else None)
+            text = f"{type_name(hint)}, default {_default(f)!r}"
+            comment = f.metadata.get("help")
+            text = (f"{comment} ({text})" if comment else text).replace("%", "%%")
+            if typing.get_origin(inner) is list:  # --stop A B and --stop A --stop B alike
+                parser.add_argument(f"--{flag}", dest=flag, default=None, help=text, nargs="*", action="extend")
+            elif inner is bool:  # --overwrite alone is --overwrite true
+                parser.add_argument(f"--{flag}", dest=flag, default=None, help=text, nargs="?", const="true")
+            else:
+                parser.add_argument(f"--{flag}", dest=flag, default=None, help=text)
 
 
 def flag_values(opts: argparse.Namespace, *classes, prefix: str = "") -> dict:
@@ -249,6 +281,13 @@ def load_configs(classes: tuple, opts: Optional[argparse.Namespace] = None, yaml
 def load_config(cls, opts: Optional[argparse.Namespace] = None, yaml_path: Optional[str] = None):
     """cls from its defaults, the YAML file (if any; a key cls lacks is refused) and the flags given."""
     return load_configs((cls,), opts, yaml_path)[0]
+
+
+def require(options, *keys: str) -> None:
+    """Fields a command cannot run without (Optional in its class, so that the YAML file may give them too)."""
+    missing = [k for k in keys if getattr(options, k) in (None, "", [])]
+    if missing:
+        raise ValueError(f"--{missing[0]} is required (a flag, or a key of --config)")
 
 
 def parse_config(parser: argparse.ArgumentParser, *classes, argv: Optional[list[str]] = None) -> tuple:

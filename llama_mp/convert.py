@@ -21,11 +21,14 @@ import re
 import shutil
 import struct
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
 from llama_mp import cli
+from llama_mp.config import PositiveInt, add_config_flags, load_config, require
 from llama_mp.distributed import global_rank
 from llama_mp.checkpoint import (TOKENIZER_FILES, CheckpointError, copy_tokenizer_files, load_state, resolve_checkpoint,
                                  save_checkpoint, split_state)
@@ -180,63 +183,83 @@ def reshard(input_dir: str, output_dir: str, model_parallel_size: int) -> ModelA
     return args
 
 
+@dataclass
+class Source:
+    input: Optional[str] = field(default=None, metadata={"help": "the file to convert"})
+    output_dir: Optional[str] = None
+    model_parallel_size: PositiveInt = 1
+
+
+@dataclass
+class SourceDir:
+    input_dir: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint directory, or a training output dir (its `latest` checkpoint)"})
+    output_dir: Optional[str] = None
+    model_parallel_size: PositiveInt = 1
+
+
+@dataclass
+class Reshard(SourceDir):
+    model_parallel_size: Optional[PositiveInt] = field(default=None, metadata={"help": "the new shard count"})
+
+
+@dataclass
+class MergeLora(SourceDir):
+    base_dir: Optional[str] = field(default=None, metadata={"help": "default: the base adapter_config.json names"})
+
+
+@dataclass
+class ToHf:
+    input_dir: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint (any shard count; a reward model's backbone), or a training output dir (its latest)"})
+    output_dir: Optional[str] = None
+    tokenizer_dir: Optional[str] = field(default=None, metadata={
+        "help": "take tokenizer files from here (e.g. the base checkpoint of a trained policy)"})
+
+
+COMMANDS = {  # name: (options, help)
+    "llama2c": (Source, "llama2.c version-0 .bin -> Meta layout"),
+    "gguf": (Source, "llama.cpp GGUF (any dequantizable type) -> Meta layout"),
+    "hf": (SourceDir, "Hugging Face Llama (safetensors + config.json) -> Meta layout"),
+    "reshard": (Reshard, "N shards -> M shards"),
+    "merge_lora": (MergeLora, "LoRA adapter checkpoint + its base -> Meta layout, adapters merged"),
+    "to_hf": (ToHf, "Meta layout -> Hugging Face Llama (a directory transformers loads)"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m llama_mp.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("llama2c", help="llama2.c version-0 .bin -> Meta layout")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("gguf", help="llama.cpp GGUF (any dequantizable type) -> Meta layout")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("hf", help="Hugging Face Llama (safetensors + config.json) -> Meta layout")
-    p.add_argument("--input_dir", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("reshard", help="N shards -> M shards")
-    p.add_argument("--input_dir", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=cli.positive_int, required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("merge_lora", help="LoRA adapter checkpoint + its base -> Meta layout, adapters merged")
-    p.add_argument("--input_dir", required=True, help="an adapter checkpoint, or a training output dir (its latest)")
-    p.add_argument("--base_dir", default=None, help="default: the base adapter_config.json names")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--model_parallel_size", type=cli.positive_int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("to_hf", help="Meta layout (any shard count; a reward model's backbone) -> Hugging Face Llama")
-    p.add_argument("--input_dir", required=True, help="a checkpoint, or a training output dir (its `latest` one)")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--tokenizer_dir", default=None,
-                   help="take tokenizer files from here (e.g. the base checkpoint of a trained policy)")
-    p.add_argument("--overwrite", action="store_true")
-    a = parser.parse_args()
+    for name, (options, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+        add_config_flags(p, options)
+    flags = parser.parse_args()
+    a = load_config(COMMANDS[flags.command][0], flags, flags.config)
+    require(a, "input" if flags.command in ("llama2c", "gguf") else "input_dir", "output_dir",
+            *(["model_parallel_size"] if flags.command == "reshard" else []))
     if global_rank() != 0:  # launched under torchrun/srun: one process converts, the others have nothing to do
         return
     source = getattr(a, "input", None) or a.input_dir
     if os.path.abspath(source) == os.path.abspath(a.output_dir):
         raise CheckpointError(f"{a.output_dir}: output must differ from the input")
-    with staged_output(a.output_dir, a.overwrite) as tmp:
-        if a.command == "llama2c":
+    with staged_output(a.output_dir, flags.overwrite) as tmp:
+        if flags.command == "llama2c":
             args, state = read_llama2c(a.input)
             save_checkpoint(tmp, args, split_or_refuse(state, args, a.model_parallel_size, a.input))
-        elif a.command == "gguf":
+        elif flags.command == "gguf":
             args = convert_gguf(a.input, tmp, a.model_parallel_size)
-        elif a.command == "hf":
+        elif flags.command == "hf":
             args = convert_hf(a.input_dir, tmp, a.model_parallel_size)
-        elif a.command == "merge_lora":
+        elif flags.command == "merge_lora":
             args = merge_lora(resolve_checkpoint(a.input_dir), tmp, a.model_parallel_size, a.base_dir)
-        elif a.command == "reshard":
+        elif flags.command == "reshard":
             args = reshard(a.input_dir, tmp, a.model_parallel_size)
         else:
             args = write_hf(a.input_dir, tmp, a.tokenizer_dir)
-    shards = "model.safetensors" if a.command == "to_hf" else f"{a.model_parallel_size} shard(s)"
+    shards = "model.safetensors" if flags.command == "to_hf" else f"{a.model_parallel_size} shard(s)"
     print(f"wrote {a.output_dir}: {shards}, dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}")
 
 

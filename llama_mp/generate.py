@@ -19,38 +19,47 @@ processes or the batching.
 
 import argparse
 import codecs
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch.distributed as dist
 
 from llama_mp import cli, outputs
+from llama_mp.config import PositiveInt, parse_config, require
 from llama_mp.chat import chat_format
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
+
+
+@dataclass
+class GenerateOptions(cli.ModelOptions):
+    prompt: list[str] = field(default_factory=list, metadata={"help": "a prompt (repeat the flag for several)"})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": 'JSONL with a "prompt" field per line'})
+    output_file: Optional[str] = field(default=None, metadata={"help": "JSONL output (required with prompts_file)"})
+    max_gen_len: PositiveInt = 64
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = field(default=0, metadata={"help": "0: off"})
+    stop: list[str] = field(default_factory=list, metadata={
+        "help": 'stop strings, e.g. "\\n\\n### User" (a flag\'s backslash escapes are read as Python\'s)'})
+    chat_format: Literal["auto", "none", "template", "dromedary"] = field(default="auto", metadata={
+        "help": "how prompts are wrapped (see above); auto: the checkpoint's chat template if it has one"})
+    truncate: Literal["error", "left"] = field(default="error", metadata={
+        "help": "a prompt too long for max_seq_len - max_gen_len: refuse it, or keep BOS + its end"})
+    seed: int = 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m llama_mp.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
-    source.add_argument("--prompts_file", help='JSONL with a "prompt" field per line')
-    parser.add_argument("--output_file", help="JSONL output (required with --prompts_file)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_file")
-    parser.add_argument("--max_gen_len", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--top_k", type=int, default=0, help="0: off")
-    parser.add_argument("--stop", action="append", default=[], help='stop string, e.g. "\\n\\n### User" (repeatable)')
-    parser.add_argument("--chat_format", choices=["auto", "none", "template", "dromedary"], default="auto",
-                        help="how prompts are wrapped (see above); auto: the checkpoint's chat template if it has one")
-    parser.add_argument("--truncate", choices=["error", "left"], default="error",
-                        help="a prompt too long for max_seq_len - max_gen_len: refuse it, or keep BOS + its end")
-    opts = parser.parse_args()
-    opts.stop = [codecs.escape_decode(s.encode())[0].decode() for s in opts.stop]  # the shell passes "\n" as 2 chars
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_file")
+    args, opts = parse_config(parser, GenerateOptions)
+    if bool(opts.prompt) == bool(opts.prompts_file):
+        raise ValueError("give either --prompt (one or more) or --prompts_file")
+    stops = [codecs.escape_decode(s.encode())[0].decode() for s in opts.stop]  # the shell passes "\n" as 2 chars
 
     if opts.prompts_file:
-        if not opts.output_file:
-            parser.error("--prompts_file needs --output_file")
+        require(opts, "output_file")
         records = []
         for line, record in iter_jsonl(opts.prompts_file):
             if not isinstance(record.get("prompt"), str):
@@ -61,16 +70,16 @@ def main() -> None:
     else:
         records = [{"prompt": p} for p in opts.prompt]
 
-    info, sampler = cli.build(opts)
+    info, sampler = cli.build(opts, opts.seed)
     if opts.output_file and info.is_main:  # after every input loaded: one refuse-to-overwrite rule (llama_mp/outputs.py)
-        outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
+        outputs.claim([opts.output_file], outputs.command_settings(opts), args.overwrite)
     choice = opts.chat_format
     if choice == "auto":  # an instruction model (its tokenizer carries a chat template) gets it, a base model nothing
         choice = "template" if sampler.tokenizer.chat_template else "none"
-    wrap, stop = (lambda prompt: prompt), opts.stop
+    wrap, stop = (lambda prompt: prompt), stops
     if choice != "none":
         chat = chat_format(sampler.tokenizer, choice)
-        wrap, stop = chat.query, opts.stop + [s for s in chat.stop if s not in opts.stop]
+        wrap, stop = chat.query, stops + [s for s in chat.stop if s not in stops]
     mine = list(range(info.data_parallel_rank, len(records), info.data_parallel_size))
     completions = sampler.generate([wrap(records[i]["prompt"]) for i in mine], opts.max_gen_len, opts.temperature,
                                    opts.top_p, opts.top_k, stop, seed=[opts.seed * 1_000_003 + i for i in mine],

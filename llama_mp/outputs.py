@@ -15,6 +15,7 @@ finished output.
 """
 
 import json
+import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -69,9 +70,14 @@ def claim(outputs: Sequence[str], settings: dict, overwrite: bool) -> None:
                                              "outputs": [os.path.basename(p) for p in outputs]})
 
 
-def command_settings(opts) -> dict:
-    """A command's settings: every option but --overwrite (they determine its outputs)."""
-    return {k: v for k, v in vars(opts).items() if k != "overwrite"}
+def command_settings(*options) -> dict:
+    """A command's settings, from its config dataclasses (or an argparse namespace): every option but --overwrite
+    (they determine its outputs)."""
+    settings = {}
+    for opts in options:
+        settings.update(dataclasses.asdict(opts) if dataclasses.is_dataclass(opts) else vars(opts))
+    settings.pop("overwrite", None)
+    return settings
 
 
 def complete(outputs: Sequence[str]) -> None:

@@ -10,17 +10,25 @@ and srun.
 
 import argparse
 import json
+from dataclasses import dataclass, field
 
 from llama_mp import cli
+from llama_mp.config import parse_config, require
+
+
+@dataclass
+class ScoreOptions(cli.ModelOptions):
+    text: list[str] = field(default_factory=list, metadata={"help": "a text to score (repeat the flag for several)"})
+    seed: int = 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m llama_mp.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    parser.add_argument("--text", action="append", required=True, help="a text to score (repeatable)")
-    opts = parser.parse_args()
-    _, sampler = cli.build(opts)
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    _, opts = parse_config(parser, ScoreOptions)
+    require(opts, "text")
+    _, sampler = cli.build(opts, opts.seed)
     encoded = [sampler.tokenizer.encode(t, bos=True, eos=False) for t in opts.text]
     for text, ids in zip(opts.text, encoded):
         if len(ids) < 2:

@@ -129,21 +129,13 @@ def _shard_flags(module: torch.nn.Module) -> dict[str, bool]:
 
 
 def parse_task_args(parser, task_options) -> tuple:
-    """The command line every trainer shares: --config YAML, --resume, --model_parallel_size, --dtype, and one flag per
-    option of TrainConfig and of the task's options. Returns (args, TrainConfig, task options)."""
+    """The command line every trainer shares: --config YAML, --resume, and one flag per option of the layout
+    (model_parallel_size; dtype: of the frozen models besides the trained one, such as PPO's reward model; the trained
+    weights are float32, computed in `precision`), of TrainConfig and of the task's options.
+    Returns (args, Layout, TrainConfig, task options)."""
     parser.add_argument("--config", help="YAML with training and task options (every key is also a flag)")
     parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/latest")
-    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto",
-                        help="frozen models besides the trained one (PPO's reward model); the trained weights are "
-                             "float32, computed in --precision")
-    return parse_config(parser, TrainConfig, task_options)
-
-
-def require(options, *keys: str) -> None:
-    missing = [k for k in keys if not getattr(options, k)]
-    if missing:
-        raise ValueError(f"--{missing[0]} is required (flag or config)")
+    return parse_config(parser, cli.Layout, TrainConfig, task_options)
 
 
 class Trainer:

@@ -20,7 +20,8 @@ from llama_mp.lora import load_model
 from llama_mp.jsonl import read_records
 from llama_mp.logprobs import response_logprobs
 from llama_mp.tokenizer import Tokenizer, load_tokenizer
-from llama_mp.train import Trainer, add_lora, backbone_dtype, parse_task_args, require
+from llama_mp.config import require
+from llama_mp.train import Trainer, add_lora, backbone_dtype, parse_task_args
 
 
 @dataclass
@@ -64,12 +65,12 @@ def response_loss(model, batch: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.train_sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, train_cfg, opts = parse_task_args(parser, SFTOptions)
+    args, layout, train_cfg, opts = parse_task_args(parser, SFTOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
     check_policy(opts.ckpt_dir)  # fine-tunes a language model, not a reward model
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     examples = encode_records(opts.train_file, opts, tokenizer)
-    info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
+    info = distributed.init(layout.model_parallel_size, seed=train_cfg.seed)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=backbone_dtype(train_cfg, info.device))
     add_lora(model, train_cfg, opts.ckpt_dir)

@@ -39,7 +39,8 @@ from llama_mp import cli, distributed
 from llama_mp.chat import load_principles
 from llama_mp.jsonl import read_records, write_json_atomic
 from llama_mp.tokenizer import load_tokenizer
-from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args, require,
+from llama_mp.config import require
+from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args,
                             resolve_precision)
 from step2_reward_model.human_pairs import oasst_human_pairs
 from step2_reward_model.instructability import flip_rate
@@ -182,7 +183,7 @@ def accuracy_and_margin(rm, data: list[dict], micro_batch_size: int, precision: 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step2_reward_model.train_reward_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, train_cfg, opts = parse_task_args(parser, RewardModelOptions)
+    args, layout, train_cfg, opts = parse_task_args(parser, RewardModelOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
 
     examples = pair_examples(opts.train_file, opts)
@@ -195,7 +196,7 @@ def main() -> None:
                                opts.human_eval_against) if opts.human_eval_file else [])
     human = human[:opts.human_eval_max_pairs] if opts.human_eval_max_pairs > 0 else human
 
-    info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
+    info = distributed.init(layout.model_parallel_size, seed=train_cfg.seed)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                            device=info.device, dtype=backbone_dtype(train_cfg, info.device))
     add_lora(rm.model, train_cfg, opts.ckpt_dir)

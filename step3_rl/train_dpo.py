@@ -29,7 +29,8 @@ from llama_mp.chat import DEFAULT_META_PROMPT, ChatFormat, chat_format, split_to
 from llama_mp.lora import load_model
 from llama_mp.jsonl import read_records, write_json_atomic
 from llama_mp.tokenizer import Tokenizer, load_tokenizer
-from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args, require,
+from llama_mp.config import require
+from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args,
                             resolve_precision)
 from step3_rl.dpo import dpo_loss, response_logprobs
 
@@ -145,7 +146,7 @@ def add_reference_logprobs(model, examples: list[dict], batch_size: int, info, p
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.train_dpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, train_cfg, opts = parse_task_args(parser, DPOOptions)
+    args, layout, train_cfg, opts = parse_task_args(parser, DPOOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
     check_policy(opts.ckpt_dir)
     if opts.loss_type not in ("sigmoid", "ipo"):
@@ -155,7 +156,7 @@ def main() -> None:
     chat = None if opts.prompt_format == "plain" else chat_format(tokenizer, opts.prompt_format, opts.meta_prompt_file)
     examples = [encode_pair(p, tokenizer, opts, chat) for p in pairs]
 
-    info = distributed.init(args.model_parallel_size, seed=train_cfg.seed)
+    info = distributed.init(layout.model_parallel_size, seed=train_cfg.seed)
     model = load_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,
                        device=info.device, dtype=backbone_dtype(train_cfg, info.device))
     add_lora(model, train_cfg, opts.ckpt_dir)

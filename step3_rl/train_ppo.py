@@ -45,7 +45,8 @@ from llama_mp.lora import load_model
 from llama_mp.prompts import load_prompts
 from llama_mp.sampler import Sampler, derive_seed
 from llama_mp.tokenizer import load_tokenizer
-from llama_mp.train import TrainConfig, Trainer, add_lora, backbone_dtype, parse_task_args, require
+from llama_mp.config import require
+from llama_mp.train import TrainConfig, Trainer, add_lora, backbone_dtype, parse_task_args
 from step2_reward_model.reward_model import (PromptBuilder, RewardModel, RewardScorer, load_head, load_reward_model,
                                              save_head)
 from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rewards, value_loss, whiten
@@ -314,12 +315,12 @@ def select(batch: dict, rows) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.train_ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, cfg, opts = parse_task_args(parser, PPOOptions)
+    args, layout, cfg, opts = parse_task_args(parser, PPOOptions)
     require(opts, "policy_ckpt", "reward_ckpt")  # tokenizer_path: default the policy's own tokenizer
     check_policy(opts.policy_ckpt)
     check_reward_model(opts.reward_ckpt)
-    info = distributed.init(args.model_parallel_size, seed=cfg.seed)
-    history = run_ppo(opts, cfg, info, resume=args.resume, dtype=cli.resolve_dtype(args.dtype, info.device))
+    info = distributed.init(layout.model_parallel_size, seed=cfg.seed)
+    history = run_ppo(opts, cfg, info, resume=args.resume, dtype=cli.resolve_dtype(layout.dtype, info.device))
     if info.is_main and history:
         first, last = history[0], history[-1]
         print(f"[ppo] done: reward {first['reward/mean']:.3f} -> {last['reward/mean']:.3f}, "
