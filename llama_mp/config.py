@@ -17,19 +17,20 @@
 Several classes may share one file and one command line (a trainer's TrainConfig and its task's options):
 `args, train_config, options = parse_config(parser, TrainConfig, Options)`; a name both classes have is one key (and
 one flag) given to both. A value's type is the field's annotation: int (an int: 2.5 is refused, never truncated),
-PositiveInt (an int >= 1), float (an int, a float, or a text that reads as one), str, bool (a YAML boolean; a flag true or false, or alone for
-true: `--overwrite`), Literal["a", "b"] (one of the texts), Optional[X] (YAML null; a flag null), list[X] (a YAML list;
-a flag takes any number of values and may be repeated: `--stop A --stop B`), dict[str, X] (a mapping; as a flag, a YAML
-mapping text), Arg (an element of a list of command-line arguments: a text or a number, kept as text;
-argparse takes no flag value that starts with '-', so such a list goes in the YAML file) and a
-nested dataclass (a YAML mapping section; flags --section.key). A key that no class knows, at any level, is refused,
-and so is a value of the wrong type: a ValueError of one line naming the file (or the flag) and the key,
+PositiveInt (an int >= 1), float (an int, a float, or a text that reads as one), str, bool (a YAML boolean; a flag
+true or false, or alone for true: `--no_prefix_reuse`), Literal["a", "b"] (one of the texts), Optional[X] (YAML null;
+a flag null), list[X] (a YAML list; a flag takes any number of values and may be repeated: `--stop A --stop B`),
+dict[str, X] (a mapping; as a flag, a YAML mapping text), Arg (an element of a list of command-line arguments: a text
+or a number, kept as text; argparse takes no flag value that starts with '-', so such a list goes in the YAML file)
+and a nested dataclass (a YAML mapping section; flags --section.key). A field's `metadata={"help": ...}` is its flag's
+help. A key that no class knows, at any level, is refused, and so is a value of the wrong type: a ValueError of one
+line naming the file (or the flag) and the key,
 `run.yaml: unknown keys ['salmon.max_promts'] (did you mean salmon.max_prompts?)`,
-`run.yaml: salmon.max_prompts must be int, got 2.5`, `--lr must be float, got 'fast'`. A field without a default a
-command needs is Optional (None) and checked with `require`, so that it may come from the file or the flag.
+`run.yaml: salmon.max_prompts must be int, got 2.5`, `--lr must be float, got 'fast'`. An option a command cannot run
+without is Optional (None) in its class and checked with `require`, so that it may come from the file or the flag.
 
 Only the flags that say how to run, not what to compute, stay outside the classes: --config, --resume (trainers),
---overwrite where a command replaces a finished output, --dry_run, --fresh.
+--overwrite (replace a finished output), a driver's run directory (--workdir, --run_dir), --dry_run, --fresh.
 """
 
 import argparse

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     eval_every: int = 0
     keep_checkpoints: int = 2
-    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the device computes it natively)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively
     activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets; the base stays frozen
     lora_alpha: float = 16.0  # adapter output scale alpha / rank

@@ -191,10 +191,10 @@ def sample_smollm2(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
     s = cfg.salmon
-    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1", "MAX_PROMPTS": str(s.max_prompts),
-           "MAX_GEN_LEN": str(s.max_gen_len)}
+    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1"}
+    sizes = ["--max_prompts", str(s.max_prompts), "--max_gen_len", str(s.max_gen_len)]
     for i in (0, 1):  # resumable: a rerun of the same command continues from the last chunk
-        run.step(f"response{i}", lambda i=i: script(f"generate_oasst1_response{i}.sh", *d["sampling_flags"]), env,
+        run.step(f"response{i}", lambda i=i: script(f"generate_oasst1_response{i}.sh", *sizes, *d["sampling_flags"]), env,
                  [os.path.join(d["step1"], f"oasst1_response{i}.jsonl")])
     responses = [read_jsonl(os.path.join(d["step1"], f"oasst1_response{i}.jsonl")) for i in (0, 1)]
     texts = [r["output"] for rs in responses for r in rs if r.get("output") is not None]
@@ -206,8 +206,8 @@ def stage_salmon_responses(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
     s = cfg.salmon
-    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1",
-           "MAX_RESPONSE_TOKENS": str(s.max_response_tokens), "MAX_INSTRUCTION_TOKENS": str(s.max_instruction_tokens)}
+    env = {"CKPT_DIR": d["policy"], "OUT_DIR": d["step1"], "MODEL_PARALLEL_SIZE": "1"}
+    sizes = ["--max_response_tokens", str(s.max_response_tokens), "--max_instruction_tokens", str(s.max_instruction_tokens)]
     figures = {}
     if s.judge_eval_pairs:  # the judge's quality before anything is trained on its judgments
         agreement = os.path.join(d["step1"], "judge_agreement.json")
@@ -221,7 +221,7 @@ def stage_salmon_judge(run: Runner, d: dict, cfg: dict) -> dict:
         with open(agreement) as f:
             figures["judge_agreement"] = json.load(f)["overall"]
     # the script judges, then aggregates; each part skips itself once complete
-    run.step("judge", lambda: script("generate_synthetic_preference.sh", *d["sampling_flags"]), env,
+    run.step("judge", lambda: script("generate_synthetic_preference.sh", *sizes, *d["sampling_flags"]), env,
              [os.path.join(d["step1"], "oasst1_preference.jsonl")])
     run.step("aggregate", lambda: script("generate_synthetic_preference.sh"), env,
              [os.path.join(d["step1"], n) for n in ("synthetic_preference.json", "synthetic_preference_pairs.jsonl")])

@@ -8,16 +8,29 @@ prompt; groups without any SUCCESS sample are dropped; every pair within a group
 (SUCCESS) the higher gain_score wins, otherwise the higher status_score wins; a missing gain counts as 0; pairs whose
 gain + status are equal are skipped (a tie teaches nothing). --max_pairs keeps a seeded random subset. Output JSONL, the
 format step3_rl.train_dpo reads: {"prompt": [user message], "chosen": [assistant], "rejected": [assistant],
-"chosen_score", "rejected_score", "syn_pmt_id"}.
+"chosen_score", "rejected_score", "syn_pmt_id"}. The options are PreferOptions': every one also a key of a --config YAML
+file (flags over the file; llama_mp/config.py).
 """
 
 import argparse
 import random
+from dataclasses import dataclass, field
 from itertools import combinations
+from typing import Optional
 
 from llama_mp import cli, outputs
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 from step0_coldstart.tabular import STATUS_SCORE, SUCCESS
+
+
+@dataclass
+class PreferOptions:
+    """r1_s5's options: keys of --config's YAML and flags (llama_mp/config.py)."""
+    score_file: Optional[str] = field(default=None, metadata={"help": "r1_s4's <name>.score.jsonl"})
+    output_file: Optional[str] = field(default=None, metadata={"help": "JSONL of preference pairs (train_dpo's input)"})
+    max_pairs: int = field(default=0, metadata={"help": "keep a seeded random subset of this many pairs (0: all)"})
+    seed: int = field(default=42, metadata={"help": "of the max_pairs subset"})
 
 
 def preference_pairs(records: list[dict], max_pairs: int = 0, seed: int = 42) -> list[dict]:
@@ -72,12 +85,10 @@ def check_sample(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.convert_score_to_prefer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--score_file", required=True)
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--max_pairs", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_file")
+    args, opts = parse_config(parser, PreferOptions)
+    require(opts, "score_file", "output_file")
     records = []
     for line, r in iter_jsonl(opts.score_file):
         missing = [k for k in ("syn_pmt_id", "prompt", "answer", "status") if k not in r]
@@ -87,7 +98,7 @@ def main() -> None:
         if bad:
             raise ValueError(f"{opts.score_file}:{line}: {bad}")
         records.append(r)
-    outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
+    outputs.claim([opts.output_file], outputs.command_settings(opts), args.overwrite)
     pairs = preference_pairs(records, opts.max_pairs, opts.seed)
     write_jsonl_atomic(opts.output_file, pairs)
     outputs.complete([opts.output_file])

@@ -21,11 +21,14 @@ nearly all of them):
                  compare; missing values left out); categories, the total variation distance (missing is a value of
                  its own); wasserstein_mean and tv_mean average them.
 Prints JSON {dataset: {generator: {"syn", "real", "ratio", "valid_share", "copy_share", "dcr_median", "rows",
-"detection_auc", "wasserstein_mean", "tv_mean", "columns"}}} and a table.
+"detection_auc", "wasserstein_mean", "tv_mean", "columns"}}} and a table. The options are EvaluateOptions': every one
+also a key of a --config YAML file (flags over the file; llama_mp/config.py).
 """
 
 import argparse
 import json
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -33,9 +36,21 @@ from sklearn.metrics import f1_score, r2_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from llama_mp import cli
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
 from step0_coldstart.tabular import (SUCCESS, Encoder, Schema, load_rows, load_schema, parse_row, read_rows_csv,
                                      splits, target_bins)
+
+
+@dataclass
+class EvaluateOptions:
+    """The evaluation's options: keys of --config's YAML and flags (llama_mp/config.py)."""
+    dataset: list[str] = field(default_factory=list, metadata={"help": "a data set YAML (repeatable)"})
+    synthetic: list[str] = field(default_factory=list, metadata={"help": "NAME=path (applies to a single --dataset)"})
+    n_rows: int = 1000
+    splits_dir: str = "runs/tabular/splits"
+    seed: int = 0
+    output_file: Optional[str] = None
 
 
 def target_vector(schema: Schema, rows: list[dict]) -> np.ndarray:
@@ -206,13 +221,9 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True, help="a data set YAML (repeatable)")
-    parser.add_argument("--synthetic", action="append", default=[], help="NAME=path (applies to a single --dataset)")
-    parser.add_argument("--n_rows", type=int, default=1000)
-    parser.add_argument("--splits_dir", default="runs/tabular/splits")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_file", default=None)
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    _, opts = parse_config(parser, EvaluateOptions)
+    require(opts, "dataset")
     if opts.synthetic and len(opts.dataset) > 1:
         raise ValueError("--synthetic files belong to one data set: give a single --dataset")
     results = {}

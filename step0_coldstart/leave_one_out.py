@@ -25,7 +25,7 @@ from typing import Optional
 import yaml
 
 from llama_mp import cli
-from llama_mp.config import add_config_flags, build, config_values, flag_values, read_config
+from llama_mp.config import PositiveInt, add_config_flags, build, config_values, flag_values, read_config
 from llama_mp.jsonl import write_json_atomic, write_text_atomic
 from step0_coldstart.evaluate import table
 from step0_coldstart.rounds import RoundsConfig
@@ -37,7 +37,7 @@ class LeaveOneOutConfig:
     """The config's own keys; its other keys are RoundsConfig's, given to every fold."""
     datasets: list[str] = field(default_factory=list)  # every one is held out in turn (the others: SFT sources)
     never_sft: list[str] = field(default_factory=list)  # only ever held out (SynFed's med)
-    rounds: int = 1
+    rounds: PositiveInt = 1
     fold_overrides: dict[str, dict] = field(default_factory=dict)  # {data set name: {RoundsConfig key: value}}
 
 
@@ -59,8 +59,6 @@ def load_config(path: str, opts: Optional[argparse.Namespace] = None) -> tuple[L
     stray = [d for d in cfg.never_sft if d not in cfg.datasets]
     if stray:
         raise ValueError(f"{path}: never_sft names {stray[0]!r}, which is not among datasets")
-    if cfg.rounds < 1:
-        raise ValueError(f"{path}: rounds must be a positive integer")
     return cfg, {k: v for k, v in {**given, **flags}.items() if k not in OWN_KEYS}
 
 

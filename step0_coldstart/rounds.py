@@ -27,11 +27,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from llama_mp import cli
 from llama_mp.checkpoint import latest_checkpoint, resume_args
-from llama_mp.config import Arg, parse_config
+from llama_mp.config import Arg, PositiveInt, parse_config
 from llama_mp.jsonl import write_json_atomic, write_text_atomic
 from llama_mp.stages import RunDir
 from step0_coldstart.tabular import load_schema
@@ -45,6 +45,7 @@ class RoundsConfig:
     datasets: list[str] = field(default_factory=lambda: ["configs/tabular/adult.yaml", "configs/tabular/buddy.yaml",
                                                          "configs/tabular/california.yaml"])  # the SFT sources
     heldout: str = "configs/tabular/abalone.yaml"
+    rounds: PositiveInt = 1  # of synthetic preference + DPO after the cold start
     ckpt_dir: str = "runs/stories260K"  # the starting checkpoint
     tokenizer_path: str = "data/llama2c/tok512.model"
     max_seq_len: int = 1536
@@ -60,7 +61,7 @@ class RoundsConfig:
     eval_rows: int = 1000
     num_clusters: int = 32
     syn_config: str = "configs/syn_addprompt.yaml"
-    scorer: str = "sklearn"  # sklearn | llm
+    scorer: Literal["sklearn", "llm"] = "sklearn"
     scorer_ckpt: Optional[str] = None  # the llm scorer's model (default: the generator itself)
     dtype: str = "auto"  # of the sampling stages
     model_parallel_size: Optional[int] = None  # of the model stages (default: the world size)
@@ -96,8 +97,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML of RoundsConfig keys over its defaults (every key is also a flag, e.g. --ckpt_dir)")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--workdir", default="runs/tabular")
+    parser.add_argument("--workdir", default="runs/tabular", help="where every stage writes (the run directory)")
     opts, cfg = parse_config(parser, RoundsConfig)
     if not os.path.exists(os.path.join(cfg.ckpt_dir, "params.json")):
         raise FileNotFoundError(f"{cfg.ckpt_dir}: no checkpoint (convert one: python -m llama_mp.convert llama2c ...)")
@@ -133,7 +133,7 @@ def main() -> None:
              str(cfg.num_clusters), "--output_dir", os.path.dirname(anchors), "--splits_dir", splits_dir])
     generators = [("sft", latest_checkpoint(sft_dir))]
     notes = {}
-    for k in range(1, opts.rounds + 2):  # the last pass only samples, to evaluate the last generator
+    for k in range(1, cfg.rounds + 2):  # the last pass only samples, to evaluate the last generator
         label, ckpt = generators[-1]
         out = os.path.join(work, f"r{k}")
         raw, syn_csv, score = (os.path.join(out, f"{name}.{kind}") for kind in ("raw.jsonl", "syn.csv", "score.jsonl"))
@@ -144,7 +144,7 @@ def main() -> None:
              launch=True)
         step(f"r{k}_s2", [syn_csv], ["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg.heldout,
                                      "--raw_file", raw, "--output_file", syn_csv])
-        if k > opts.rounds:
+        if k > cfg.rounds:
             break
         step(f"r{k}_s3", clients(os.path.join(out, "fed")),
              ["-m", "step0_coldstart.sft_federated", "--dataset", cfg.heldout, "--input_file", syn_csv,
@@ -170,7 +170,7 @@ def main() -> None:
                                        "--output_dir", dpo_dir, "--lr", str(cfg.dpo_lr),
                                        "--epochs", str(cfg.dpo_epochs),
                                        "--micro_batch_size", str(cfg.micro_batch_size),
-                                       "--max_prompt_len", str(cfg.max_seq_len), "--max_response_len", "512",
+                                       "--max_prompt_len", str(cfg.max_seq_len),
                                        *common, *cfg.dpo_flags], log)
         generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
     synthetic = []

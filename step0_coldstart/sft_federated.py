@@ -17,18 +17,40 @@ cut by them, so each row goes to exactly one client. Regression targets are cut 
 `site` gives one client per value of a column (--site_column, default the YAML's site_column): client i holds exactly
 the rows of the i-th site in sorted order of the site values; the sites are those of the real data, so the synthetic
 rows of r1_s3 get the same client numbers (rows without a site are skipped, counted); --num_client, when given, must
-equal the number of sites.
+equal the number of sites. The options are FederatedOptions': every one also a key of a --config YAML file (flags over
+the file; llama_mp/config.py).
 """
 
 import argparse
 import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import numpy as np
 
 from llama_mp import cli, outputs
+from llama_mp.config import PositiveInt, parse_config, require
 from llama_mp.jsonl import write_jsonl_atomic
 from step0_coldstart.tabular import (Schema, answer_text, load_rows, load_schema, read_rows_csv, splits, target_bins,
                                      task_question)
+
+
+@dataclass
+class FederatedOptions:
+    """r0_s2's and r1_s3's options: keys of --config's YAML and flags (llama_mp/config.py)."""
+    dataset: Optional[str] = field(default=None, metadata={"help": "data set YAML"})
+    ds_name: Optional[str] = field(default=None, metadata={"help": "name in the output files (default: the YAML's name)"})
+    input_file: Optional[str] = field(default=None, metadata={"help": "CSV of rows (default: the data set's own split)"})
+    split_type: Literal["train", "val", "test"] = "train"
+    num_client: Optional[PositiveInt] = field(default=None, metadata={"help": "default 1 (site: the site count)"})
+    split_method: Literal["none", "dirichlet", "site"] = "none"
+    site_column: Optional[str] = field(default=None, metadata={
+        "help": "site split: the column (default: the YAML's site_column)"})
+    alpha: float = field(default=0.5, metadata={"help": "dirichlet split: the concentration (> 0)"})
+    num_bins: PositiveInt = field(default=4, metadata={"help": "target bins of a regression data set"})
+    seed: int = 42
+    output_dir: Optional[str] = None
+    splits_dir: str = "runs/tabular/splits"
 
 
 def client_split(labels: list[str], num_client: int, method: str, alpha: float = 0.5, seed: int = 42) -> list[list[int]]:
@@ -61,20 +83,10 @@ def federated_records(schema: Schema, rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.sft_federated", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="data set YAML")
-    parser.add_argument("--ds_name", default=None, help="name in the output files (default: the YAML's name)")
-    parser.add_argument("--input_file", default=None, help="CSV of rows (default: the data set's own split)")
-    parser.add_argument("--split_type", choices=["train", "val", "test"], default="train")
-    parser.add_argument("--num_client", type=cli.positive_int, default=None, help="default 1 (site: the site count)")
-    parser.add_argument("--split_method", choices=["none", "dirichlet", "site"], default="none")
-    parser.add_argument("--site_column", default=None, help="site split: the column (default: the YAML's site_column)")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--num_bins", type=cli.positive_int, default=4, help="target bins of a regression data set")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits_dir", default="runs/tabular/splits")
-    parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing client files")
+    args, opts = parse_config(parser, FederatedOptions)
+    require(opts, "dataset", "output_dir")
     if opts.alpha <= 0:
         raise ValueError(f"--alpha must be positive, got {opts.alpha}")
     schema = load_schema(opts.dataset)
@@ -99,7 +111,7 @@ def main() -> None:
     num_client = len(sites) if sites else opts.num_client or 1
     name = opts.ds_name or schema.name
     paths = [os.path.join(opts.output_dir, f"{name}_client_{i}.{opts.split_type}.jsonl") for i in range(num_client)]
-    outputs.claim(paths, outputs.command_settings(opts), opts.overwrite)
+    outputs.claim(paths, outputs.command_settings(opts), args.overwrite)
     if sites:
         clients = site_split([str(r[column]) for r in usable], sites)
     else:

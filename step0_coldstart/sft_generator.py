@@ -12,21 +12,42 @@ with the given tokenizer; token lengths are reported. Outputs:
   <output_dir>/sft_train.jsonl      {"dataset", "prompt", "response"} for train_sft
   <output_dir>/<D>_prompts.jsonl    {"dataset", "prompt_id", "prompt", "context": the in-context rows} for round 1
   <output_dir>/lengths.json         token lengths per data set (max, mean) and k used
+The options are SftGeneratorOptions': every one also a key of a --config YAML file (flags over the file;
+llama_mp/config.py).
 """
 
 import argparse
 import json
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from llama_mp import cli, outputs
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import write_json_atomic, write_jsonl_atomic
 from llama_mp.tokenizer import Tokenizer, load_tokenizer
 from step0_coldstart.tabular import ANSWER_LEAD, Encoder, Schema, load_rows, load_schema, row_to_text, splits
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+
+
+@dataclass
+class SftGeneratorOptions:
+    """r0_s1's options: keys of --config's YAML and flags (llama_mp/config.py)."""
+    datasets: list[str] = field(default_factory=list, metadata={"help": "data set YAMLs for the SFT prompts (A, B, C)"})
+    heldout: Optional[str] = field(default=None, metadata={"help": "the held-out data set YAML (D)"})
+    tokenizer_path: Optional[str] = field(default=None, metadata={
+        "help": "SentencePiece .model, tokenizer.json or a directory"})
+    output_dir: Optional[str] = None
+    splits_dir: str = "runs/tabular/splits"
+    prompts_per_dataset: int = 200
+    heldout_prompts: int = 50
+    num_examples: int = 5
+    max_seq_len: int = 2048
+    seed: int = 0
 
 
 def words(n: int) -> str:
@@ -82,18 +103,10 @@ def dataset_prompts(schema: Schema, rows: list[dict], n_prompts: int, num_exampl
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.sft_generator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", required=True, help="data set YAMLs for the SFT prompts (A, B, C)")
-    parser.add_argument("--heldout", required=True, help="the held-out data set YAML (D)")
-    parser.add_argument("--tokenizer_path", required=True, help="SentencePiece .model, tokenizer.json or a directory")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--splits_dir", default="runs/tabular/splits")
-    parser.add_argument("--prompts_per_dataset", type=int, default=200)
-    parser.add_argument("--heldout_prompts", type=int, default=50)
-    parser.add_argument("--num_examples", type=int, default=5)
-    parser.add_argument("--max_seq_len", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    args, opts = parse_config(parser, SftGeneratorOptions)
+    require(opts, "datasets", "heldout", "tokenizer_path", "output_dir")
     tokenizer = load_tokenizer(opts.tokenizer_path)
     heldout = load_schema(opts.heldout)
     train_file = os.path.join(opts.output_dir, "sft_train.jsonl")
@@ -113,7 +126,7 @@ def main() -> None:
     train = [rows[i] for i in splits(heldout, len(rows), opts.splits_dir)["train"]]  # never the test split
     held_records, report[heldout.name] = dataset_prompts(heldout, train, opts.heldout_prompts, opts.num_examples,
                                                          tokenizer, opts.max_seq_len, opts.seed, with_answers=False)
-    outputs.claim([train_file, prompts_file, lengths_file], outputs.command_settings(opts), opts.overwrite)
+    outputs.claim([train_file, prompts_file, lengths_file], outputs.command_settings(opts), args.overwrite)
     write_jsonl_atomic(train_file, sft)
     write_jsonl_atomic(prompts_file, held_records)
     write_json_atomic(lengths_file, report)

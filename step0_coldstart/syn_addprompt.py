@@ -3,7 +3,11 @@
   python -m step0_coldstart.syn_addprompt --dataset configs/tabular/abalone.yaml --ckpt_dir runs/tabular/sft/checkpoint-N \
       --tokenizer_path data/llama2c/tok512.model --prompt_file runs/tabular/r0/abalone_prompts.jsonl \
       --anchor_file runs/tabular/score_anchors/abalone_anchors.csv --output_dir runs/tabular/r1 \
-      [--config configs/syn_addprompt.yaml] [--num_repeat 8 ...]   # SynConfig's keys, each also a flag
+      [--config configs/syn_addprompt.yaml] [--num_repeat 8 ...]
+
+The options are SynConfig's and cli.ModelOptions' (ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+model_parallel_size, dtype): every one a key of --config's YAML (default configs/syn_addprompt.yaml) and a flag over
+it (llama_mp/config.py).
 
 Every held-out prompt is sampled `num_repeat` times with the llama_mp sampler (temperature, top_p, max_gen_len and seed
 from syn_addprompt.yaml; one seed per sample, so a sample is the same in any batch or world size). Prompts are shared
@@ -23,12 +27,13 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from llama_mp import cli, jobs
-from llama_mp.config import parse_config
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import contrast_rows, scoring_prompts
@@ -40,15 +45,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class SynConfig:
-    """How the held-out prompts are sampled: keys of --config's YAML (configs/syn_addprompt.yaml) and flags."""
-    num_repeat: int = 4  # samples per prompt
+    """Which prompts are sampled, how, and where to: keys of --config's YAML (configs/syn_addprompt.yaml) and flags
+    (the model's keys are cli.ModelOptions')."""
+    dataset: Optional[str] = field(default=None, metadata={"help": "the held-out data set YAML"})
+    prompt_file: Optional[str] = field(default=None, metadata={"help": "sft_generator's <name>_prompts.jsonl"})
+    anchor_file: Optional[str] = field(default=None, metadata={"help": "synscore_anchors' <name>_anchors.csv"})
+    output_dir: Optional[str] = None
+    splits_dir: str = "runs/tabular/splits"
+    num_repeat: int = field(default=4, metadata={"help": "samples per prompt"})
     temperature: float = 1.0
     top_p: float = 1.0
     max_gen_len: int = 256
-    seed: int = 42  # of every sample (derive_seed) and of the contrast rows' clusters; also seeds torch
-    guided: bool = False  # keys from the schema, values sampled under the column's type
-    max_value_tokens: int = 16  # per value, when guided
-    contrast_clusters: int = 4  # KMeans clusters over the training rows for the ds0/ds1 contrast rows
+    seed: int = field(default=42, metadata={
+        "help": "of every sample (derive_seed) and of the contrast rows' clusters; also seeds torch"})
+    guided: bool = field(default=False, metadata={"help": "keys from the schema, values sampled under the column's type"})
+    max_value_tokens: int = field(default=16, metadata={"help": "per value, when guided"})
+    contrast_clusters: int = field(default=4, metadata={
+        "help": "KMeans clusters over the training rows for the ds0/ds1 contrast rows"})
 
 
 def free_rows(sampler, prompts: list[str], seeds: list[int], config: SynConfig) -> list[str]:
@@ -126,39 +139,34 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.syn_addprompt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser, seed=False)  # --seed is SynConfig's
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--prompt_file", required=True)
-    parser.add_argument("--anchor_file", required=True)
-    parser.add_argument("--output_dir", required=True)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs/syn_addprompt.yaml"),
-                        help="YAML of SynConfig keys (every key is also a flag, over the file)")
-    parser.add_argument("--splits_dir", default="runs/tabular/splits")
-    parser.add_argument("--overwrite", action="store_true")
-    opts, config = parse_config(parser, SynConfig)
-    opts.seed = config.seed  # the process group's torch seed (every sample has its own, from derive_seed)
-    schema = load_schema(opts.dataset)
+                        help="YAML of SynConfig and model keys (every key is also a flag, over the file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing raw file (start over)")
+    args, config, model = parse_config(parser, SynConfig, cli.ModelOptions)
+    require(config, "dataset", "prompt_file", "anchor_file", "output_dir")
+    require(model, "ckpt_dir")
+    schema = load_schema(config.dataset)
     rows = load_rows(schema)
-    train = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["train"]]
+    train = [rows[i] for i in splits(schema, len(rows), config.splits_dir)["train"]]
     prompts = []
-    for line, p in iter_jsonl(opts.prompt_file):
+    for line, p in iter_jsonl(config.prompt_file):
         if not isinstance(p.get("prompt"), str) or "prompt_id" not in p:
-            raise ValueError(f"{opts.prompt_file}:{line}: needs \"prompt_id\" and \"prompt\" (from sft_generator)")
+            raise ValueError(f"{config.prompt_file}:{line}: needs \"prompt_id\" and \"prompt\" (from sft_generator)")
         prompts.append(p)
     if not prompts:
-        raise ValueError(f"{opts.prompt_file}: no prompt records (sft_generator writes them)")
-    anchors = read_rows_csv(opts.anchor_file, schema, "anchor")
-    info, sampler = cli.build(opts)
-    raw_file = os.path.join(opts.output_dir, f"{schema.name}.raw.jsonl")
-    jobs.prepare(raw_file, {"ckpt_dir": opts.ckpt_dir, "tokenizer_path": opts.tokenizer_path, "dataset": opts.dataset,
-                            "max_seq_len": opts.max_seq_len, "prompt_file": opts.prompt_file,
-                            "anchor_file": opts.anchor_file, "splits_dir": opts.splits_dir, **asdict(config)},
-                 opts.overwrite, info)
+        raise ValueError(f"{config.prompt_file}: no prompt records (sft_generator writes them)")
+    anchors = read_rows_csv(config.anchor_file, schema, "anchor")
+    # the process group's torch seed is config.seed (every sample has its own, from derive_seed)
+    info, sampler = cli.build(model, config.seed)
+    raw_file = os.path.join(config.output_dir, f"{schema.name}.raw.jsonl")
+    settings = {k: v for k, v in asdict(config).items() if k != "output_dir"}  # the outputs' place is not a setting
+    jobs.prepare(raw_file, {"ckpt_dir": model.ckpt_dir, "tokenizer_path": model.tokenizer_path,
+                            "max_seq_len": model.max_seq_len, **settings}, args.overwrite, info)
     items = [{"syn_pmt_id": p["prompt_id"], "syn_id": f"{p['prompt_id']}-{r}", "prompt": p["prompt"]}
              for p in prompts for r in range(config.num_repeat)]
     contrasts = contrast_rows(schema, train, anchors, config.contrast_clusters, config.seed)
     if info.is_main:  # deterministic; written first, so that a raw file never exists without it
-        write_jsonl_atomic(os.path.join(opts.output_dir, f"{schema.name}.contrast.jsonl"),
+        write_jsonl_atomic(os.path.join(config.output_dir, f"{schema.name}.contrast.jsonl"),
                            [{"anchor": a, "contrast": c} for a, c in zip(anchors, contrasts)])
     categories = {c: sorted({str(r[c]) for r in train if r[c] is not None})
                   for c, kind in schema.columns.items() if kind == "category"}

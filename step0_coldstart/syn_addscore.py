@@ -11,14 +11,17 @@ the two back-ends). Every sample gets status_score (SUCCESS 5, REDUNDANT_KEY 3, 
 INVALID_ANSWER 0); a MISSING_KEY answer is rewritten from its parsed values, as the reference does. With `llm`, the
 questions are answered with the llama_mp sampler (temperature 0.5, top_p 0.7, 64 new tokens by default; one seed per
 question), sharded over data-parallel ranks and resumable: answers are appended as they finish and merged into
-<output_file>.answers.jsonl, which a rerun reuses.
+<output_file>.answers.jsonl, which a rerun reuses. The options are AddScoreOptions' (cli.ModelOptions' model keys
+among them): every one also a key of a --config YAML file (flags over the file; llama_mp/config.py).
 """
 
 import argparse
 import os
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from llama_mp import cli, distributed, jobs, outputs
+from llama_mp.config import PositiveInt, parse_config, require
 from llama_mp.jsonl import iter_jsonl, read_jsonl, write_jsonl_atomic
 from llama_mp.prompts import prompt_id
 from llama_mp.sampler import derive_seed
@@ -27,11 +30,29 @@ from step0_coldstart.tabular import (ANSWER_LEAD, MISSING_KEY, STATUS_SCORE, SUC
                                      load_schema, row_to_text, splits)
 
 
+@dataclass
+class AddScoreOptions(cli.ModelOptions):
+    """r1_s4's options (the model keys: the llm back-end's scoring LLaMA): keys of --config's YAML and flags."""
+    dataset: Optional[str] = field(default=None, metadata={"help": "data set YAML"})
+    raw_file: Optional[str] = field(default=None, metadata={"help": "r1_s1's <name>.raw.jsonl"})
+    contrast_file: Optional[str] = field(default=None, metadata={
+        "help": "default: <name>.contrast.jsonl beside --raw_file"})
+    output_file: Optional[str] = field(default=None, metadata={"help": "JSONL of the scored samples"})
+    backend: Literal["sklearn", "llm"] = "sklearn"
+    metric: Literal["f1", "mcc"] = field(default="f1", metadata={"help": "classification metric on the anchors"})
+    temperature: float = 0.5
+    top_p: float = 0.7
+    max_gen_len: PositiveInt = 64
+    seed: int = field(default=1, metadata={"help": "of every llm answer (derive_seed); also seeds torch"})
+    splits_dir: str = "runs/tabular/splits"
+
+
 def question_id(question: str) -> str:
     return prompt_id(question)
 
 
-def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str, str]]:
+def llm_answers(opts: AddScoreOptions, overwrite: bool, schema, anchors, contrasts,
+                samples) -> Optional[dict[str, str]]:
     """Every distinct ds0/ds1 question answered once by the scoring LLaMA: {question_id: text} on rank 0, None on the
     other ranks. Answers already merged by a run that was stopped before writing its scores are reused."""
     questions = {question_id(p["question"]): p["question"] for p in scoring_prompts(schema, anchors, contrasts)}
@@ -39,16 +60,16 @@ def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str,
         for p in scoring_prompts(schema, anchors, contrasts, s["result"]):
             questions[question_id(p["question"])] = p["question"]
     answer_file = opts.output_file + ".answers.jsonl"
-    if outputs.is_complete([answer_file]) and not opts.overwrite:
+    if outputs.is_complete([answer_file]) and not overwrite:
         answers = {r["id"]: r["text"] for r in read_jsonl(answer_file)}
         if set(questions) - set(answers):
             raise ValueError(f"{answer_file}: answers other questions than these samples ask (pass --overwrite)")
         return answers if distributed.global_rank() == 0 else None
-    info, sampler = cli.build(opts)
+    info, sampler = cli.build(opts, opts.seed)
     settings = {"ckpt_dir": opts.ckpt_dir, "tokenizer_path": opts.tokenizer_path, "max_seq_len": opts.max_seq_len,
                 "raw_file": opts.raw_file, "contrast_file": opts.contrast_file, "temperature": opts.temperature,
                 "top_p": opts.top_p, "max_gen_len": opts.max_gen_len, "seed": opts.seed}
-    jobs.prepare(answer_file, settings, opts.overwrite, info)
+    jobs.prepare(answer_file, settings, overwrite, info)
     items = [{"id": k, "question": q} for k, q in sorted(questions.items())]
 
     def process(chunk):
@@ -65,19 +86,10 @@ def llm_answers(opts, schema, anchors, contrasts, samples) -> Optional[dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.syn_addscore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser, required=False)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--raw_file", required=True)
-    parser.add_argument("--contrast_file", default=None, help="default: <name>.contrast.jsonl beside --raw_file")
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--backend", choices=["sklearn", "llm"], default="sklearn")
-    parser.add_argument("--metric", choices=["f1", "mcc"], default="f1", help="classification metric on the anchors")
-    parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument("--top_p", type=float, default=0.7)
-    parser.add_argument("--max_gen_len", type=cli.positive_int, default=64)
-    parser.add_argument("--splits_dir", default="runs/tabular/splits")
-    parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_file (and its answers)")
+    args, opts = parse_config(parser, AddScoreOptions)
+    require(opts, "dataset", "raw_file", "output_file")
     if opts.backend == "llm" and not opts.ckpt_dir:  # --tokenizer_path defaults to the checkpoint's own
         raise ValueError("--backend llm needs --ckpt_dir (the scoring LLaMA; --tokenizer_path unless it carries one)")
     schema = load_schema(opts.dataset)
@@ -98,10 +110,10 @@ def main() -> None:
             record["result"] = check_row(record["result"], schema, f"{opts.raw_file}:{line}", need_target=False)
         samples.append(record)
     if distributed.global_rank() == 0:
-        outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
+        outputs.claim([opts.output_file], outputs.command_settings(opts), args.overwrite)
     parsed = [s for s in samples if s["status"] == SUCCESS]
     if opts.backend == "llm":
-        answers = llm_answers(opts, schema, anchors, contrasts, parsed)
+        answers = llm_answers(opts, args.overwrite, schema, anchors, contrasts, parsed)
         if answers is None:
             return  # other ranks: rank 0 writes the scores
         backend = LLMBackend(lambda questions: [answers[question_id(q)] for q in questions])

@@ -6,20 +6,34 @@
 The scoring split is the data set's validation split: the reference took anchors from the training rows, and the test
 split must stay unseen until the final evaluation. Features are standardised numbers and one-hot categories (missing
 numbers at the mean). Writes <output_dir>/<name>_anchors.csv (the schema's columns, one real row per cluster, distinct).
+The options are AnchorsConfig's: every one a key of --config's YAML (default configs/synscore_anchors.yaml) and a flag
+over it (llama_mp/config.py).
 """
 
 import argparse
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 from sklearn.cluster import KMeans
 
 from llama_mp import cli, outputs
-from llama_mp.jsonl import read_yaml
+from llama_mp.config import PositiveInt, parse_config, require
 from step0_coldstart.tabular import Encoder, Schema, load_rows, load_schema, splits, write_rows_csv
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class AnchorsConfig:
+    """r0_s3's options: keys of --config's YAML (configs/synscore_anchors.yaml) and flags."""
+    dataset: Optional[str] = field(default=None, metadata={"help": "data set YAML"})
+    num_clusters: PositiveInt = field(default=32, metadata={"help": "KMeans clusters: one anchor row each"})
+    seed: int = field(default=0, metadata={"help": "of KMeans"})
+    output_dir: str = "runs/tabular/score_anchors"
+    splits_dir: str = "runs/tabular/splits"
 
 
 def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) -> list[dict]:
@@ -40,26 +54,17 @@ def anchors(schema: Schema, rows: list[dict], num_clusters: int, seed: int = 0) 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step0_coldstart.synscore_anchors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs/synscore_anchors.yaml"))
-    parser.add_argument("--num_clusters", type=int, default=None)
-    parser.add_argument("--output_dir", default="runs/tabular/score_anchors")
-    parser.add_argument("--splits_dir", default="runs/tabular/splits")
-    parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
-    config = read_yaml(opts.config)
-    for key, default in (("num_clusters", 32), ("seed", 0)):
-        value = config.setdefault(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or (key == "num_clusters" and value < 1):
-            raise ValueError(f"{opts.config}: {key} must be {'a positive' if key == 'num_clusters' else 'an'} "
-                             f"integer, got {value!r}")
-    num_clusters = opts.num_clusters or config["num_clusters"]
-    schema = load_schema(opts.dataset)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs/synscore_anchors.yaml"),
+                        help="YAML of AnchorsConfig keys (every key is also a flag, over the file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing anchors file")
+    args, config = parse_config(parser, AnchorsConfig)
+    require(config, "dataset")
+    schema = load_schema(config.dataset)
     rows = load_rows(schema)
-    scoring = [rows[i] for i in splits(schema, len(rows), opts.splits_dir)["val"]]
-    chosen = anchors(schema, scoring, num_clusters, config["seed"])
-    path = os.path.join(opts.output_dir, f"{schema.name}_anchors.csv")
-    outputs.claim([path], outputs.command_settings(opts), opts.overwrite)
+    scoring = [rows[i] for i in splits(schema, len(rows), config.splits_dir)["val"]]
+    chosen = anchors(schema, scoring, config.num_clusters, config.seed)
+    path = os.path.join(config.output_dir, f"{schema.name}_anchors.csv")
+    outputs.claim([path], outputs.command_settings(config), args.overwrite)
     write_rows_csv(path, schema, chosen)
     outputs.complete([path])
     print(f"wrote {len(chosen)} anchors to {path}")

@@ -29,10 +29,13 @@ import os
 import random
 import unicodedata
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from llama_mp import cli, outputs
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import iter_jsonl, write_json_atomic, write_jsonl_atomic
 from llama_mp.chat import load_principles
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, instruction_text
@@ -41,6 +44,34 @@ from step1_synthetic_preference.common import load_pairs, response_files
 DEFAULT_DIMENSIONS = ["Concise", "Honest and Accurate", "Ethical", "Specific", "Educational and Engaging",
                       "Methodical", "Creative", "Comprehensive"]
 AI_PHRASE = "As an AI language model"
+
+
+@dataclass
+class AggregateOptions:
+    response_files: list[str] = field(default_factory=list, metadata={
+        "help": "the two response files, RESPONSES_1 RESPONSES_2 (output_1's, output_2's); or response_pattern"})
+    response_pattern: Optional[str] = field(default=None, metadata={
+        "help": "a glob matching exactly two response files (sorted)"})
+    preference_file: Optional[str] = field(default=None, metadata={"help": "synthetic_preference output (JSONL)"})
+    principle_file: str = DEFAULT_JUDGE_PRINCIPLES
+    output_file: Optional[str] = field(default=None, metadata={"help": "JSON list for the reward model"})
+    pairs_file: Optional[str] = field(default=None, metadata={
+        "help": "prompt/chosen/rejected JSONL (default: beside output)"})
+    dimensions: list[str] = field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
+    min_response_chars: int = 16
+    num_passes: int = 4
+    geometric_p: float = 0.2
+    negation_p: float = 0.5
+    ai_rule_p: float = 0.5
+    no_language_rule: bool = field(default=False, metadata={"help": "no script rule (step 5 above)"})
+    label_noise: float = 0.1
+    rule_label_noise: float = 0.25
+    swap_p: float = 0.5
+    seed: int = 42
+
+    @property
+    def language_rule(self) -> bool:
+        return not self.no_language_rule
 
 
 def script_of(text: str) -> str:
@@ -71,7 +102,9 @@ def load_judgments(path: str, dimensions: list[str]) -> dict[str, dict[str, tupl
 
 
 def aggregate(pairs: list[dict], judgments: dict, principles: dict[str, dict], dimensions: list[str],
-              opts: argparse.Namespace) -> tuple[list[dict], Counter]:
+              opts: AggregateOptions) -> tuple[list[dict], Counter]:
+    """The records of the module doc; `opts` is AggregateOptions or anything with its attributes (language_rule
+    included)."""
     rng = random.Random(opts.seed)
     stats = Counter()
     complete = [p for p in pairs if all(d in judgments.get(p["id"], {}) for d in dimensions)]
@@ -152,39 +185,24 @@ def as_chosen_rejected(record: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.aggregate_synthetic_preference",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--response_files", nargs=2, metavar=("RESPONSES_1", "RESPONSES_2"))
-    source.add_argument("--response_pattern", help="a glob matching exactly two response files (sorted)")
-    parser.add_argument("--preference_file", required=True, help="synthetic_preference output (JSONL)")
-    parser.add_argument("--principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
-    parser.add_argument("--output_file", required=True, help="JSON list for the reward model")
-    parser.add_argument("--pairs_file", default=None, help="prompt/chosen/rejected JSONL (default: beside output)")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--dimensions", nargs="+", default=DEFAULT_DIMENSIONS)
-    parser.add_argument("--min_response_chars", type=int, default=16)
-    parser.add_argument("--num_passes", type=int, default=4)
-    parser.add_argument("--geometric_p", type=float, default=0.2)
-    parser.add_argument("--negation_p", type=float, default=0.5)
-    parser.add_argument("--ai_rule_p", type=float, default=0.5)
-    parser.add_argument("--no_language_rule", dest="language_rule", action="store_false")
-    parser.add_argument("--label_noise", type=float, default=0.1)
-    parser.add_argument("--rule_label_noise", type=float, default=0.25)
-    parser.add_argument("--swap_p", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=42)
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output_file and pairs_file")
+    args, opts = parse_config(parser, AggregateOptions)
+    require(opts, "preference_file", "output_file", "dimensions")
+    files = response_files(opts.response_files, opts.response_pattern)
     pairs_file = opts.pairs_file or os.path.splitext(opts.output_file)[0] + "_pairs.jsonl"
     principles = {p["dimension"]: p for p in load_principles(opts.principle_file,
                                                              ("dimension", "definition", "negative_definition"))}
     unknown = [d for d in opts.dimensions if d not in principles]
     if unknown:
         raise ValueError(f"{opts.principle_file}: has no principle named {unknown[0]!r}")
-    pairs, _ = load_pairs(response_files(opts.response_files, opts.response_pattern), opts.min_response_chars)
+    pairs, _ = load_pairs(files, opts.min_response_chars)
     judgments = load_judgments(opts.preference_file, opts.dimensions)
     unjudged = sorted(set(judgments) - {p["id"] for p in pairs})
     if unjudged:
         raise ValueError(f"{opts.preference_file}: judgments for prompt id {unjudged[0]} that is not a pair of the "
                          f"response files")
-    outputs.claim([opts.output_file, pairs_file], outputs.command_settings(opts), opts.overwrite)
+    outputs.claim([opts.output_file, pairs_file], outputs.command_settings(opts), args.overwrite)
     records, stats = aggregate(pairs, judgments, principles, opts.dimensions, opts)
     write_jsonl_atomic(pairs_file, [as_chosen_rejected(r) for r in records])
     write_json_atomic(opts.output_file, records)

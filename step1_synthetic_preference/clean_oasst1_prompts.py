@@ -11,13 +11,23 @@ prompts from the OASST1 train split, is the default prompt set of the later comm
 
 import argparse
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 from llama_mp import cli, outputs
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import iter_jsonl, write_json_atomic
 from llama_mp.prompts import prompt_id
 from step1_synthetic_preference.common import DATA
 
 REQUIRED = ("message_id", "parent_id", "text", "role", "message_tree_id")
+
+
+@dataclass
+class CleanOptions:
+    messages_file: str = field(default=os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl"), metadata={
+        "help": "OASST1 messages (JSONL, one message per line)"})
+    output_file: Optional[str] = field(default=None, metadata={"help": "the prompts' JSON list"})
 
 
 def oasst1_prompts(messages_file: str) -> list[dict]:
@@ -48,12 +58,12 @@ def oasst1_prompts(messages_file: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.clean_oasst1_prompts",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages_file", default=os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl"))
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_file")
+    args, opts = parse_config(parser, CleanOptions)
+    require(opts, "output_file")
     prompts = oasst1_prompts(opts.messages_file)
-    outputs.claim([opts.output_file], outputs.command_settings(opts), opts.overwrite)
+    outputs.claim([opts.output_file], outputs.command_settings(opts), args.overwrite)
     write_json_atomic(opts.output_file, prompts)
     outputs.complete([opts.output_file])
     print(f"wrote {len(prompts)} prompts to {opts.output_file}")

@@ -19,7 +19,12 @@ def clean_response(text) -> str:
 
 
 def response_files(files: Optional[list[str]], pattern: Optional[str]) -> list[str]:
-    """The two response files: given explicitly, or a glob that must match exactly two (taken in sorted order)."""
+    """The two response files: given explicitly (response_files), or a glob that must match exactly two (taken in
+    sorted order; response_pattern); one of the two options, not both."""
+    if bool(files) == bool(pattern):
+        raise ValueError("give either --response_files (two files) or --response_pattern")
+    if files and len(files) != 2:
+        raise ValueError(f"--response_files takes two files (RESPONSES_1 RESPONSES_2), got {len(files)}")
     files = files or sorted(glob.glob(pattern))
     if len(files) != 2:
         raise ValueError(f"--response_pattern {pattern!r} matches {len(files)} files, not 2")

@@ -16,40 +16,48 @@ batch it ran in or on the number of processes.
 """
 
 import argparse
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from llama_mp import cli, jobs
-from llama_mp.chat import DEFAULT_META_PROMPT, FORMATS, chat_format
+from llama_mp.chat import DEFAULT_META_PROMPT, chat_format
+from llama_mp.config import parse_config, require
 from llama_mp.prompts import load_prompts
 from llama_mp.sampler import derive_seed
 from step1_synthetic_preference.common import DEFAULT_PROMPTS
 
 
+@dataclass
+class ResponseOptions(cli.ModelOptions):
+    prompt_file: str = field(default=DEFAULT_PROMPTS, metadata={"help": "JSON list or JSONL with instruction/input"})
+    meta_prompt_file: str = DEFAULT_META_PROMPT
+    chat_format: Literal["auto", "dromedary", "template"] = field(default="auto", metadata={
+        "help": "auto: the checkpoint's chat template when its tokenizer has one, else dromedary"})
+    output_file: Optional[str] = field(default=None, metadata={"help": "the responses (JSONL)"})
+    max_prompts: Optional[int] = field(default=None, metadata={"help": "only the first N prompts of the file"})
+    max_gen_len: int = 768
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: Optional[str] = field(default=None, metadata={"help": "a stop string (default: the chat format's)"})
+    seed: int = field(default=42, metadata={"help": "each prompt's sampling seed derives from it and the prompt's id"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.generate_responses",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    parser.add_argument("--prompt_file", default=DEFAULT_PROMPTS, help="JSON list or JSONL with instruction/input")
-    parser.add_argument("--meta_prompt_file", default=DEFAULT_META_PROMPT)
-    parser.add_argument("--chat_format", choices=FORMATS, default="auto",
-                        help="auto: the checkpoint's chat template when its tokenizer has one, else dromedary")
-    parser.add_argument("--output_file", required=True)
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
     parser.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run")
-    parser.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts of the file")
-    parser.add_argument("--max_gen_len", type=int, default=768)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--stop", default=None, help="a stop string (default: the chat format's)")
-    parser.set_defaults(seed=42)
-    opts = parser.parse_args()
+    args, opts = parse_config(parser, ResponseOptions)
+    require(opts, "ckpt_dir", "output_file")
 
     prompts = load_prompts(opts.prompt_file)[:opts.max_prompts]
-    info, sampler = cli.build(opts)
+    info, sampler = cli.build(opts, opts.seed)
     chat = chat_format(sampler.tokenizer, opts.chat_format, opts.meta_prompt_file)
     stop = [opts.stop] if opts.stop else chat.stop
     settings = {k: getattr(opts, k) for k in ("ckpt_dir", "prompt_file", "meta_prompt_file", "chat_format",
                                               "max_prompts", "max_gen_len", "temperature", "top_p", "stop", "seed",
                                               "max_seq_len", "max_batch_size")}
-    jobs.prepare(opts.output_file, settings, opts.overwrite, info)
+    jobs.prepare(opts.output_file, settings, args.overwrite, info)
 
     queries = {p["id"]: sampler.encode(chat.query(p["instruction"], p["input"])) for p in prompts}
     limit = sampler.max_seq_len - opts.max_gen_len

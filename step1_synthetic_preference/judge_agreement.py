@@ -21,16 +21,37 @@ Judge prompts longer than --max_seq_len are skipped and counted. Writes JSON {"p
 
 import argparse
 import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from llama_mp import cli, jobs, outputs
-from llama_mp.chat import FORMATS, chat_format, load_principles
+from llama_mp.chat import chat_format, load_principles
+from llama_mp.config import parse_config, require
 from llama_mp.jsonl import read_jsonl, write_json_atomic
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, half_credit, judge_chunk
 from llama_mp.jsonl import read_text
 from step1_synthetic_preference.common import DATA
-from step2_reward_model.human_pairs import AGAINST, oasst_human_pairs
+from step2_reward_model.human_pairs import oasst_human_pairs
 
 DEFAULT_PAIRS = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
+
+
+@dataclass
+class JudgeAgreementOptions(cli.ModelOptions):
+    pairs_file: str = field(default=DEFAULT_PAIRS, metadata={"help": "OASST1 messages with ranked answers"})
+    against: Literal["all", "worst"] = field(default="worst", metadata={
+        "help": "worst: each prompt's best-ranked answer against its worst-ranked one; all: against every lower one"})
+    max_pairs: int = field(default=0, metadata={"help": "the first N pairs only (0: all)"})
+    principle_file: str = DEFAULT_JUDGE_PRINCIPLES
+    prompt_template: str = DEFAULT_JUDGE_PROMPT
+    chat_format: Literal["auto", "dromedary", "template"] = "auto"
+    output_file: Optional[str] = field(default=None, metadata={"help": "the report (JSON)"})
+    judgments_file: Optional[str] = field(default=None, metadata={"help": "default: <output_file>.judgments.jsonl"})
+    max_instruction_tokens: int = 256
+    max_response_tokens: int = 640
+    pairs_per_chunk: int = 4
+    no_prefix_reuse: bool = field(default=False, metadata={"help": "recompute every judge prompt in full"})
+    seed: int = field(default=1, metadata={"help": "torch's seed (the judging samples nothing)"})
 
 
 def judge_pairs(human: list[dict]) -> list[dict]:
@@ -73,21 +94,11 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.judge_agreement",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    parser.add_argument("--pairs_file", default=DEFAULT_PAIRS, help="OASST1 messages with ranked answers")
-    parser.add_argument("--against", choices=AGAINST, default="worst")
-    parser.add_argument("--max_pairs", type=int, default=0, help="the first N pairs only (0: all)")
-    parser.add_argument("--principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
-    parser.add_argument("--prompt_template", default=DEFAULT_JUDGE_PROMPT)
-    parser.add_argument("--chat_format", choices=FORMATS, default="auto")
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--judgments_file", default=None, help="default: <output_file>.judgments.jsonl")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--max_instruction_tokens", type=int, default=256)
-    parser.add_argument("--max_response_tokens", type=int, default=640)
-    parser.add_argument("--pairs_per_chunk", type=int, default=4)
-    parser.add_argument("--no_prefix_reuse", action="store_true")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="judge again (discard the judgments_file or an unfinished run)")
+    args, opts = parse_config(parser, JudgeAgreementOptions)
+    require(opts, "ckpt_dir", "output_file")
     pairs = judge_pairs(oasst_human_pairs(opts.pairs_file, [], opts.against))
     pairs = pairs[:opts.max_pairs] if opts.max_pairs > 0 else pairs
     if not pairs:
@@ -95,17 +106,17 @@ def main() -> None:
     principles = load_principles(opts.principle_file)
     template = read_text(opts.prompt_template)
     judgments_file = opts.judgments_file or os.path.splitext(opts.output_file)[0] + ".judgments.jsonl"
-    settings = {k: v for k, v in vars(opts).items() if k not in ("overwrite", "output_file", "judgments_file")}
+    settings = {k: v for k, v in outputs.command_settings(opts).items() if k not in ("output_file", "judgments_file")}
     record = outputs.read_record([judgments_file])
-    if (not opts.overwrite and outputs.is_complete([judgments_file])
+    if (not args.overwrite and outputs.is_complete([judgments_file])
             and record.get("settings") == outputs.normalised(settings)):
         print(f"[judge_agreement] reusing the complete {judgments_file}", flush=True)
         records = read_jsonl(judgments_file)
     else:
-        info, sampler = cli.build(opts)
+        info, sampler = cli.build(opts, opts.seed)
         chat = chat_format(sampler.tokenizer, opts.chat_format)
         id_a, id_b = answer_token_ids(sampler.tokenizer)
-        jobs.prepare(judgments_file, settings, opts.overwrite, info)
+        jobs.prepare(judgments_file, settings, args.overwrite, info)
 
         def process(chunk: list[dict]) -> list[dict]:
             return judge_chunk(sampler, chat, chunk, principles, template, id_a, id_b, opts.max_instruction_tokens,

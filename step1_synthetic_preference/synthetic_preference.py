@@ -19,39 +19,48 @@ judging code is llama_mp/judge.py. Sharded over data-parallel replicas and resum
 
 import argparse
 import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 from llama_mp import cli, jobs
-from llama_mp.chat import FORMATS, chat_format, load_principles
+from llama_mp.chat import chat_format, load_principles
+from llama_mp.config import parse_config, require
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
 from llama_mp.jsonl import read_text
 from step1_synthetic_preference.common import load_pairs, response_files
 
 
+@dataclass
+class SyntheticPreferenceOptions(cli.ModelOptions):
+    response_files: list[str] = field(default_factory=list, metadata={
+        "help": "the two response files, RESPONSES_1 RESPONSES_2 (output_1's, output_2's); or response_pattern"})
+    response_pattern: Optional[str] = field(default=None, metadata={
+        "help": "a glob matching exactly two response files (sorted)"})
+    principle_file: str = DEFAULT_JUDGE_PRINCIPLES
+    prompt_template: str = DEFAULT_JUDGE_PROMPT
+    chat_format: Literal["auto", "dromedary", "template"] = field(default="auto", metadata={
+        "help": "auto: the judge prompt inside the checkpoint's chat template when it has one"})
+    output_file: Optional[str] = field(default=None, metadata={"help": "the judgments (JSONL)"})
+    min_response_chars: int = 16
+    max_instruction_tokens: int = field(default=256, metadata={"help": "longer instructions are cut"})
+    max_response_tokens: int = field(default=640, metadata={"help": "longer responses are cut"})
+    pairs_per_chunk: int = field(default=4, metadata={"help": "pairs judged between two appends"})
+    no_prefix_reuse: bool = field(default=False, metadata={"help": "recompute every judge prompt in full"})
+    seed: int = field(default=1, metadata={"help": "torch's seed (the judging samples nothing)"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step1_synthetic_preference.synthetic_preference",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--response_files", nargs=2, metavar=("RESPONSES_1", "RESPONSES_2"))
-    source.add_argument("--response_pattern", help="a glob matching exactly two response files (sorted)")
-    parser.add_argument("--principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
-    parser.add_argument("--prompt_template", default=DEFAULT_JUDGE_PROMPT)
-    parser.add_argument("--chat_format", choices=FORMATS, default="auto",
-                        help="auto: the judge prompt inside the checkpoint's chat template when it has one")
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--min_response_chars", type=int, default=16)
-    parser.add_argument("--max_instruction_tokens", type=int, default=256, help="longer instructions are cut")
-    parser.add_argument("--max_response_tokens", type=int, default=640, help="longer responses are cut")
-    parser.add_argument("--pairs_per_chunk", type=int, default=4, help="pairs judged between two appends")
-    parser.add_argument("--no_prefix_reuse", action="store_true", help="recompute every judge prompt in full")
-    opts = parser.parse_args()
-
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing output or unfinished run")
+    args, opts = parse_config(parser, SyntheticPreferenceOptions)
+    require(opts, "ckpt_dir", "output_file")
     files = response_files(opts.response_files, opts.response_pattern)
     pairs, dropped = load_pairs(files, opts.min_response_chars)
     principles = load_principles(opts.principle_file)
     template = read_text(opts.prompt_template)
-    info, sampler = cli.build(opts)
+    info, sampler = cli.build(opts, opts.seed)
     tokenizer = sampler.tokenizer
     id_a, id_b = answer_token_ids(tokenizer)
     chat = chat_format(tokenizer, opts.chat_format)
@@ -59,7 +68,7 @@ def main() -> None:
                 **{k: getattr(opts, k) for k in ("principle_file", "prompt_template", "chat_format",
                                                  "min_response_chars", "max_instruction_tokens", "max_response_tokens",
                                                  "pairs_per_chunk", "max_seq_len")}}
-    jobs.prepare(opts.output_file, settings, opts.overwrite, info)
+    jobs.prepare(opts.output_file, settings, args.overwrite, info)
     if info.is_main:
         print(f"[judge] {len(pairs)} pairs x {len(principles)} principles x 2 orders"
               + (f"; {dropped} pairs dropped (a response shorter than {opts.min_response_chars} chars)"

@@ -10,33 +10,42 @@ Prints JSON: one {"response", "reward"} per --response. Without --principle, the
 
 import argparse
 import json
+from dataclasses import dataclass, field
+from typing import Optional
 
 from llama_mp import cli, distributed
 from llama_mp.chat import load_principles
 from llama_mp.checkpoint import check_reward_model
+from llama_mp.config import PositiveInt, parse_config, require
 from llama_mp.tokenizer import load_tokenizer
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, RewardScorer, load_reward_model,
                                              read_template)
 
 
+@dataclass
+class RewardScoreOptions(cli.Layout):
+    ckpt_dir: Optional[str] = field(default=None, metadata={
+        "help": "a reward-model checkpoint (Meta layout + head.pth)"})
+    tokenizer_path: Optional[str] = field(default=None, metadata={"help": "default: the one ckpt_dir carries"})
+    instruction: Optional[str] = None
+    response: list[str] = field(default_factory=list, metadata={"help": "a response to score (repeat the flag)"})
+    principle: list[str] = field(default_factory=list, metadata={
+        "help": "a principle (repeat the flag; default: the first num_principles of principle_file)"})
+    principle_file: str = f"{DATA}/salmon/principle_collection_rm.json"
+    num_principles: int = 5
+    prompt_template: str = DEFAULT_RM_PROMPT
+    query_len: int = 128
+    response_len: int = 768
+    max_seq_len: Optional[PositiveInt] = field(default=None, metadata={
+        "help": "context length (default: params.json's)"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step2_reward_model.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", required=True, help="a reward-model checkpoint (Meta layout + head.pth)")
-    parser.add_argument("--tokenizer_path", default=None, help="default: the one --ckpt_dir carries")
-    parser.add_argument("--instruction", required=True)
-    parser.add_argument("--response", action="append", required=True)
-    parser.add_argument("--principle", action="append", default=[])
-    parser.add_argument("--principle_file", default=f"{DATA}/salmon/principle_collection_rm.json")
-    parser.add_argument("--num_principles", type=int, default=5)
-    parser.add_argument("--prompt_template", default=DEFAULT_RM_PROMPT)
-    parser.add_argument("--query_len", type=int, default=128)
-    parser.add_argument("--response_len", type=int, default=768)
-    parser.add_argument("--max_seq_len", type=cli.positive_int, default=None)
-    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="auto",
-                        help="auto: bfloat16 on CUDA, else float32")
-    opts = parser.parse_args()
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    _, opts = parse_config(parser, RewardScoreOptions)
+    require(opts, "ckpt_dir", "instruction", "response")
     principles = opts.principle
     if not principles:
         principles = [p["definition"] for p in load_principles(opts.principle_file, ("definition",))]

@@ -28,12 +28,15 @@ a slice of the prompts. Writes JSON {"prompts", "prompt_source", "policies": {na
 import argparse
 import os
 import random
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 
 from llama_mp import cli, distributed, outputs
-from llama_mp.chat import DATA, FORMATS, chat_format, load_principles
+from llama_mp.chat import DATA, chat_format, load_principles
 from llama_mp.checkpoint import check_policy, check_reward_model, resolve_checkpoint
+from llama_mp.config import PositiveInt, parse_config, require
 from llama_mp.jsonl import read_text, write_json_atomic, write_jsonl_atomic
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, half_credit, judge_chunk
 from llama_mp.lora import load_model
@@ -46,10 +49,45 @@ from step2_reward_model.reward_model import PromptBuilder, RewardScorer, load_re
 from step3_rl.train_ppo import weighted_sample
 
 
+@dataclass
+class EvaluateOptions(cli.Layout):
+    initial_ckpt: Optional[str] = field(default=None, metadata={"help": "the policy every trained one started from"})
+    policy: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=DIR: a trained policy (repeat the flag for several)"})
+    reward_ckpt: Optional[str] = field(default=None, metadata={
+        "help": "a reward model checkpoint or its training output dir"})
+    tokenizer_path: Optional[str] = field(default=None, metadata={"help": "default: the one initial_ckpt carries"})
+    output_file: Optional[str] = None
+    messages_file: str = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
+    prompts_file: Optional[str] = field(default=None, metadata={"help": "prompt records instead of messages_file"})
+    num_prompts: PositiveInt = 64
+    max_prompt_len: PositiveInt = field(default=192, metadata={"help": "longer queries are left out"})
+    max_gen_len: PositiveInt = 128
+    temperature: float = 0.7
+    seed: int = 1234
+    chat_format: Literal["auto", "dromedary", "template"] = "auto"
+    principle_file: str = os.path.join(DATA, "salmon/principle_collection_ppo.json")
+    num_principles: int = 3
+    rm_prompt_template: str = os.path.join(DATA, "salmon/salmon_reward_model_prompt_v1.txt")
+    rm_query_len: int = 128
+    rm_response_len: int = 512
+    judge_principle_file: str = DEFAULT_JUDGE_PRINCIPLES
+    judge_principles: int = field(default=0, metadata={"help": "the first N principles of the file (0: all)"})
+    judge_prompt_template: str = DEFAULT_JUDGE_PROMPT
+    max_instruction_tokens: int = 256
+    max_response_tokens: int = 640
+    judge_max_seq_len: PositiveInt = 2048
+    max_batch_size: PositiveInt = 32
+    dtype: cli.Dtype = field(default="float32", metadata={
+        "help": "of the policies, the reward model and the log-probs; auto: bfloat16 on CUDA, else float32"})
+    judge_dtype: cli.Dtype = field(default="auto", metadata={"help": "auto: bfloat16 on CUDA, else float32"})
+
+
 def parse_policy(text: str) -> tuple[str, str]:
+    """A --policy NAME=CHECKPOINT_DIR as (name, directory)."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT_DIR, got {text!r}")
+        raise ValueError(f"--policy: expected NAME=CHECKPOINT_DIR, got {text!r}")
     return name, path
 
 
@@ -75,41 +113,15 @@ def gather(info, rows: list) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m step3_rl.evaluate_policy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--initial_ckpt", required=True, help="the policy every trained one started from")
-    parser.add_argument("--policy", action="append", type=parse_policy, required=True, metavar="NAME=DIR")
-    parser.add_argument("--reward_ckpt", required=True, help="a reward model checkpoint or its training output dir")
-    parser.add_argument("--tokenizer_path", default=None, help="default: the one --initial_ckpt carries")
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--messages_file", default=os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl"))
-    parser.add_argument("--prompts_file", default=None, help="prompt records instead of --messages_file")
-    parser.add_argument("--num_prompts", type=cli.positive_int, default=64)
-    parser.add_argument("--max_prompt_len", type=cli.positive_int, default=192, help="longer queries are left out")
-    parser.add_argument("--max_gen_len", type=cli.positive_int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--chat_format", choices=FORMATS, default="auto")
-    parser.add_argument("--principle_file", default=os.path.join(DATA, "salmon/principle_collection_ppo.json"))
-    parser.add_argument("--num_principles", type=int, default=3)
-    parser.add_argument("--rm_prompt_template", default=os.path.join(DATA, "salmon/salmon_reward_model_prompt_v1.txt"))
-    parser.add_argument("--rm_query_len", type=int, default=128)
-    parser.add_argument("--rm_response_len", type=int, default=512)
-    parser.add_argument("--judge_principle_file", default=DEFAULT_JUDGE_PRINCIPLES)
-    parser.add_argument("--judge_principles", type=int, default=0, help="the first N principles of the file (0: all)")
-    parser.add_argument("--judge_prompt_template", default=DEFAULT_JUDGE_PROMPT)
-    parser.add_argument("--max_instruction_tokens", type=int, default=256)
-    parser.add_argument("--max_response_tokens", type=int, default=640)
-    parser.add_argument("--judge_max_seq_len", type=cli.positive_int, default=2048)
-    parser.add_argument("--max_batch_size", type=cli.positive_int, default=32)
-    parser.add_argument("--model_parallel_size", type=cli.positive_int, default=None)
-    parser.add_argument("--dtype", choices=["auto", *cli.DTYPES], default="float32")
-    parser.add_argument("--judge_dtype", choices=["auto", *cli.DTYPES], default="auto",
-                        help="auto: bfloat16 on CUDA, else float32")
-    opts = parser.parse_args()
-    names = [name for name, _ in opts.policy]
+    parser.add_argument("--config", help="YAML of the options below (every key is also a flag)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output_file and its samples")
+    args, opts = parse_config(parser, EvaluateOptions)
+    require(opts, "initial_ckpt", "policy", "reward_ckpt", "output_file")
+    policies = [parse_policy(text) for text in opts.policy]
+    names = [name for name, _ in policies]
     if len(set(names)) != len(names) or "initial" in names:
         raise ValueError(f"--policy names must be distinct and not 'initial', got {names}")
-    for ckpt in [opts.initial_ckpt, *(path for _, path in opts.policy)]:
+    for ckpt in [opts.initial_ckpt, *(path for _, path in policies)]:
         check_policy(resolve_checkpoint(ckpt))
     check_reward_model(resolve_checkpoint(opts.reward_ckpt))
     samples_file = os.path.splitext(opts.output_file)[0] + ".samples.jsonl"
@@ -138,7 +150,7 @@ def main() -> None:
 
     initial = sampler_of(opts.initial_ckpt, dtype, seq_len)
     if info.is_main:  # once the inputs have loaded (a refused output is refused before any sampling)
-        outputs.claim([opts.output_file, samples_file], outputs.command_settings(opts), opts.overwrite)
+        outputs.claim([opts.output_file, samples_file], outputs.command_settings(opts), args.overwrite)
     seeds = [derive_seed(opts.seed, prompt_id(prompts[i]["instruction"], prompts[i]["input"])) for i in mine]
     draws = [weighted_sample(random.Random(seed), rm_principles, opts.num_principles) for seed in seeds]
 
@@ -157,7 +169,7 @@ def main() -> None:
 
     responses = {"initial": respond(initial)}
     kl = {"initial": [0.0] * len(mine)}
-    for name, ckpt in opts.policy:
+    for name, ckpt in policies:
         policy = sampler_of(ckpt, dtype, seq_len)
         responses[name] = respond(policy)
         own = sequence_logprobs(policy, responses[name])
@@ -178,8 +190,8 @@ def main() -> None:
     judge = sampler_of(opts.initial_ckpt, judge_dtype, opts.judge_max_seq_len)
     id_a, id_b = answer_token_ids(tokenizer)
     judged = {}
-    progress = Progress(len(opts.policy) * len(mine), "judge", "pairs")
-    for name, _ in opts.policy:
+    progress = Progress(len(policies) * len(mine), "judge", "pairs")
+    for name, _ in policies:
         pairs = [{"id": prompts[i]["id"], "example_idx": j, "instruction": prompts[i]["instruction"],
                   "input": prompts[i]["input"], "output_1": responses[name][j].text,
                   "output_2": responses["initial"][j].text} for j, i in enumerate(mine)]

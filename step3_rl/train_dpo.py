@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,11 +43,11 @@ class DPOOptions:
     prompt_key: str = "prompt"
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
-    prompt_format: str = "auto"  # auto | dromedary | template (llama_mp/chat.py) | plain
+    prompt_format: Literal["auto", "dromedary", "template", "plain"] = "auto"  # llama_mp/chat.py; plain: as given
     meta_prompt_file: str = DEFAULT_META_PROMPT
     beta: float = 0.1
     label_smoothing: float = 0.0
-    loss_type: str = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     max_prompt_len: int = 256
     max_response_len: int = 512
     max_seq_len: int = 1024
@@ -149,8 +149,6 @@ def main() -> None:
     args, layout, train_cfg, opts = parse_task_args(parser, DPOOptions)
     require(opts, "ckpt_dir", "train_file")  # tokenizer_path: default the checkpoint's own tokenizer
     check_policy(opts.ckpt_dir)
-    if opts.loss_type not in ("sigmoid", "ipo"):
-        raise ValueError(f"loss_type must be sigmoid or ipo, got {opts.loss_type!r}")
     pairs = read_pairs(opts.train_file, opts)
     tokenizer = load_tokenizer(opts.tokenizer_path, opts.ckpt_dir)
     chat = None if opts.prompt_format == "plain" else chat_format(tokenizer, opts.prompt_format, opts.meta_prompt_file)

@@ -28,7 +28,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class PPOOptions:
     prompt_file: str = os.path.join(DATA, "oasst1/oasst1_prompts.json")
     max_prompts: int = 0
     meta_prompt_file: str = DEFAULT_META_PROMPT
-    chat_format: str = "auto"  # auto | dromedary | template: how the policy is prompted (llama_mp/chat.py)
+    chat_format: Literal["auto", "dromedary", "template"] = "auto"  # how the policy is prompted (llama_mp/chat.py)
     rm_prompt_template: str = os.path.join(DATA, "salmon/salmon_reward_model_prompt_v1.txt")
     principle_file: str = os.path.join(DATA, "salmon/principle_collection_ppo.json")
     num_principles: int = 3

@@ -2,16 +2,19 @@
 strictly, unknown keys refused at every level; and the commands' config files still loading as they did."""
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import pytest
+import yaml
 
 from conftest import ROOT
-from llama_mp.config import Arg, add_config_flags, load_config, load_configs, parse_config
+from llama_mp.config import (Arg, PositiveInt, add_config_flags, load_config, load_configs, parse_config,
+                             require)
 
 
 @dataclass
@@ -141,6 +144,47 @@ def test_bool_flags_take_true_and_false_only():
     assert parse(["--salmon.judge", "false"])[1].salmon.judge is False
 
 
+@dataclass
+class Choices:
+    mode: Literal["auto", "none", "template"] = "auto"
+    batch: PositiveInt = 4
+    count: Optional[PositiveInt] = None
+    stop: list[str] = field(default_factory=list)
+    overwrite_like: bool = False
+
+
+def test_a_bare_bool_flag_is_true_and_list_flags_accumulate():
+    assert parse(["--overwrite_like"], Choices)[1].overwrite_like is True
+    assert parse(["--overwrite_like", "false"], Choices)[1].overwrite_like is False
+    assert parse(["--stop", "a", "--stop", "b", "c"], Choices)[1].stop == ["a", "b", "c"]
+
+
+def test_literal_choices_and_positive_counts(tmp_path):
+    assert parse(["--mode", "none", "--batch", "1", "--count", "null"], Choices)[1] == Choices(mode="none", batch=1)
+    assert load_config(Choices, None, write(tmp_path, "mode: template\ncount: 3\n")) == Choices(mode="template", count=3)
+    for argv, message in ((["--mode", "chat"], "--mode must be one of auto, none, template, got 'chat'"),
+                          (["--batch", "0"], "--batch must be a positive int, got '0'"),
+                          (["--count", "-2"], "--count must be a positive int or null, got '-2'")):
+        with pytest.raises(ValueError) as err:
+            parse(argv, Choices)
+        assert str(err.value) == message
+    for text, message in (("mode: 1\n", "mode must be one of auto, none, template, got 1"),
+                          ("batch: 0\n", "batch must be a positive int, got 0"),
+                          ("batch: 2.0\n", "batch must be a positive int, got 2.0"),
+                          ("batch: true\n", "batch must be a positive int, got True")):
+        path = write(tmp_path, text, "bad.yaml")
+        with pytest.raises(ValueError) as err:
+            load_config(Choices, None, path)
+        assert str(err.value) == f"{path}: {message}"
+
+
+def test_require_names_the_first_missing_option():
+    require(Choices(mode="none"), "mode", "batch")
+    with pytest.raises(ValueError) as err:
+        require(Options(ckpt=None, datasets=[]), "name", "ckpt", "datasets")
+    assert str(err.value) == "--ckpt is required (a flag, or a key of --config)"
+
+
 def test_unknown_keys_are_refused_at_every_level(tmp_path):
     top = write(tmp_path, "steps: 3\nstepz: 4\n")
     with pytest.raises(ValueError) as err:
@@ -252,3 +296,65 @@ def test_the_commands_config_files_load_as_written():
     assert shared["sft_lr"] == 1e-5 and shared["dpo_lr"] == 1e-6 and "datasets" not in shared
     with open(at("scripts/r0_s1_gen_synsft.sh")) as f:
         assert "RoundsConfig.sft_lr" in f.read()  # the shell script reads the default instead of restating it
+
+
+def quickstart_config_class():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("quickstart_for_test", os.path.join(ROOT, "scripts/quickstart.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # as when run: its own directory first (quickstart_report)
+    try:
+        spec.loader.exec_module(module)  # its main() runs only as a script
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    return module.QuickstartConfig
+
+
+def test_every_shipped_config_loads_with_the_classes_of_its_command():
+    """Each configs/*.yaml through the classes its command parses it with: every key known and of its type (a config
+    that drifts from its command fails here, not in a user's run). A new config file must be listed."""
+    from llama_mp.cli import Layout, ModelOptions
+    from llama_mp.train import TrainConfig
+    from step0_coldstart.leave_one_out import load_config as loo_config
+    from step0_coldstart.rounds import RoundsConfig
+    from step0_coldstart.syn_addprompt import SynConfig
+    from step0_coldstart.synscore_anchors import AnchorsConfig
+    from step1_synthetic_preference.generate_responses import ResponseOptions
+    from step1_synthetic_preference.synthetic_preference import SyntheticPreferenceOptions
+    from step2_reward_model.train_reward_model import RewardModelOptions
+    from step3_rl.train_dpo import DPOOptions
+    from step3_rl.train_ppo import PPOOptions
+    quickstart = quickstart_config_class()
+    commands = {
+        "dpo_tiny.yaml": (Layout, TrainConfig, DPOOptions), "dpo_70b.yaml": (Layout, TrainConfig, DPOOptions),
+        "ppo_tiny.yaml": (Layout, TrainConfig, PPOOptions), "ppo_70b.yaml": (Layout, TrainConfig, PPOOptions),
+        "reward_model_tiny.yaml": (Layout, TrainConfig, RewardModelOptions),
+        "reward_model_70b.yaml": (Layout, TrainConfig, RewardModelOptions),
+        "quickstart.yaml": (quickstart,), "quickstart_stories260K.yaml": (quickstart,),
+        "syn_addprompt.yaml": (ModelOptions, SynConfig), "syn_addprompt_tiny.yaml": (ModelOptions, SynConfig),
+        "synfed_tiny.yaml": (RoundsConfig,), "synfed_smollm2.yaml": (RoundsConfig,), "synfed_loo.yaml": None,
+        "synscore_anchors.yaml": (AnchorsConfig,), "responses_tiny.yaml": (ResponseOptions,),
+        "judge.yaml": (SyntheticPreferenceOptions,),
+    }
+    shipped = sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml"))
+    assert shipped == sorted(commands)
+    for name, classes in commands.items():
+        path = os.path.join(ROOT, "configs", name)
+        if classes is None:
+            loo_config(path)
+            continue
+        loaded = load_configs(classes, None, path)
+        with open(path) as f:
+            given = yaml.safe_load(f) or {}
+        assert given, f"{name} sets nothing"
+        for key, value in given.items():  # the file's value arrived (a key two classes share: in both)
+            holders = [c for c in loaded if hasattr(c, key)]
+            assert holders, (name, key)
+            for holder in holders:
+                got = getattr(holder, key)
+                if isinstance(got, float):  # YAML 1.1 reads 1e-3 as a text
+                    assert got == float(value), (name, key)
+                elif isinstance(got, list):  # an argument list: numbers kept as texts
+                    assert [str(g) for g in got] == [str(v) for v in value], (name, key)
+                elif not dataclasses.is_dataclass(got):  # a section: its own keys are checked by the loader
+                    assert got == value, (name, key)
