@@ -34,6 +34,7 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 from llama_mp import cli, lora
+from llama_mp.adamw import AdamW
 from llama_mp.checkpoint import (copy_tokenizer_files, latest_checkpoint, load_weights, save_params, save_shard,
                                  split_dim, tokenizer_home, write_latest)
 from llama_mp.config import parse_config
@@ -159,15 +160,13 @@ class Trainer:
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        self.optimizer = AdamW([(decay, config.weight_decay), (no_decay, 0.0)],
+                               betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
         per_step = config.micro_batch_size * config.grad_accum * info.data_parallel_size
         self.steps_per_epoch = max(1, math.ceil(len(examples) / per_step))
         total = math.ceil(self.steps_per_epoch * config.epochs)
         self.total_steps = min(total, config.max_steps) if config.max_steps > 0 else total
         self.warmup_steps = int(config.warmup_ratio * self.total_steps)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0  # optimizer steps taken
         self.iteration = 0  # logged iterations: one optimizer step each, or one of a task's own iterations (fit)
         self.records: list[dict] = []  # the metrics records of this process's fit
@@ -185,8 +184,6 @@ class Trainer:
     def set_total_steps(self, total: int) -> None:
         """For tasks that count their own optimizer steps (PPO): the schedule's length, warmup included."""
         self.total_steps, self.warmup_steps = total, int(self.cfg.warmup_ratio * total)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * self.lr_factor(self.step)
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step."""
@@ -232,10 +229,9 @@ class Trainer:
             totals["tokens"] += batch.get("num_tokens", 0)
         self._average_gradients()
         grad_norm = self._clip_gradients()
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.cfg.lr * self.lr_factor(self.step)  # the schedule is a function of the step
+        self.optimizer.step(lr)
+        self.optimizer.zero_grad()
         self.step += 1
         sums = self._sum_metrics(totals)  # one gather for every metric and the token count
         tokens = sums.pop("tokens")
@@ -379,7 +375,7 @@ class Trainer:
                 save_shard(tmp, mp_rank, self.backbone.state_dict(), self.backbone.args)
             head = self.heads(self.module.state_dict())
             # Data order is a function of (seed, step), so the step is the data position; torch's RNG covers the rest.
-            state = {"step": self.step, "iteration": self.iteration, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            state = {"step": self.step, "iteration": self.iteration, "optimizer": self.optimizer.state_dict(),
                      "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
                      "data_parallel_size": self.info.data_parallel_size, "num_examples": len(self.examples)}
             torch.save(state, os.path.join(tmp, f"trainer_state.{mp_rank:02d}.pth"))
@@ -432,8 +428,10 @@ class Trainer:
         if changed:
             raise ValueError(f"{ckpt}: cannot resume with different {', '.join(changed)} "
                              f"({', '.join(f'{then[k]} -> {now[k]}' for k in changed)})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:
+            raise ValueError(f"{state_file}: {err}") from None
         self.step = state["step"]
         self.iteration = state.get("iteration", state["step"])  # (checkpoints before iterations: one per step)
         torch.set_rng_state(state["torch_rng"])

@@ -193,13 +193,15 @@ class StepPhases:
         return run
 
     def watch(self, optimizer) -> None:
-        def before(*_):
-            self.started = time.perf_counter()
+        """Time every optimizer.step (llama_mp's AdamW or a torch.optim one)."""
+        step = optimizer.step
 
-        def after(*_):
-            self.seconds["optimizer"] += time.perf_counter() - self.started
-        optimizer.register_step_pre_hook(before)
-        optimizer.register_step_post_hook(after)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            out = step(*args, **kwargs)
+            self.seconds["optimizer"] += time.perf_counter() - started
+            return out
+        optimizer.step = timed
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.seconds, 0.0)

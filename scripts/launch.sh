@@ -2,6 +2,7 @@
 # The one launcher: run `python -m MODULE ARGS...` on every process of this node or of a SLURM allocation.
 #
 #   bash scripts/launch.sh MODULE ARGS...                          one node: torchrun with NPROC_PER_NODE processes
+#                                                                  (one: python directly)
 #   salloc -N 2 --gpus-per-node 8 ... srun --ntasks-per-node 1 bash scripts/launch.sh MODULE ARGS...
 #                                                                  one torchrun per node, rendezvous on the first node
 #   srun --ntasks-per-node 8 ... bash scripts/launch.sh MODULE ARGS...
@@ -43,5 +44,8 @@ if [ -n "${SLURM_PROCID:-}" ] && [ -n "${SLURM_STEP_NUM_TASKS:-}" ]; then
   # one task per node here, so the task's rank is the node's rank within this step
   exec "$PYTHON_BIN" -m torch.distributed.run --nnodes "$nodes" --node_rank "$SLURM_PROCID" \
     --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m "$MODULE" "$@"
+fi
+if [ "$NPROC_PER_NODE" = 1 ]; then  # one process: no launcher to start (torchrun's own start-up is ~2.4 s on CPU)
+  exec "$PYTHON_BIN" -m "$MODULE" "$@"
 fi
 exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m "$MODULE" "$@"

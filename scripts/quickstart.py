@@ -117,7 +117,8 @@ class Runner:
         self.rd.step(name, lambda: self(cmd(), env), outputs)
 
     def __call__(self, cmd: list[str], env: dict = None) -> None:
-        full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), "OMP_NUM_THREADS": "1",
+        threads = max(1, len(os.sched_getaffinity(0)) // self.nproc)  # this machine's cores, shared by the processes
+        full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), "OMP_NUM_THREADS": str(threads),
                     **self.env, **(env or {})}
         with open(self.log, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
