@@ -117,9 +117,9 @@ class Runner:
         self.rd.step(name, lambda: self(cmd(), env), outputs)
 
     def __call__(self, cmd: list[str], env: dict = None) -> None:
-        threads = max(1, len(os.sched_getaffinity(0)) // self.nproc)  # this machine's cores, shared by the processes
-        full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), "OMP_NUM_THREADS": str(threads),
-                    **self.env, **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": ROOT, "NPROC_PER_NODE": str(self.nproc), **self.env, **(env or {})}
+        if "OMP_NUM_THREADS" not in {**self.env, **(env or {})}:  # this machine's cores, shared by the processes
+            full_env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // int(full_env["NPROC_PER_NODE"])))
         with open(self.log, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
@@ -283,7 +283,7 @@ def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
         "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
         "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
         "--judge_dtype", d["dtype"], "--overwrite", *s.eval_flags),  # redone whole if killed (complete: skipped)
-        {"NPROC_PER_NODE": "1", "OMP_NUM_THREADS": str(cfg.nproc)}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
+        {"NPROC_PER_NODE": "1"}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
     with open(out) as f:
         report = json.load(f)
     return {"outputs": [out, os.path.splitext(out)[0] + ".samples.jsonl"], "prompts": report["prompts"],

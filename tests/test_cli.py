@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import STORIES_BIN, STORIES_REFERENCE, TOK512, run_cli
+from conftest import STORIES_BIN, STORIES_REFERENCE, TOK512, run_cli, run_clis
 
 
 def assert_one_line_error(result, *fragments):
@@ -71,42 +71,39 @@ def test_reshard_cli_refuses_to_overwrite(converted, tmp_path):
 
 
 def test_bad_inputs_give_one_line_errors(converted, tmp_path):
-    broken = str(tmp_path / "broken")
-    shutil.copytree(converted, broken)
-    os.remove(os.path.join(broken, "consolidated.00.pth"))
+    cases = []  # (argv, the error's fragment); each broken checkpoint in a directory of its own, run two at a time
+
+    def broken(name, params=None, drop_shard=False):
+        path = str(tmp_path / name)
+        shutil.copytree(converted, path)
+        if drop_shard:
+            os.remove(os.path.join(path, "consolidated.00.pth"))
+        if params is not None:
+            with open(os.path.join(path, "params.json"), "w") as f:
+                f.write(params if isinstance(params, str) else json.dumps(params))
+        return path
+
     generate = ["-m", "llama_mp.generate", "--tokenizer_path", TOK512, "--prompt", "Hi", "--ckpt_dir"]
-    assert_one_line_error(run_cli(*generate, broken), "consolidated.00.pth is missing")
-
-    shutil.copy(os.path.join(converted, "consolidated.00.pth"), broken)
-    with open(os.path.join(broken, "params.json"), "w") as f:
-        f.write('{"dim": 64, "n_layers": ')
-    assert_one_line_error(run_cli(*generate, broken), "params.json: not valid JSON")
-
+    cases.append(([*generate, broken("no_shard", drop_shard=True)], "consolidated.00.pth is missing"))
+    cases.append(([*generate, broken("torn", '{"dim": 64, "n_layers": ')], "params.json: not valid JSON"))
     truncated = tmp_path / "cut.bin"
     truncated.write_bytes(open(STORIES_BIN, "rb").read()[:5000])
-    result = run_cli("-m", "llama_mp.convert", "llama2c", "--input", str(truncated), "--output_dir",
-                     str(tmp_path / "x"))
-    assert_one_line_error(result, "cut.bin: truncated")
-
-    for bad, message in [({"dim": "64"}, "dim must be int, got '64'"), ({"n_heads": 0}, "n_heads must be positive"),
-                         ({"vocab_size": None}, "vocab_size must be int, got None")]:
-        params = json.load(open(os.path.join(converted, "params.json")))
-        with open(os.path.join(broken, "params.json"), "w") as f:
-            json.dump({**params, **bad}, f)
-        assert_one_line_error(run_cli(*generate, broken), "params.json: " + message)
+    cases.append((["-m", "llama_mp.convert", "llama2c", "--input", str(truncated), "--output_dir", str(tmp_path / "x")],
+                  "cut.bin: truncated"))
     params = json.load(open(os.path.join(converted, "params.json")))
-    del params["dim"]
-    with open(os.path.join(broken, "params.json"), "w") as f:
-        json.dump(params, f)
-    assert_one_line_error(run_cli(*generate, broken), "params.json: missing key 'dim'")
-
-    result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
-                     str(tmp_path / "nope.model"), "--prompt", "Hi")
-    assert_one_line_error(result, "nope.model: tokenizer model not found")
-
-    result = run_cli("-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
-                     os.path.join(os.path.dirname(TOK512), "tokenizer.model"), "--prompt", "Hi")
-    assert_one_line_error(result, "tokenizer has 32000 pieces but the model's vocabulary is 512")
+    for i, (bad, message) in enumerate([({"dim": "64"}, "dim must be int, got '64'"),
+                                        ({"n_heads": 0}, "n_heads must be positive"),
+                                        ({"vocab_size": None}, "vocab_size must be int, got None")]):
+        cases.append(([*generate, broken(f"bad{i}", {**params, **bad})], "params.json: " + message))
+    cases.append(([*generate, broken("no_dim", {k: v for k, v in params.items() if k != "dim"})],
+                  "params.json: missing key 'dim'"))
+    cases.append((["-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path", str(tmp_path / "nope.model"),
+                   "--prompt", "Hi"], "nope.model: tokenizer model not found"))
+    cases.append((["-m", "llama_mp.generate", "--ckpt_dir", converted, "--tokenizer_path",
+                   os.path.join(os.path.dirname(TOK512), "tokenizer.model"), "--prompt", "Hi"],
+                  "tokenizer has 32000 pieces but the model's vocabulary is 512"))
+    for (argv, fragment), result in zip(cases, run_clis(*(argv for argv, _ in cases))):
+        assert_one_line_error(result, fragment)
 
 
 def test_convert_under_torchrun_writes_once(tmp_path):

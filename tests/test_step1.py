@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TOK512, run_cli
+from conftest import ROOT, TOK512, run_cli, run_clis
 from llama_mp.tokenizer import Tokenizer
 from step1_synthetic_preference.aggregate_synthetic_preference import aggregate, script_of
 from llama_mp.judge import DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_prompt, judgments, order_label, split_shared
@@ -123,10 +123,14 @@ def prompts_file(tmp_path_factory):
     return out
 
 
+def responses_argv(ckpt, prompts_file, out, seed, *extra):
+    return ["-m", "step1_synthetic_preference.generate_responses", "--ckpt_dir", ckpt, "--tokenizer_path", TOK512,
+            "--prompt_file", prompts_file, "--output_file", out, "--seed", str(seed), "--max_gen_len", "48",
+            "--max_batch_size", "2", *extra]
+
+
 def responses(ckpt, prompts_file, out, seed, *extra, env=None):
-    return run_cli("-m", "step1_synthetic_preference.generate_responses", "--ckpt_dir", ckpt, "--tokenizer_path",
-                   TOK512, "--prompt_file", prompts_file, "--output_file", out, "--seed", str(seed),
-                   "--max_gen_len", "48", "--max_batch_size", "2", *extra, env=env)
+    return run_cli(*responses_argv(ckpt, prompts_file, out, seed, *extra), env=env)
 
 
 def test_interrupted_sampling_resumes_to_the_same_file(stories_dir, prompts_file, tmp_path):
@@ -160,11 +164,11 @@ def judge(ckpt, r0, r1, out, *extra):
 
 def test_step1_end_to_end_prefix_reuse_and_model_parallel(stories_dir, prompts_file, tmp_path):
     r0, r1 = str(tmp_path / "r0.jsonl"), str(tmp_path / "r1.jsonl")
-    assert responses(stories_dir, prompts_file, r0, 42).returncode == 0
-    assert responses(stories_dir, prompts_file, r1, 43).returncode == 0
+    sampled = run_clis(*(responses_argv(stories_dir, prompts_file, out, seed) for out, seed in ((r0, 42), (r1, 43))))
+    assert [r.returncode for r in sampled] == [0, 0], [r.stderr for r in sampled]
     shared, recompute, mp2 = (str(tmp_path / f"{n}.jsonl") for n in ("shared", "recompute", "mp2"))
-    assert run_cli(*judge(stories_dir, r0, r1, shared)).returncode == 0
-    assert run_cli(*judge(stories_dir, r0, r1, recompute, "--no_prefix_reuse")).returncode == 0
+    judged = run_clis(judge(stories_dir, r0, r1, shared), judge(stories_dir, r0, r1, recompute, "--no_prefix_reuse"))
+    assert [r.returncode for r in judged] == [0, 0], [r.stderr for r in judged]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = run_cli(*torchrun, *judge(stories_dir, r0, r1, mp2))
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ import re
 import pytest
 from sklearn.cluster import KMeans
 
-from conftest import ROOT, TOK512, run_cli
+from conftest import ROOT, TOK512, run_cli, run_clis
 from step0_coldstart.tabular import Encoder
 from step0_coldstart.scorers import (LLMBackend, SklearnBackend, anchor_score, baseline, contrast_rows,
                                      extract_answer, gain, scoring_prompts)
@@ -235,24 +235,25 @@ def test_bad_round_inputs_fail_with_one_line(tmp_path):
         (("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
           str(tmp_path / "score.jsonl"), "--splits_dir", str(tmp_path / "splits")), "abalone.contrast.jsonl"),
         (("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
-          str(tmp_path / "score.jsonl"), "--backend", "llm"), "--backend llm needs --ckpt_dir"),
+          str(tmp_path / "score3.jsonl"), "--splits_dir", str(tmp_path / "splits3"), "--backend", "llm"),
+         "--backend llm needs --ckpt_dir"),
     ]
     contrast = tmp_path / "abalone.contrast.jsonl"
     contrast.write_text(json.dumps({"anchor": {"Sex": "M", "Length": 0.4, "Rings": None}, "contrast": []}) + "\n")
     checks.append((("-m", "step0_coldstart.syn_addscore", "--dataset", abalone, "--raw_file", str(raw), "--output_file",
-                    str(tmp_path / "score.jsonl"), "--contrast_file", str(contrast)),
+                    str(tmp_path / "score4.jsonl"), "--splits_dir", str(tmp_path / "splits4"), "--contrast_file",
+                    str(contrast)),
                    "abalone.contrast.jsonl:1: the row has no Rings"))
     bad_csv = tmp_path / "syn.csv"
     bad_csv.write_text("Sex,Length\nM,0.4\n")
     checks.append((("-m", "step0_coldstart.sft_federated", "--dataset", abalone, "--input_file", str(bad_csv),
-                    "--output_dir", str(tmp_path / "fed"), "--splits_dir", str(tmp_path / "splits")),
+                    "--output_dir", str(tmp_path / "fed"), "--splits_dir", str(tmp_path / "fed_splits")),
                    "syn.csv:2: not a row of abalone"))
     bad_config = tmp_path / "syn.yaml"
     bad_config.write_text("num_repeats: 3\n")
     checks.append((("-m", "step0_coldstart.syn_addprompt", "--dataset", abalone, "--ckpt_dir", "x", "--tokenizer_path",
                     TOK512, "--prompt_file", str(raw), "--anchor_file", "a.csv", "--output_dir", str(tmp_path),
                     "--config", str(bad_config)), "syn.yaml: unknown keys ['num_repeats']"))
-    for args, message in checks:
-        result = run_cli(*args)
+    for (args, message), result in zip(checks, run_clis(*(args for args, _ in checks))):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (args[1], result.stderr)
