@@ -4,11 +4,12 @@ A task supplies the trainable module (the LLaMA backbone plus any heads), a list
 that makes one micro-batch, and `loss(module, batch) -> (loss, metrics)`. The loop owns everything else:
   - data order: a seeded permutation per epoch; each optimizer step takes micro_batch_size x grad_accum examples per
     data-parallel replica, replicas taking disjoint slices (the last partial step of an epoch is kept);
-  - AdamW, linear warmup then cosine decay to min_lr_ratio x lr, gradient clipping on the global norm (tensor-parallel
-    shards counted once), gradients averaged over the data-parallel group;
+  - AdamW (llama_mp/adamw.py), linear warmup then cosine decay to min_lr_ratio x lr (a function of the step),
+    gradient clipping on the global norm (tensor-parallel shards counted once), gradients averaged over the
+    data-parallel group;
   - checkpoints in the Meta layout (one shard per model-parallel rank) plus the heads and the trainer state (optimizer,
-    schedule, step, data position, RNG), written to `checkpoint-N.tmp` and renamed when complete; `resume=True`
-    continues from the latest complete one and ends with the same weights as an uninterrupted run;
+    step: also the schedule's and the data's position, RNG), written to `checkpoint-N.tmp` and renamed when complete;
+    `resume=True` continues from the latest complete one and ends with the same weights as an uninterrupted run;
   - metrics as JSONL on rank 0 (`metrics.jsonl`) with a progress line.
 Precision (`precision`): the weights the optimizer updates, their gradients and its state are float32; "bf16" runs the
 forward and backward under torch.autocast (bfloat16 matmuls and attention; the residual stream, RMSNorm, softmax and
