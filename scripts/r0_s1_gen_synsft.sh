@@ -5,7 +5,8 @@
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/tabular_env.sh"
-if [ ! -f "$WORKDIR/r0/lengths.json" ]; then  # its last output
+R0="$WORKDIR/r0"
+if ! "$PY" -m llama_mp.outputs "$R0/sft_train.jsonl" "$R0/${NAME}_prompts.jsonl" "$R0/lengths.json"; then  # not complete
   "$PY" -m step0_coldstart.sft_generator --datasets $SOURCES --heldout "$DATASET" --tokenizer_path "$TOKENIZER" \
     --output_dir "$WORKDIR/r0" --splits_dir "$SPLITS_DIR" --max_seq_len "$MAX_SEQ_LEN"
 fi

@@ -7,7 +7,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/tabular_env.sh"
 : "${GEN_CKPT:?no generator: set GEN_CKPT}"
 PAIRS="$WORKDIR/r$ROUND/$NAME.pref.jsonl"
-if [ ! -f "$PAIRS" ]; then
+if ! "$PY" -m llama_mp.outputs "$PAIRS"; then  # not recorded complete (llama_mp/outputs.py)
   "$PY" -m step0_coldstart.convert_score_to_prefer --score_file "$WORKDIR/r$ROUND/$NAME.score.jsonl" \
     --output_file "$PAIRS" --max_pairs "${MAX_PAIRS:-$("$PY" -c 'from step0_coldstart.rounds import RoundsConfig; print(RoundsConfig.max_pairs)')}"
 fi
