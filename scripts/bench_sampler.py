@@ -23,7 +23,9 @@ by `python -m llama_mp.convert to_hf`; a chat-template prompt) prints one JSON o
       ms_per_step: ours per decode step ("step", "forward", "overhead" as for stories260K, the prompt's prefill call
           left out and given as "prompt_prefill" ms); "ours_per_token" / "hf_per_token": the whole generate's
           best time per new token,
-      batch1_vs_weight_read: the batch-1 decode step against the time to read the weights once at that bandwidth,
+      batch1_vs_weight_read: the batch-1 decode step against the time to read the weights once at that bandwidth
+          and against its weight products alone ("matvec_ms": every projection and the LM head, one row each,
+          through the model's own kernel choice),
       logits_max_abs_diff: ours vs hf on the prompt (fp32: checked < 1e-2)}}
   llama_cpp: (--llama_cpp, when llama_cpp is importable) the same batch-1 and prefill figures for llama.cpp on the
       embedded GGUF (Q4_1: quantized weights, not the same numbers), else null with "llama_cpp_skipped"
@@ -43,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llama_mp import distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
+from llama_mp.model import linear  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
 from bench_common import (DTYPES, MODELS, SMOLLM2_NAME, CallTimer, alternate, default_checkpoint, emit,  # noqa: E402
@@ -224,10 +227,38 @@ def bench_precision(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids
         weight_bytes = n_params * torch.finfo(dtype).bits // 8
         read_ms = weight_bytes / (bandwidth["read"] * 1e9) * 1e3
         step = out["ms_per_step"]["1"]["step"]
+        products = matvec_ms(model)
         out["batch1_vs_weight_read"] = {"step_ms": step, "weights_mb": round(weight_bytes / 2 ** 20, 1),
                                         "weights_read_ms": round(read_ms, 3),
-                                        "step_over_read": round(step / read_ms, 2)}
+                                        "step_over_read": round(step / read_ms, 2),
+                                        "matvec_ms": round(products, 3),
+                                        "matvec_gbps": round(weight_bytes / products / 1e6, 1),
+                                        "step_over_matvec": round(step / products, 2)}
     return out
+
+
+def matvec_ms(model, repeats: int = 5) -> float:
+    """ms for the weight products of one batch-1 decode step alone (every projection, as fused at inference, and the
+    LM head, one row each, through the model's own `linear`), best of `repeats`: the floor of a decode step with this
+    machine's matrix-vector kernel, which reads the weights once."""
+    weights = []
+    for layer in model.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        weights += [attention.wqkv] if attention.wqkv is not None else [attention.wq.weight, attention.wk.weight,
+                                                                        attention.wv.weight]
+        weights += [attention.wo.weight]
+        weights += [ffn.w13] if ffn.w13 is not None else [ffn.w1.weight, ffn.w3.weight]
+        weights += [ffn.w2.weight]
+    weights.append(model.output.weight)
+    rows = [torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in weights]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first pass warms up
+            start = time.perf_counter()
+            for w, x in zip(weights, rows):
+                linear(x, w)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
 
 
 def decode_reason(fig: dict, key: str) -> str:
@@ -239,7 +270,10 @@ def decode_reason(fig: dict, key: str) -> str:
     if key == "1" and "batch1_vs_weight_read" in fig:
         w = fig["batch1_vs_weight_read"]
         text += (f"; the step is {w['step_over_read']}x the time to read the weights once ({w['weights_read_ms']} "
-                 f"ms for {w['weights_mb']} MB)")
+                 f"ms for {w['weights_mb']} MB); the weights' matrix-vector products alone take {w['matvec_ms']} ms "
+                 f"({w['matvec_gbps']} GB/s, the kernel's own read rate on these threads), the other "
+                 f"{round(w['step_ms'] - w['matvec_ms'], 1)} ms are the step's other ops (attention over the cache, "
+                 f"norms, rotary embeddings, the residual adds) in every layer")
     return text
 
 
