@@ -139,15 +139,6 @@ def check_rope_scaling(scaling) -> None:
         raise ValueError(f"rope_scaling high_freq_factor must exceed low_freq_factor, got {scaling!r}")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight); one row of a bfloat16 model at inference (a decode step at batch 1) goes through torch.mv,
-    whose kernel reads bfloat16 weights ~1.4x faster than the oneDNN matmul F.linear takes for a single row
-    (scripts/bench_sampler.py, README "Benchmarks")."""
-    if x.dtype == torch.bfloat16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight)
-
-
 def _fast_at_size_one(layer: type, plain_op: Callable) -> type:
     """fairscale's tensor-parallel layer, unchanged, except that at model-parallel size 1 (where its region mappings
     are identities) it calls the plain op directly: the autograd wrappers cost a fifth of a small model's decode step."""
@@ -164,8 +155,8 @@ def _fast_at_size_one(layer: type, plain_op: Callable) -> type:
     return Layer
 
 
-ColumnParallelLinear = _fast_at_size_one(fs_layers.ColumnParallelLinear, linear)
-RowParallelLinear = _fast_at_size_one(fs_layers.RowParallelLinear, linear)
+ColumnParallelLinear = _fast_at_size_one(fs_layers.ColumnParallelLinear, F.linear)
+RowParallelLinear = _fast_at_size_one(fs_layers.RowParallelLinear, F.linear)
 ParallelEmbedding = _fast_at_size_one(fs_layers.ParallelEmbedding, F.embedding)
 VocabParallelEmbedding = _fast_at_size_one(fs_layers.VocabParallelEmbedding, F.embedding)
 
@@ -251,7 +242,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul; same as the column-parallel layers
             q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
-            q, k, v = linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = F.linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -302,7 +293,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         if self.w13 is not None and not torch.is_grad_enabled():
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

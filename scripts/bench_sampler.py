@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llama_mp import distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
-from llama_mp.model import linear  # noqa: E402
+from torch.nn.functional import linear  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
 from bench_common import (DTYPES, MODELS, SMOLLM2_NAME, CallTimer, alternate, default_checkpoint, emit,  # noqa: E402

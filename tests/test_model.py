@@ -7,7 +7,7 @@ import torch
 
 from conftest import GQA_ARGS, STORIES_REFERENCE, random_state
 from llama_mp.checkpoint import load_into, load_model
-from llama_mp.model import KVCache, ModelArgs, Transformer, linear
+from llama_mp.model import KVCache, ModelArgs, Transformer
 from llama_mp.sampler import Sampler
 
 
@@ -130,24 +130,3 @@ def test_fused_projections_compute_the_same_and_follow_in_place_updates(world1, 
         torch.testing.assert_close(fused, model(tokens), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(fused, before)
     assert model(tokens).requires_grad  # training takes the unfused, autograd path
-
-
-@pytest.mark.parametrize("shape", [(40,), (1, 40), (1, 1, 40), (3, 1, 40)])
-def test_linear_of_a_bfloat16_row_equals_the_float64_product_to_bfloat16_rounding(shape):
-    """model.linear takes torch.mv for one bfloat16 row at inference and F.linear otherwise: either way the result is
-    the float64 product rounded once to bfloat16 (8 significant bits: relative error <= 2^-8) after a float32
-    accumulation (error <= k * 2^-24 * sum |w x|), in F.linear's shape."""
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
-    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
-    exact = x.double() @ weight.double().T
-    bound = 2 ** -8 * exact.abs() + 40 * 2 ** -24 * (x.double().abs() @ weight.double().abs().T)
-    with torch.inference_mode():
-        out = linear(x, weight)
-    assert out.shape == torch.nn.functional.linear(x, weight).shape and out.dtype == torch.bfloat16
-    assert ((out.double() - exact).abs() <= bound).all()
-    with torch.enable_grad():  # training keeps F.linear (and its autograd) unchanged
-        w = weight.clone().requires_grad_()
-        out = linear(x, w)
-        out.float().sum().backward()
-    assert torch.equal(out, torch.nn.functional.linear(x, w)) and w.grad is not None
