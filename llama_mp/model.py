@@ -240,7 +240,7 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, start_pos: int, cache: Optional[KVCache], layer: int, mask):
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None and not torch.is_grad_enabled():  # one matmul; same as the column-parallel layers
+        if self.wqkv is not None and cache is not None and not torch.is_grad_enabled():  # sampling: one matmul
             q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
             q, k, v = F.linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
         else:
@@ -291,8 +291,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
         self.w13: Optional[torch.Tensor] = None  # w1|w3 in one buffer, see Transformer.fuse_projections
 
-    def forward(self, x):
-        if self.w13 is not None and not torch.is_grad_enabled():
+    def forward(self, x, fused: bool = False):
+        if fused and self.w13 is not None and not torch.is_grad_enabled():
             gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -309,7 +309,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, freqs_cis, start_pos, cache, mask):
         h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache, self.layer_id, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), fused=cache is not None)
 
 
 def no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -341,8 +341,11 @@ class Transformer(nn.Module):
     def fuse_projections(self) -> None:
         """Store each layer's wq|wk|wv and w1|w3 weights in one buffer and make the weights views of it.
 
-        Inference then runs one matmul where it ran three (or two), with no extra memory; in-place updates of the
-        weights (loading, optimizer steps) write into the buffer, so both stay in sync. Call it after the model has its
+        Sampling (a forward with a KV cache, without grad) then runs one matmul where it ran three (or two), with no
+        extra memory; in-place updates of the weights (loading, optimizer steps) write into the buffer, so both stay in
+        sync. Every forward without a cache (training, scoring, log-probs) keeps the layers' own matmuls: a fused matmul
+        may round differently, and the policy's log-probs must equal its unfused reference copy's bit for bit (PPO's
+        first-step KL is exactly 0). Call it after the model has its
         final device and dtype (`.to()` makes new tensors and would break the link)."""
         for layer in self.layers:
             attention, ffn = layer.attention, layer.feed_forward

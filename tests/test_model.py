@@ -113,20 +113,37 @@ def test_training_forward_has_gradients_and_hidden_states(world1, gqa_dir):
     torch.testing.assert_close(model.output(hidden), logits)
 
 
-def test_fused_projections_compute_the_same_and_follow_in_place_updates(world1, gqa_dir):
+def test_fused_projections_sample_the_same_follow_in_place_updates_and_stay_out_of_uncached_forwards(world1, gqa_dir):
     model = load_model(gqa_dir)
     tokens = torch.randint(0, 64, (2, 9))
+
+    def sampled(m):  # the sampler's forwards: a prefill into a KV cache, then one decode step
+        cache = KVCache(m.args, 2, 16)
+        return torch.cat([m(tokens[:, :8], 0, cache), m(tokens[:, 8:], 8, cache)], dim=1)
+
     with torch.no_grad():
-        before = model(tokens)
+        before, plain = sampled(model), model(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain_bf16 = model(tokens)
         model.fuse_projections()
         assert model.layers[0].attention.wqkv is not None
-        torch.testing.assert_close(model(tokens), before, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sampled(model), before, atol=1e-6, rtol=1e-6)
+        # without a cache (training, scoring, PPO's log-probs against an unfused reference copy): the layers' own
+        # matmuls, bit for bit, in float32 and under bf16 autocast
+        assert torch.equal(model(tokens), plain)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(tokens), plain_bf16)
+        # the routing itself: a changed fused buffer changes what is sampled, not the uncached forward
+        attention = model.layers[0].attention
+        kept, attention.wqkv = attention.wqkv, attention.wqkv * 2
+        assert not torch.allclose(sampled(model), before) and torch.equal(model(tokens), plain)
+        attention.wqkv = kept
         model.layers[1].feed_forward.w3.weight.mul_(0.5)  # e.g. an optimizer step
         model.layers[0].attention.wk.weight.add_(0.1)
-        fused = model(tokens)
+        fused = sampled(model)
     for layer in model.layers:
         layer.attention.wqkv = layer.feed_forward.w13 = None
     with torch.no_grad():
-        torch.testing.assert_close(fused, model(tokens), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fused, sampled(model), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(fused, before)
     assert model(tokens).requires_grad  # training takes the unfused, autograd path

@@ -103,21 +103,30 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     report = {name: json.load(open(os.path.join(d, "report.json"))) for name, d in (("whole", whole), ("cut", cut))}
     assert [s["status"] for s in report["whole"]["stages"].values()] == ["done"] * 8
     assert set(report["whole"]["stages"]) == set(report["cut"]["stages"])
+    # every difference at once (figures with both values, files, weights, curves), so that a failure names the first
+    # stage that diverged and not only the first one checked
+    differences = []
     for name, stage in report["whole"]["stages"].items():
         figures = {k: v for k, v in stage["figures"].items() if k != "outputs"}
         other = {k: v for k, v in report["cut"]["stages"][name]["figures"].items() if k != "outputs"}
-        assert json.dumps(figures, sort_keys=True) == json.dumps(other, sort_keys=True), name
+        if json.dumps(figures, sort_keys=True) != json.dumps(other, sort_keys=True):
+            differences.append(f"{name} figures: whole {json.dumps(figures, sort_keys=True)[:600]} "
+                               f"cut {json.dumps(other, sort_keys=True)[:600]}")
     # final files identical byte for byte, final weights bit for bit
     for rel in ("step1/oasst1_response0.jsonl", "step1/oasst1_response1.jsonl", "step1/oasst1_preference.jsonl",
                 "step1/synthetic_preference.json", "step1/synthetic_preference_pairs.jsonl", "rm/eval.json",
-                "tabular/r1/abalone.raw.jsonl", "tabular/r1/abalone.score.jsonl", "tabular/report.json"):
-        assert open(os.path.join(whole, rel), "rb").read() == open(os.path.join(cut, rel), "rb").read(), rel
+                "ppo/rollouts/step_1.jsonl", "ppo/rollouts/step_2.jsonl", "tabular/r1/abalone.raw.jsonl", "tabular/r1/abalone.score.jsonl", "tabular/report.json"):
+        if open(os.path.join(whole, rel), "rb").read() != open(os.path.join(cut, rel), "rb").read():
+            differences.append(f"file {rel}")
     for sub in ("rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):
         a, b = final_checkpoint(os.path.join(whole, sub)), final_checkpoint(os.path.join(cut, sub))
-        assert same_weights(os.path.join(a, "consolidated.00.pth"), os.path.join(b, "consolidated.00.pth")), sub
+        if not same_weights(os.path.join(a, "consolidated.00.pth"), os.path.join(b, "consolidated.00.pth")):
+            differences.append(f"weights {sub}")
     for sub in ("rm", "dpo", "ppo"):  # curves read as if never stopped
         steps = [[json.loads(line)["step"] for line in open(os.path.join(d, sub, "metrics.jsonl"))] for d in (whole, cut)]
-        assert steps[0] == steps[1], sub
+        if steps[0] != steps[1]:
+            differences.append(f"curve steps {sub}: {steps}")
+    assert not differences, "\n".join(differences)
     markdown = open(os.path.join(whole, "report.md")).read()
     assert "| reward_model | done |" in markdown and "ML efficiency" in markdown
     # the tabular round's files: guided rows parse, parsed rows carry one ds1 prompt per anchor and a gain
