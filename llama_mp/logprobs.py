@@ -38,11 +38,26 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    """This rank's slice of logits / T, [rows, V / mp], float32 (a fresh tensor: callers may work in place on it)."""
-    with torch.autocast(weight.device.type, enabled=False):
-        logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
-    return logits if temperature == 1.0 else logits.div_(temperature)
+class _LogitBuffers:
+    """One chunk's logits, [chunk, V / mp] in the compute dtype and in float32, allocated once per call and reused by
+    every chunk: a fresh buffer of that size is ~200 MB of new pages (tens of ms of page faults on these CPUs) per
+    chunk, while the head's matmul itself takes ~150 ms."""
+
+    def __init__(self, rows: int, weight: torch.Tensor, dtype: torch.dtype):
+        shape = (rows, weight.shape[0])
+        self.compute = torch.empty(shape, dtype=dtype, device=weight.device)
+        self.float32 = self.compute if dtype == torch.float32 else torch.empty(shape, device=weight.device)
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+        """logits / T of `hidden` (already in the compute dtype) against `weight` (the same), float32, in the buffer:
+        valid until the next call."""
+        rows = hidden.shape[0]
+        with torch.autocast(weight.device.type, enabled=False):
+            torch.mm(hidden, weight.t(), out=self.compute[:rows])
+        logits = self.float32[:rows]
+        if logits.data_ptr() != self.compute.data_ptr():
+            logits.copy_(self.compute[:rows])
+        return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def _target_slot(targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,17 +67,29 @@ def _target_slot(targets: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Ten
     return local.clamp(0, weight.shape[0] - 1), mine
 
 
-def _chunk_forward(hidden, weight, targets, dtype, temperature, with_entropy: bool):
-    """(log p(target), logsumexp, entropy or None) for one chunk of rows, assembled across the vocabulary shards."""
-    logits = _logits(hidden, weight, dtype, temperature)
-    lse_local = torch.logsumexp(logits, dim=-1)
+def _chunk_forward(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """(log p(target), logsumexp, entropy or None) for one chunk's float32 logits / T (overwritten: with
+    z = logits - max, it becomes exp(z)), assembled across the vocabulary shards. The same arithmetic with and
+    without the entropy, so that both give the very same log-probs (PPO's first ratio is exactly 1)."""
+    slot, mine = _target_slot(targets, weight)
+    picked_local = logits.gather(-1, slot[:, None])[:, 0]
+    top_local = logits.amax(dim=-1)
+    z = logits.sub_(top_local[:, None])
+    entropy_part = None
+    if with_entropy:  # H = logsumexp - sum p * logit; per shard: sum exp(z) * z, combined below
+        exp_z = z.exp()
+        entropy_part = (exp_z * z).sum(dim=-1)
+    else:
+        exp_z = z.exp_()
+    sum_local = exp_z.sum(dim=-1)  # (the same kernels either way)
+    lse_local = top_local + sum_local.log()
     top = _all_reduce(lse_local.clone(), dist.ReduceOp.MAX)
     lse = top + _all_reduce(torch.exp(lse_local - top)).log()
-    slot, mine = _target_slot(targets, weight)
-    picked = _all_reduce(torch.where(mine, logits.gather(-1, slot[:, None])[:, 0], 0.0))
+    picked = _all_reduce(torch.where(mine, picked_local, 0.0))
     entropy = None
-    if with_entropy:  # H = logsumexp - sum p * logit
-        entropy = lse - _all_reduce((torch.exp(logits - lse[:, None]) * logits).sum(dim=-1))
+    if with_entropy:  # sum_v p_v logit_v = sum over shards of exp(top_s - lse) (sum exp(z) z + top_s sum exp(z))
+        scale = torch.exp(top_local - lse)
+        entropy = lse - _all_reduce(scale * (entropy_part + top_local * sum_local))
     return picked - lse, lse, entropy
 
 
@@ -71,11 +98,15 @@ class _ChosenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int):
         dtype = _compute_dtype(weight)
         out, lses = [], []
-        for start in range(0, hidden.shape[0], chunk_size):
-            logp, lse, _ = _chunk_forward(hidden[start:start + chunk_size], weight, targets[start:start + chunk_size],
-                                          dtype, temperature, False)
-            out.append(logp)
-            lses.append(lse)
+        if hidden.shape[0]:
+            w = weight.to(dtype)  # cast once for every chunk
+            buffers = _LogitBuffers(min(chunk_size, hidden.shape[0]), weight, dtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                logits = buffers.logits(hidden[rows].to(dtype), w, temperature)
+                logp, lse, _ = _chunk_forward(logits, weight, targets[rows], False)
+                out.append(logp)
+                lses.append(lse)
         empty = hidden.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(hidden, weight, targets, torch.cat(lses) if lses else empty)
         ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
@@ -88,15 +119,17 @@ class _ChosenLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = None  # float32 sum over chunks
         w = weight.to(dtype)
+        buffers = _LogitBuffers(min(chunk, max(1, hidden.shape[0])), weight, dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h = hidden[rows].to(dtype)
             g = grad[rows].float() / temperature
             # d logp / d logits = (onehot(target) - p) / T, times the incoming gradient (in place: one [rows, V] buffer)
-            d_logits = _logits(h, w, dtype, temperature).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+            d_logits = buffers.logits(h, w, temperature).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
             slot, mine = _target_slot(targets[rows], weight)
             d_logits.scatter_add_(1, slot[:, None], torch.where(mine, g, 0.0)[:, None])
-            d_logits = d_logits.to(dtype)
+            if d_logits.data_ptr() != buffers.compute.data_ptr():
+                d_logits = buffers.compute[:h.shape[0]].copy_(d_logits)  # into the compute dtype, in its buffer
             grad_hidden[rows] = d_logits @ w
             if ctx.needs_input_grad[1]:  # (a frozen head, e.g. under LoRA, skips this matmul)
                 part = (d_logits.T @ h).float()
@@ -120,11 +153,15 @@ def chosen_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperat
         raise ValueError("with_entropy is a statistic: compute it under torch.no_grad()")
     dtype = _compute_dtype(weight)
     logps, entropies = [hidden.new_zeros(0, dtype=torch.float32)], [hidden.new_zeros(0, dtype=torch.float32)]
-    for start in range(0, hidden.shape[0], chunk_size):
-        logp, _, entropy = _chunk_forward(hidden[start:start + chunk_size], weight, targets[start:start + chunk_size],
-                                          dtype, temperature, True)
-        logps.append(logp)
-        entropies.append(entropy)
+    if hidden.shape[0]:
+        w = weight.to(dtype)
+        buffers = _LogitBuffers(min(chunk_size, hidden.shape[0]), weight, dtype)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = buffers.logits(hidden[rows].to(dtype), w, temperature)
+            logp, _, entropy = _chunk_forward(logits, weight, targets[rows], True)
+            logps.append(logp)
+            entropies.append(entropy)
     return torch.cat(logps), torch.cat(entropies)
 
 

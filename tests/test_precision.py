@@ -136,12 +136,16 @@ def response_logprobs_and_grads(ckpt_dir: str, model_parallel_size: int):
     rows, logp = response_logprobs(model, TOKENS, MASK, temperature=0.9, chunk_size=3)
     (logp * torch.linspace(-1, 2, len(logp))).sum().backward()
     grads = {"output": model.output.weight.grad, "wq": model.layers[0].attention.wq.weight.grad}
+    with torch.no_grad():  # the entropy statistic, assembled across the vocabulary shards too
+        cols = (MASK[:, 1:] > 0).nonzero(as_tuple=True)[1]
+        _, entropy = chosen_logprobs(model, model(TOKENS, return_hidden=True)[rows, cols], TOKENS[rows, cols + 1],
+                                     temperature=0.9, chunk_size=3, with_entropy=True)
     if info.model_parallel_size > 1:  # both are split along dim 0 (vocabulary, output features): gather
         for key, grad in grads.items():
             parts = [torch.empty_like(grad) for _ in range(info.model_parallel_size)]
             torch.distributed.all_gather(parts, grad)
             grads[key] = torch.cat(parts)
-    return {"rows": rows, "logp": logp.detach(), **grads}
+    return {"rows": rows, "logp": logp.detach(), "entropy": entropy, **grads}
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -157,12 +161,14 @@ def test_chunked_logprobs_at_model_parallel_2_equal_the_full_computation(tmp_pat
     rows, cols = (MASK[:, 1:] > 0).nonzero(as_tuple=True)
     logp_all = torch.log_softmax((hidden.double() @ weight.double().T) / 0.9, dim=-1)  # [B, T, V]
     expected = logp_all[rows, cols].gather(-1, TOKENS[rows, cols + 1][:, None])[:, 0]
+    entropy = -(logp_all[rows, cols].exp() * logp_all[rows, cols]).sum(-1).detach()
     (expected * torch.linspace(-1, 2, len(expected), dtype=torch.float64)).sum().backward()
     ref = {"output": weight.grad, "wq": model.layers[0].attention.wq.weight.grad}
     distributed.teardown()
     for rank in run_distributed(response_logprobs_and_grads, 2, ckpt, 2, tmp_dir=str(tmp_path)):
         assert torch.equal(rank["rows"], rows)
         torch.testing.assert_close(rank["logp"].double(), expected.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rank["entropy"].double(), entropy, atol=1e-5, rtol=1e-5)
         for key in ("output", "wq"):
             torch.testing.assert_close(rank[key], ref[key], atol=1e-5, rtol=1e-4)
 
