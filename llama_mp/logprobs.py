@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
 
 CHUNK_SIZE = 1024  # rows per head call: 1024 x 49152 float32 logits are 200 MB
@@ -93,24 +92,28 @@ def _chunk_forward(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return picked - lse, lse, entropy
 
 
+def _chunks(hidden, weight, targets, temperature: float, chunk_size: int, with_entropy: bool):
+    """_chunk_forward over chunk_size rows at a time (the forward of both the gradient and the statistics paths):
+    the head's weight cast once to the compute dtype, one logits buffer for every chunk."""
+    if not hidden.shape[0]:
+        return
+    dtype = _compute_dtype(weight)
+    w = weight.to(dtype)
+    buffers = _LogitBuffers(min(chunk_size, hidden.shape[0]), weight, dtype)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        yield _chunk_forward(buffers.logits(hidden[rows].to(dtype), w, temperature), weight, targets[rows],
+                             with_entropy)
+
+
 class _ChosenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int):
-        dtype = _compute_dtype(weight)
-        out, lses = [], []
-        if hidden.shape[0]:
-            w = weight.to(dtype)  # cast once for every chunk
-            buffers = _LogitBuffers(min(chunk_size, hidden.shape[0]), weight, dtype)
-            for start in range(0, hidden.shape[0], chunk_size):
-                rows = slice(start, start + chunk_size)
-                logits = buffers.logits(hidden[rows].to(dtype), w, temperature)
-                logp, lse, _ = _chunk_forward(logits, weight, targets[rows], False)
-                out.append(logp)
-                lses.append(lse)
+        chunks = list(_chunks(hidden, weight, targets, temperature, chunk_size, False))
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        ctx.save_for_backward(hidden, weight, targets, torch.cat(lses) if lses else empty)
-        ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
-        return torch.cat(out) if out else empty
+        ctx.save_for_backward(hidden, weight, targets, torch.cat([c[1] for c in chunks]) if chunks else empty)
+        ctx.dtype, ctx.temperature, ctx.chunk_size = _compute_dtype(weight), temperature, chunk_size
+        return torch.cat([c[0] for c in chunks]) if chunks else empty
 
     @staticmethod
     def backward(ctx, grad):
@@ -151,18 +154,9 @@ def chosen_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperat
         return _ChosenLogprobs.apply(hidden, weight, targets, temperature, chunk_size)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         raise ValueError("with_entropy is a statistic: compute it under torch.no_grad()")
-    dtype = _compute_dtype(weight)
-    logps, entropies = [hidden.new_zeros(0, dtype=torch.float32)], [hidden.new_zeros(0, dtype=torch.float32)]
-    if hidden.shape[0]:
-        w = weight.to(dtype)
-        buffers = _LogitBuffers(min(chunk_size, hidden.shape[0]), weight, dtype)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = buffers.logits(hidden[rows].to(dtype), w, temperature)
-            logp, _, entropy = _chunk_forward(logits, weight, targets[rows], True)
-            logps.append(logp)
-            entropies.append(entropy)
-    return torch.cat(logps), torch.cat(entropies)
+    chunks = list(_chunks(hidden, weight, targets, temperature, chunk_size, True))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([empty] + [c[0] for c in chunks]), torch.cat([empty] + [c[2] for c in chunks])
 
 
 def response_logprobs(model, tokens: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
