@@ -122,7 +122,7 @@ class _ChosenLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = None  # float32 sum over chunks
         w = weight.to(dtype)
-        buffers = _LogitBuffers(min(chunk, max(1, hidden.shape[0])), weight, dtype)
+        buffers = _LogitBuffers(min(chunk, hidden.shape[0]), weight, dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h = hidden[rows].to(dtype)

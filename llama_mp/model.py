@@ -345,8 +345,8 @@ class Transformer(nn.Module):
         extra memory; in-place updates of the weights (loading, optimizer steps) write into the buffer, so both stay in
         sync. Every forward without a cache (training, scoring, log-probs) keeps the layers' own matmuls: a fused matmul
         may round differently, and the policy's log-probs must equal its unfused reference copy's bit for bit (PPO's
-        first-step KL is exactly 0). Call it after the model has its
-        final device and dtype (`.to()` makes new tensors and would break the link)."""
+        first-step KL is exactly 0). Call it after the model has its final device and dtype (`.to()` makes new
+        tensors and would break the link)."""
         for layer in self.layers:
             attention, ffn = layer.attention, layer.feed_forward
             if not any(hasattr(m, "lora") for m in (attention.wq, attention.wk, attention.wv)):  # adapters: keep

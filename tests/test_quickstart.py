@@ -115,7 +115,8 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     # final files identical byte for byte, final weights bit for bit
     for rel in ("step1/oasst1_response0.jsonl", "step1/oasst1_response1.jsonl", "step1/oasst1_preference.jsonl",
                 "step1/synthetic_preference.json", "step1/synthetic_preference_pairs.jsonl", "rm/eval.json",
-                "ppo/rollouts/step_1.jsonl", "ppo/rollouts/step_2.jsonl", "tabular/r1/abalone.raw.jsonl", "tabular/r1/abalone.score.jsonl", "tabular/report.json"):
+                "ppo/rollouts/step_1.jsonl", "ppo/rollouts/step_2.jsonl", "tabular/r1/abalone.raw.jsonl",
+                "tabular/r1/abalone.score.jsonl", "tabular/report.json"):
         if open(os.path.join(whole, rel), "rb").read() != open(os.path.join(cut, rel), "rb").read():
             differences.append(f"file {rel}")
     for sub in ("rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):
