@@ -92,12 +92,11 @@ def _chunk_forward(logits: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return picked - lse, lse, entropy
 
 
-def _chunks(hidden, weight, targets, temperature: float, chunk_size: int, with_entropy: bool):
+def _chunks(hidden, weight, targets, temperature: float, chunk_size: int, with_entropy: bool, dtype: torch.dtype):
     """_chunk_forward over chunk_size rows at a time (the forward of both the gradient and the statistics paths):
-    the head's weight cast once to the compute dtype, one logits buffer for every chunk."""
+    the head's weight cast once to `dtype`, one logits buffer for every chunk."""
     if not hidden.shape[0]:
         return
-    dtype = _compute_dtype(weight)
     w = weight.to(dtype)
     buffers = _LogitBuffers(min(chunk_size, hidden.shape[0]), weight, dtype)
     for start in range(0, hidden.shape[0], chunk_size):
@@ -108,11 +107,11 @@ def _chunks(hidden, weight, targets, temperature: float, chunk_size: int, with_e
 
 class _ChosenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int):
-        chunks = list(_chunks(hidden, weight, targets, temperature, chunk_size, False))
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, dtype: torch.dtype):
+        chunks = list(_chunks(hidden, weight, targets, temperature, chunk_size, False, dtype))
         empty = hidden.new_zeros(0, dtype=torch.float32)
         ctx.save_for_backward(hidden, weight, targets, torch.cat([c[1] for c in chunks]) if chunks else empty)
-        ctx.dtype, ctx.temperature, ctx.chunk_size = _compute_dtype(weight), temperature, chunk_size
+        ctx.dtype, ctx.temperature, ctx.chunk_size = dtype, temperature, chunk_size
         return torch.cat([c[0] for c in chunks]) if chunks else empty
 
     @staticmethod
@@ -142,19 +141,22 @@ class _ChosenLogprobs(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         elif ctx.needs_input_grad[1]:  # no rows
             grad_weight = torch.zeros_like(weight)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None
 
 
 def chosen_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    chunk_size: int = CHUNK_SIZE, with_entropy: bool = False):
+                    chunk_size: int = CHUNK_SIZE, with_entropy: bool = False, head_dtype: Optional[torch.dtype] = None):
     """log softmax(output(hidden) / temperature)[target] per row: hidden [N, dim] final-norm states, targets [N] token
-    ids -> [N] float32. with_entropy (no gradient): also the entropy [N] of each row's distribution."""
+    ids -> [N] float32. with_entropy (no gradient): also the entropy [N] of each row's distribution. head_dtype: the
+    head's matmul dtype (default: the compute dtype); float32 for log-probs that are compared across models, which
+    bfloat16 logits would round by up to 0.06-0.12 per token at magnitudes of 16-32."""
     weight = model.output.weight
+    dtype = head_dtype or _compute_dtype(weight)
     if not with_entropy:
-        return _ChosenLogprobs.apply(hidden, weight, targets, temperature, chunk_size)
+        return _ChosenLogprobs.apply(hidden, weight, targets, temperature, chunk_size, dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         raise ValueError("with_entropy is a statistic: compute it under torch.no_grad()")
-    chunks = list(_chunks(hidden, weight, targets, temperature, chunk_size, True))
+    chunks = list(_chunks(hidden, weight, targets, temperature, chunk_size, True, dtype))
     empty = hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat([empty] + [c[0] for c in chunks]), torch.cat([empty] + [c[2] for c in chunks])
 

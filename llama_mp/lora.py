@@ -248,10 +248,15 @@ def _merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
 
 
 def load_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank: int = 0,
-               max_seq_len: Optional[int] = None, device="cpu", dtype=torch.float32):
+               max_seq_len: Optional[int] = None, device="cpu", dtype=torch.float32, merge: bool = True):
     """checkpoint.load_model for a Meta-layout checkpoint, and for an adapter checkpoint: its base (itself possibly an
     adapter checkpoint) with the adapters merged into this rank's weights. What the trainers load, so that a LoRA
-    run's output starts the next step as any checkpoint would."""
+    run's output starts the next step as any checkpoint would.
+
+    merge=False attaches the adapters instead (float32, frozen, as the run trained them) to a base in `dtype`: a
+    bfloat16 base under autocast then computes what a bf16 LoRA run computed, where merging into bfloat16 weights
+    would round away the part of the update below half a bfloat16 step of each weight. (A base that is itself an
+    adapter checkpoint is merged into `dtype`.)"""
     if not is_adapter_checkpoint(ckpt_dir):
         return checkpoint.load_model(ckpt_dir, model_parallel_size, model_parallel_rank, max_seq_len, device=device,
                                      dtype=dtype)
@@ -260,6 +265,12 @@ def load_model(ckpt_dir: str, model_parallel_size: int = 1, model_parallel_rank:
     if architecture(model.args) != config["base_params"]:
         raise CheckpointError(f"{config['base']}: its params.json differs from the base the adapters in {ckpt_dir} "
                               f"were trained on")
+    if not merge:
+        apply_lora(model, config["rank"], config["alpha"], 0.0, config["targets"], base_dir=config["base"])
+        load_adapters(model, ckpt_dir, model_parallel_size, model_parallel_rank)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
     adapters = load_adapter_state(ckpt_dir, model_parallel_size, model_parallel_rank)
     with torch.no_grad():
         for key in adapters:

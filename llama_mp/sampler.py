@@ -271,7 +271,8 @@ class Sampler:
     @torch.inference_mode()
     def score(self, prompts: Sequence[Prompt], continuations: Sequence[Prompt], temperature: float = 1.0,
               truncate: str = "error", desc: str = "score") -> list[list[float]]:
-        """log p(token | all before) / temperature-scaled, for each token of each continuation given its prompt.
+        """log p(token | all before) / temperature-scaled, for each token of each continuation given its prompt. The
+        head runs in float32 (see float32_logits: these are the log-probs callers compare, e.g. a KL between models).
 
         A string continuation is encoded without BOS/EOS; token-id lists are used as given. Too long: truncate="left"
         drops prompt tokens after BOS; a continuation that alone exceeds max_seq_len is always an error."""
@@ -298,7 +299,7 @@ class Sampler:
             positions = torch.cat([torch.arange(starts[i] - 1, len(seqs[i]) - 1, device=self.device) for i in batch])
             targets = torch.tensor([t for i in batch for t in seqs[i][starts[i]:]], device=self.device)
             logp = chosen_logprobs(self.model, hidden[rows, positions], targets,
-                                   temperature if temperature > 0 else 1.0).tolist()
+                                   temperature if temperature > 0 else 1.0, head_dtype=torch.float32).tolist()
             at = 0
             for i in batch:
                 n = len(seqs[i]) - starts[i]

@@ -6,7 +6,7 @@ import math
 import torch
 
 from conftest import TOK512, run_cli
-from llama_mp import distributed
+from llama_mp import distributed, lora
 from llama_mp.checkpoint import load_model, load_state, save_checkpoint, split_state
 from llama_mp.tokenizer import Tokenizer
 from step2_reward_model.reward_model import PromptBuilder, load_reward_model
@@ -52,9 +52,41 @@ def evaluate(tmp_path, stories_dir, *extra):
     return result, out
 
 
+def float64_figures(tmp_path, stories_dir, rows, name, policy_dir):
+    """Per row (KL of policy `name` to the initial one on its own response, {"initial", name: reward}) by full
+    teacher-forced float64 forwards, one sequence at a time."""
+    tokenizer = Tokenizer(TOK512)
+    meta = open("data/salmon/dromedary_inference_prompt.txt").read()
+    builder = PromptBuilder(tokenizer, RM_TEMPLATE, 64, 64)
+    out = []
+    distributed.init(1)
+    try:
+        initial = load_model(stories_dir, dtype=torch.float64)
+        policy = load_model(str(policy_dir), dtype=torch.float64)
+        rm = load_reward_model(str(tmp_path / "rm"), dtype=torch.float64)
+        for r in rows:
+            query = tokenizer.encode(f"{meta}\n{r['instruction']}\n\n### Dromedary", bos=True, eos=False)
+            response = r[name]["token_ids"]
+            seq = torch.tensor([query + response])
+            with torch.no_grad():
+                logp = [torch.log_softmax(m(seq)[0].double() / 0.7, -1) for m in (policy, initial)]
+            positions = torch.arange(len(query) - 1, len(query) + len(response) - 1)
+            targets = torch.tensor(response)
+            kl = float((logp[0][positions, targets] - logp[1][positions, targets]).sum())
+            rewards = {}
+            for who in ("initial", name):
+                ids = builder.encode(r["instruction"], r[who]["response"], r["principles"])
+                with torch.no_grad():
+                    rewards[who] = float(rm(torch.tensor([ids]), torch.tensor([len(ids) - 1]))[0])
+            out.append((kl, rewards))
+    finally:
+        distributed.teardown()
+    return out
+
+
 def test_policy_evaluation_against_float64_recomputation(tmp_path, stories_dir):
     setup(tmp_path, stories_dir)
-    result, out = evaluate(tmp_path, stories_dir)
+    result, out = evaluate(tmp_path, stories_dir, "--precision", "fp32")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     rows = [json.loads(line) for line in open(str(out).replace(".json", ".samples.jsonl"))]
@@ -68,36 +100,52 @@ def test_policy_evaluation_against_float64_recomputation(tmp_path, stories_dir):
     assert any(r["trained"]["token_ids"] != r["initial"]["token_ids"] for r in rows)  # the perturbation shows
     assert 0.0 <= trained["win_rate"] <= 1.0 and trained["judgments"] + trained["judgments_skipped"] == 18
 
-    tokenizer = Tokenizer(TOK512)
-    meta = open("data/salmon/dromedary_inference_prompt.txt").read()
-    distributed.init(1)
-    try:  # float64 references: full teacher-forced forwards, one sequence at a time
-        initial = load_model(stories_dir, dtype=torch.float64)
-        policy = load_model(str(tmp_path / "trained"), dtype=torch.float64)
-        rm = load_reward_model(str(tmp_path / "rm"), dtype=torch.float64)
-        builder = PromptBuilder(tokenizer, RM_TEMPLATE, 64, 64)
-        for r in rows:
-            query = tokenizer.encode(f"{meta}\n{r['instruction']}\n\n### Dromedary", bos=True, eos=False)
-            response = r["trained"]["token_ids"]
-            seq = torch.tensor([query + response])
-            with torch.no_grad():
-                logp = [torch.log_softmax(m(seq)[0].double() / 0.7, -1) for m in (policy, initial)]
-            positions = torch.arange(len(query) - 1, len(query) + len(response) - 1)
-            targets = torch.tensor(response)
-            kl = float((logp[0][positions, targets] - logp[1][positions, targets]).sum())
-            # float32 log-softmax of logits of magnitude ~10: ~1e-5 per token, 16 tokens
-            assert math.isclose(r["trained"]["kl"], kl, abs_tol=1e-3), (r["trained"]["kl"], kl)
-            for name in ("initial", "trained"):
-                ids = builder.encode(r["instruction"], r[name]["response"], r["principles"])
-                with torch.no_grad():
-                    reward = float(rm(torch.tensor([ids]), torch.tensor([len(ids) - 1]))[0])
-                # float32 backbone vs float64, a head of norm ~sqrt(dim) on hidden states of magnitude ~1
-                assert math.isclose(r[name]["reward"], reward, abs_tol=1e-3), (name, r[name]["reward"], reward)
-    finally:
-        distributed.teardown()
+    for r, (kl, rewards) in zip(rows, float64_figures(tmp_path, stories_dir, rows, "trained", tmp_path / "trained")):
+        # float32 log-softmax of logits of magnitude ~10: ~1e-5 per token, 16 tokens
+        assert math.isclose(r["trained"]["kl"], kl, abs_tol=1e-3), (r["trained"]["kl"], kl)
+        for name in ("initial", "trained"):
+            # float32 backbone vs float64, a head of norm ~sqrt(dim) on hidden states of magnitude ~1
+            assert math.isclose(r[name]["reward"], rewards[name], abs_tol=1e-3), (name, r[name]["reward"], rewards)
     assert len({tuple(r["principles"]) for r in rows}) > 1  # drawn per prompt
     expected_kl = sum(r["trained"]["kl"] for r in rows) / 6
     assert math.isclose(trained["kl"], expected_kl, abs_tol=1e-4)
 
-    again, _ = evaluate(tmp_path, stories_dir)  # a finished evaluation is not replaced without --overwrite
+    # a finished evaluation is not replaced without --overwrite
+    again, _ = evaluate(tmp_path, stories_dir, "--precision", "fp32")
     assert again.returncode == 2 and "already exists" in again.stderr and json.loads(out.read_text()) == report
+
+
+def test_bf16_evaluation_computes_lora_policies_as_their_training_did(tmp_path, stories_dir):
+    """--precision bf16: a LoRA policy's adapters stay unmerged (float32) on a bfloat16 base under autocast, the
+    arithmetic of a bf16 LoRA run; its KL and rewards agree with float64 recomputations of the merged model to
+    bfloat16's precision, and the unchanged policy still gives the initial policy's samples exactly."""
+    setup(tmp_path, stories_dir)
+    distributed.init(1)
+    try:  # an adapter checkpoint with a visible update: B ~ N(0, 0.05^2), scale alpha / r = 2
+        model = load_model(stories_dir)
+        lora.apply_lora(model, rank=4, alpha=8, base_dir=stories_dir)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                if key.endswith(".lora.B"):
+                    param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+        lora.save_adapters(str(tmp_path / "lora"), 0, model)
+        lora.merge_lora(str(tmp_path / "lora"), str(tmp_path / "lora_merged"))
+    finally:
+        distributed.teardown()
+    result, out = evaluate(tmp_path, stories_dir, "--precision", "bf16", "--policy", f"lora={tmp_path / 'lora'}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    rows = [json.loads(line) for line in open(str(out).replace(".json", ".samples.jsonl"))]
+    assert all(r["same"]["token_ids"] == r["initial"]["token_ids"] for r in rows)
+    assert report["policies"]["same"]["kl"] == 0.0 and report["policies"]["same"]["reward_gain"] == 0.0
+    assert any(r["lora"]["token_ids"] != r["initial"]["token_ids"] for r in rows)  # the adapters act
+    for r, (kl, rewards) in zip(rows, float64_figures(tmp_path, stories_dir, rows, "lora", tmp_path / "lora_merged")):
+        # bfloat16 weights and matmul inputs carry a relative error of ~2^-8 through 5 layers, on logits of magnitude
+        # ~10: ~0.1 nats per token and model, 0.15 per response token allowed (measured: at most 0.06); an adapter
+        # left out would give KL 0 against the reference's 9-31 nats
+        assert math.isclose(r["lora"]["kl"], kl, abs_tol=0.15 * len(r["lora"]["token_ids"])), (r["lora"]["kl"], kl)
+        for name in ("initial", "lora"):
+            # a head of norm ~8 (dim 64) on final-norm states of norm ~8 with a relative error of ~1%: ~0.6
+            # (measured: at most 0.22)
+            assert math.isclose(r[name]["reward"], rewards[name], abs_tol=0.6), (name, r[name]["reward"], rewards)

@@ -10,7 +10,7 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 from conftest import GQA4_ARGS, make_random_checkpoint, run_distributed
 from llama_mp import distributed, lora
-from llama_mp.checkpoint import load_model, load_shard, shard_paths
+from llama_mp.checkpoint import load_model, load_shard, resolve_checkpoint, shard_paths
 from llama_mp.train import TrainConfig, Trainer, add_lora, backbone_dtype
 from step0_coldstart.train_sft import collate, response_loss
 
@@ -150,6 +150,13 @@ def test_lora_resume_in_bf16_is_bit_exact(world1, stories_dir, tmp_path):
                                  lora_dropout=0.1, activation_checkpointing=True)
     assert whole.tok_embeddings.weight.dtype == torch.bfloat16  # a frozen base is held in the compute dtype
     trainer.fit()
+    # the checkpoint with its adapters unmerged on a bfloat16 base computes what the trained model computes (what an
+    # evaluation in bf16 reads); merged into bfloat16 weights it computes something else
+    saved = resolve_checkpoint(str(tmp_path / "whole"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = whole.eval()(TOKENS)
+        assert torch.equal(lora.load_model(saved, dtype=torch.bfloat16, merge=False)(TOKENS), trained)
+        assert not torch.equal(lora.load_model(saved, dtype=torch.bfloat16)(TOKENS), trained)
     _, crashing = sft_trainer(stories_dir, examples, str(tmp_path / "cut"), world1, "bf16", save_every=2,
                               lora_dropout=0.1, activation_checkpointing=True)
     step = crashing.train_step
