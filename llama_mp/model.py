@@ -14,7 +14,7 @@ and a parallel embedding (split along the embedding dim, or along the vocabulary
 
 import math
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -203,9 +203,10 @@ def precompute_rope(inv_freq: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] as complex numbers by freqs_cis [T, D/2] (Meta)."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] as complex numbers by freqs_cis [T, D/2] (Meta), or
+    [B, T, D/2] when each row has its own positions."""
     x_complex = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(x_complex * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(x_complex * freqs_cis.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -238,7 +239,9 @@ class Attention(nn.Module):
                                     init_method=init_method)
         self.wqkv: Optional[torch.Tensor] = None  # wq|wk|wv in one buffer, see Transformer.fuse_projections
 
-    def forward(self, x, freqs_cis, start_pos: int, cache: Optional[KVCache], layer: int, mask):
+    def forward(self, x, freqs_cis, start_pos, cache: Optional[KVCache], layer: int, mask):
+        """start_pos: the int position of x's first token, or a LongTensor [B, T] of every token's position (with a
+        cache: rows at different lengths)."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None and cache is not None and not torch.is_grad_enabled():  # sampling: one matmul
             q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
@@ -253,12 +256,19 @@ class Attention(nn.Module):
         if cache is None:
             out = self.attend(q, k, v, mask)
         else:
-            end = start_pos + seqlen
-            cache.keys[layer][:bsz, :, :, start_pos:end] = k.transpose(2, 3)
-            cache.values[layer][:bsz, :, start_pos:end] = v
+            if isinstance(start_pos, torch.Tensor):  # row b's tokens go to its own positions start_pos[b]
+                end = mask.shape[-1]
+                rows = torch.arange(bsz, device=x.device)[:, None]
+                dtype = cache.keys[layer].dtype  # (autocast: bf16 keys into a float32 cache, as a slice copy casts)
+                cache.keys[layer][rows, :, :, start_pos] = k.transpose(1, 2).to(dtype)  # indexed as [B, T, heads, D]
+                cache.values[layer][rows, :, start_pos] = v.transpose(1, 2).to(dtype)
+            else:
+                end = start_pos + seqlen
+                cache.keys[layer][:bsz, :, :, start_pos:end] = k.transpose(2, 3)
+                cache.values[layer][:bsz, :, start_pos:end] = v
             keys_t, values = cache.keys[layer][:bsz, :, :, :end], cache.values[layer][:bsz, :, :end]
             if seqlen == 1:
-                out = self.attend_one(q, keys_t, values)
+                out = self.attend_one(q, keys_t, values, mask)
             else:
                 # contiguous keys: the fused CPU kernel falls back to a ~5x slower path on strided ones
                 out = self.attend(q, keys_t.transpose(2, 3).contiguous(), values, mask)
@@ -269,12 +279,15 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=self.n_local_heads != self.n_local_kv_heads)
 
-    def attend_one(self, q, keys_t, values):
+    def attend_one(self, q, keys_t, values, mask=None):
         """attend() for a single new query per row (a decode step): the query heads that share a kv head are grouped
-        into one small matmul against the cache, which beats the fused CPU kernel at this shape."""
+        into one small matmul against the cache, which beats the fused CPU kernel at this shape. mask [B, 1, 1, end]
+        (rows at different positions): True where a row's query may attend."""
         bsz, _, _, head_dim = q.shape
         q_grouped = q.view(bsz, self.n_local_kv_heads, -1, head_dim) * head_dim ** -0.5  # [B, kv heads, group, D]
         scores = torch.matmul(q_grouped, keys_t)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         # softmax in at least float32 (a float64 model keeps float64, as the fused kernel of attend() does)
         out = torch.matmul(torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).type_as(q),
                            values)
@@ -354,15 +367,21 @@ class Transformer(nn.Module):
             if not any(hasattr(m, "lora") for m in (ffn.w1, ffn.w3)):
                 ffn.w13 = _share_storage([ffn.w1, ffn.w3])
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None,
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, cache: Optional[KVCache] = None,
                 return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start_pos.. -> logits [B, T, V] (or [B, 1, V] with last_only), float32.
 
         Without a cache the attention is causal over `tokens` alone (training, scoring). With a cache the new keys and
-        values are written at [start_pos, start_pos + T) and attention covers [0, start_pos + T).
+        values are written at [start_pos, start_pos + T) and attention covers [0, start_pos + T). With a cache,
+        start_pos may be a LongTensor [B]: each row continues at its own position, its token t attending to
+        [0, start_pos[b] + t] of its own row (a row shorter than T is right-padded: its pads are written past its
+        end, where a later call overwrites them before anything attends to them).
         """
         bsz, seqlen = tokens.shape
-        end = start_pos + seqlen
+        per_row = isinstance(start_pos, torch.Tensor)
+        if per_row and cache is None:
+            raise ValueError("per-row start positions need a KV cache")
+        end = (int(start_pos.max()) if per_row else start_pos) + seqlen
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence end {end} exceeds max_seq_len {self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
@@ -370,11 +389,16 @@ class Transformer(nn.Module):
             h = h.float()  # mixed precision: low-precision matmuls, a float32 residual stream (as with float32 weights)
         if self.freqs_cis.device != tokens.device:
             self.freqs_cis = self.freqs_cis.to(tokens.device)
-        freqs_cis = self.freqs_cis[start_pos:end]
         mask = None  # plain causal (or a single query, which sees the whole cache)
-        if cache is not None and start_pos > 0 and seqlen > 1:
-            # New queries see every cached position and the causal part of the new block.
-            mask = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
+        if per_row:
+            start_pos = start_pos.to(tokens.device)[:, None] + torch.arange(seqlen, device=tokens.device)  # [B, T]
+            freqs_cis = self.freqs_cis[start_pos]
+            mask = torch.arange(end, device=tokens.device) <= start_pos[:, None, :, None]  # [B, 1, T, end]
+        else:
+            freqs_cis = self.freqs_cis[start_pos:end]
+            if cache is not None and start_pos > 0 and seqlen > 1:
+                # New queries see every cached position and the causal part of the new block.
+                mask = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
         for layer in self.layers:
             if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
                 h = checkpoint(layer, h, freqs_cis, start_pos, cache, mask, use_reentrant=False)

@@ -8,8 +8,9 @@ Prompts are strings (encoded with BOS) or lists of token ids (used as given). Pr
 micro-batches of at most `max_batch_size`, sorted by length, with a progress line on rank 0; results come back in the
 input order.
 
-Generation follows Meta's scheme: decoding starts at the shortest prompt's end; positions still inside a longer prompt
-are teacher-forced, so a ragged batch computes exactly what each prompt alone would. Each row finishes on its own:
+Generation: the right-padded prompts are prefilled in one forward, then every row decodes at its own position (the KV
+cache takes per-row positions), so a ragged batch computes exactly what each prompt alone would and a long prompt
+costs no decode steps. Each row finishes on its own:
   - "eos": the model produced EOS or another of the tokenizer's stop ids (ChatML's <|im_end|>, <|endoftext|>, ...);
   - "stop": the generated text contains one of `stop` (the text is cut before it);
   - "length": max_gen_len new tokens.
@@ -86,7 +87,7 @@ def derive_seed(*parts) -> int:
 
 class RowRandom:
     """The uniform numbers a batch draws per step: from one generator for the whole call (fast), or from one generator
-    per prompt, drawn only once the row generates, so that a prompt's sample does not depend on its batch-mates."""
+    per prompt, so that a prompt's sample does not depend on its batch-mates."""
 
     def __init__(self, seed, n: int, device):
         self.device = device
@@ -98,13 +99,21 @@ class RowRandom:
                 raise ValueError(f"{len(seed)} seeds for {n} prompts")
             self.per_row = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
-    def draw(self, rows: list[int], prompt_lengths: list[int], position: int) -> torch.Tensor:
-        """One number per row for the token at `position`; a per-prompt generator draws only once its row is past
-        its prompt."""
+    def draw(self, rows: list[int]) -> torch.Tensor:
+        """One number per row for its next token."""
         if self.per_row is None:
             return torch.rand(len(rows), generator=self.shared, device=self.device)
-        return torch.tensor([float(torch.rand(1, generator=self.per_row[r], device=self.device)) if n <= position
-                             else 0.0 for r, n in zip(rows, prompt_lengths)], device=self.device)
+        return torch.tensor([float(torch.rand(1, generator=self.per_row[r], device=self.device)) for r in rows],
+                            device=self.device)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differ = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
+    return int(differ[0, 0]) if len(differ) else n
 
 
 class Sampler:
@@ -119,6 +128,7 @@ class Sampler:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._cache: Optional[KVCache] = None
+        self._held: list[list[int]] = []  # the tokens each cache row holds after the last call (see reuse_cache)
         if tokenizer.n_words != model.args.vocab_size:
             raise ValueError(f"{tokenizer.path}: tokenizer has {tokenizer.n_words} pieces but the model's vocabulary "
                              f"is {model.args.vocab_size}")
@@ -152,6 +162,10 @@ class Sampler:
                                  f"(max_seq_len {self.max_seq_len}); shorten it or truncate='left'")
 
     def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Batches of similar lengths (less padding); one batch in the input order when all fit (prompt i is then in
+        cache row i, as reuse_cache expects)."""
+        if len(lengths) <= self.max_batch_size:
+            return [list(range(len(lengths)))]
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         return [order[i:i + self.max_batch_size] for i in range(0, len(order), self.max_batch_size)]
 
@@ -161,23 +175,45 @@ class Sampler:
         would otherwise zero and hold eight times the memory (12 GB for SmolLM2 at batch 32)."""
         if self._cache is None or self._cache.max_len < length:
             rounded = min(self.max_seq_len, -(-length // 256) * 256)
-            self._cache = None  # free the old one before allocating the new one
+            self._cache, self._held = None, []  # free the old one before allocating the new one
             self._cache = KVCache(self.model.args, self.max_batch_size, rounded, self.device, self.dtype)
         assert batch_size <= self._cache.batch_size
         return self._cache
+
+    def _prefill(self, prompts: list[list[int]], reuse_cache: bool, length: int) -> torch.Tensor:
+        """Write the prompts into cache rows 0..B-1 (a cache of at least `length` positions) and return the final hidden
+        state [B, dim] of each one's last token.
+
+        reuse_cache: a row computes only the tokens after the prefix it shares with what the row held after the
+        previous call (at least its last token, whose hidden state is returned)."""
+        cache = self._kv_cache(len(prompts), length)  # first: a new cache holds nothing
+        held = self._held if reuse_cache else []
+        starts = [min(common_prefix(p, held[row]), len(p) - 1) if row < len(held) else 0
+                  for row, p in enumerate(prompts)]
+        tails = [p[start:] for p, start in zip(prompts, starts)]
+        start_pos = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=self.device)
+        hidden = self.model(right_pad(tails, self.device), start_pos, cache, return_hidden=True)
+        self._held = [list(p) for p in prompts]
+        return hidden[torch.arange(len(tails), device=self.device), last_positions(tails, self.device)]
 
     # ---- generation ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt], max_gen_len: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop: Sequence[str] = (), seed: Union[None, int, Sequence[int]] = None,
                  truncate: str = "error", stop_at_eos: bool = True, allowed_tokens: Optional[Sequence[int]] = None,
-                 desc: str = "generate") -> list[Completion]:
+                 reuse_cache: bool = False, desc: str = "generate") -> list[Completion]:
         """Complete every prompt. `seed`: one int for the call, or one per prompt (a prompt's sample is then the same in
         any batch: resumable jobs use this); `stop_at_eos=False` goes on past EOS (benchmarks need fixed lengths);
         `allowed_tokens`: generate only these token ids (a value grammar, e.g. digits; log-probs are then those of
-        the restricted distribution)."""
+        the restricted distribution). `reuse_cache`: prompt i goes to cache row i (at most max_batch_size prompts, in
+        their order) and only its tokens after the prefix that row still holds from the previous call are computed:
+        a caller that grows the same prompts step by step pays for each token once. The model must not have changed
+        since that call."""
         if max_gen_len < 1 or max_gen_len >= self.max_seq_len:
             raise ValueError(f"max_gen_len {max_gen_len} must be in [1, max_seq_len {self.max_seq_len})")
+        if reuse_cache and len(prompts) > self.max_batch_size:
+            raise ValueError(f"reuse_cache keeps one cache row per prompt: {len(prompts)} prompts, max_batch_size "
+                             f"{self.max_batch_size}")
         encoded = [self.encode(p) for p in prompts]
         fitted = [self._fit(i, ids, self.max_seq_len - max_gen_len, truncate) for i, ids in enumerate(encoded)]
         rng = RowRandom(seed, len(prompts), self.device)
@@ -189,7 +225,7 @@ class Sampler:
         progress = Progress(len(prompts), desc, "prompts", self.progress_every)
         for batch in self._micro_batches([len(ids) for ids, _ in fitted]):
             completions = self._generate_batch([fitted[i][0] for i in batch], batch, max_gen_len, temperature, top_p,
-                                               top_k, list(stop), rng, stop_at_eos, mask)
+                                               top_k, list(stop), rng, stop_at_eos, mask, reuse_cache)
             for i, completion in zip(batch, completions):
                 completion.truncated_prompt = fitted[i][1]
                 results[i] = completion
@@ -198,65 +234,109 @@ class Sampler:
 
     def _generate_batch(self, prompts: list[list[int]], rows: list[int], max_gen_len: int, temperature: float,
                         top_p: float, top_k: int, stop: list[str], rng: RowRandom, stop_at_eos: bool,
-                        mask: Optional[torch.Tensor] = None) -> list[Completion]:
+                        mask: Optional[torch.Tensor], reuse_cache: bool) -> list[Completion]:
         bsz = len(prompts)
-        prompt_lengths = [len(p) for p in prompts]
-        lengths = torch.tensor(prompt_lengths, device=self.device)
-        min_len, max_len = int(lengths.min()), int(lengths.max())
-        total_len = max_len + max_gen_len  # <= max_seq_len: prompts were fitted to leave room
-        tokens = right_pad(prompts, self.device, width=total_len)
-        logprobs = torch.zeros(bsz, total_len, device=self.device)
-        end = lengths + max_gen_len  # exclusive end of each row's output
-        finish, out_end = [""] * bsz, [0] * bsz
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        uniform_length = len(set(len(p) for p in prompts)) == 1  # one int position per step: no per-row mask
+        out = torch.zeros(bsz, max_gen_len, dtype=torch.long, device=self.device)
+        logprobs = torch.zeros(bsz, max_gen_len, device=self.device)
+        finish, out_len = [""] * bsz, [0] * bsz
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        cache = self._kv_cache(bsz, total_len)
         stop_ids = torch.tensor(self.tokenizer.stop_ids if stop_at_eos else [], dtype=torch.long, device=self.device)
         window = max((len(s.encode()) for s in stop), default=0) + 2  # tokens to decode for a stop-string check
-        prev = 0
-        for cur in range(min_len, total_len):
-            logits = self.model(tokens[:, prev:cur], prev, cache, last_only=True)[:, -1]
+        # prompts were fitted to leave room for max_gen_len
+        logits = self.model.output(self._prefill(prompts, reuse_cache, int(lengths.max()) + max_gen_len)).float()
+        cache = self._cache
+        for step in range(max_gen_len):
+            if step:  # the previous token goes in at each row's own position
+                position = int(lengths[0]) + step - 1 if uniform_length else lengths + (step - 1)
+                logits = self.model(out[:, step - 1:step], position, cache)[:, -1]
             if mask is not None:
                 logits = logits + mask
-            uniform = rng.draw(rows, prompt_lengths, cur) if temperature > 0 else None
+            uniform = rng.draw(rows) if temperature > 0 else None
             next_token = sample_next(logits, temperature, top_p, top_k, uniform)
-            if cur < max_len:  # rows still inside their prompt are teacher-forced
-                in_prompt = lengths > cur
-                next_token = torch.where(in_prompt, tokens[:, cur], next_token)
-                generating = ~in_prompt & ~done
-            else:
-                generating = ~done
-            tokens[:, cur] = next_token
+            out[:, step] = next_token
             scaled = logits / temperature if temperature > 0 else logits
-            logprobs[:, cur] = torch.log_softmax(scaled, dim=-1).gather(-1, next_token[:, None])[:, 0]
-            prev = cur
+            logprobs[:, step] = torch.log_softmax(scaled, dim=-1).gather(-1, next_token[:, None])[:, 0]
+            generating = ~done
             hit_eos = generating & torch.isin(next_token, stop_ids)
-            hit_length = generating & (cur + 1 >= end)
-            newly = hit_eos | hit_length
+            newly = hit_eos | (generating if step + 1 == max_gen_len else torch.zeros_like(done))
             if stop:
                 for row in (generating & ~hit_eos).nonzero()[:, 0].tolist():
-                    start = max(int(lengths[row]), cur + 1 - window)
-                    tail = self.tokenizer.decode_continuation(tokens[row, start:cur + 1].tolist())
+                    tail = self.tokenizer.decode_continuation(out[row, max(0, step + 1 - window):step + 1].tolist())
                     if any(s in tail for s in stop):
                         finish[row], newly[row] = "stop", True
             if newly.any():
                 for row in newly.nonzero()[:, 0].tolist():
                     finish[row] = finish[row] or ("eos" if hit_eos[row] else "length")
-                    out_end[row] = cur + 1
+                    out_len[row] = step + 1
             done |= newly
             if bool(done.all()):
                 break
+        # what the cache rows hold now: each prompt and the tokens fed after it (all but the last sampled one)
+        self._held = [p + out[row, :step].tolist() for row, p in enumerate(prompts)]
 
         completions = []
         for row, ids in enumerate(prompts):
-            start, stop_end = len(ids), out_end[row]
-            out = tokens[row, start:stop_end].tolist()
-            text = self.tokenizer.decode_continuation(out[:-1] if finish[row] == "eos" else out)
+            tokens = out[row, :out_len[row]].tolist()
+            text = self.tokenizer.decode_continuation(tokens[:-1] if finish[row] == "eos" else tokens)
             hits = [text.find(s) for s in stop if s in text] if finish[row] == "stop" else []
             if hits:
                 text = text[:min(hits)]
-            completions.append(Completion(text=text, tokens=out, logprobs=logprobs[row, start:stop_end].tolist(),
-                                          finish_reason=finish[row], prompt_tokens=start))
+            completions.append(Completion(text=text, tokens=tokens, logprobs=logprobs[row, :out_len[row]].tolist(),
+                                          finish_reason=finish[row], prompt_tokens=len(ids)))
         return completions
+
+    @torch.inference_mode()
+    def candidate_logprobs(self, texts: Sequence[str], candidates: Sequence[str], truncate: str = "error",
+                           reuse_cache: bool = False) -> list[list[float]]:
+        """log p(candidate | text), summed over the candidate's tokens, for every candidate after every text: [len(texts)]
+        lists of [len(candidates)] (a choice among known values). Text and candidate are encoded together, as the model
+        saw such strings in training; the tokens all candidates share with their text go through the KV cache once
+        (reuse_cache as in generate), then each candidate's own tokens on top of them. The head runs in float32 (see
+        float32_logits)."""
+        if len(texts) > self.max_batch_size:
+            if reuse_cache:
+                raise ValueError(f"reuse_cache keeps one cache row per text: {len(texts)} texts, max_batch_size "
+                                 f"{self.max_batch_size}")
+            return [row for first in range(0, len(texts), self.max_batch_size)
+                    for row in self.candidate_logprobs(texts[first:first + self.max_batch_size], candidates, truncate)]
+        seqs, shared = [], []  # per text: each candidate's tokens; how many of them all candidates share
+        for i, text in enumerate(texts):
+            row = [self.encode(text + c) for c in candidates]
+            overflow = max(len(q) for q in row) - self.max_seq_len
+            if overflow > 0:
+                if truncate != "left" or row[0][0] != self.tokenizer.bos_id:
+                    raise PromptTooLongError(f"text {i} with a candidate has {overflow + self.max_seq_len} tokens, "
+                                             f"more than max_seq_len {self.max_seq_len}; shorten it or truncate='left'")
+                row = [q[:1] + q[1 + overflow:] for q in row]
+            n = 0  # every candidate keeps at least one token of its own
+            while all(len(q) > n + 1 and q[n] == row[0][n] for q in row):
+                n += 1
+            if n == 0:
+                raise ValueError(f"text {i}: the candidates share no first token (give the text a BOS)")
+            seqs.append(row)
+            shared.append(n)
+        device = self.device
+        hidden = self._prefill([r[0][:n] for r, n in zip(seqs, shared)], reuse_cache, max(len(q) for r in seqs for q in r))
+        logp_first = torch.log_softmax(self.float32_logits(hidden), dim=-1)
+        starts = torch.tensor(shared, device=device)
+        scores = torch.zeros(len(texts), len(candidates))
+        for k in range(len(candidates)):
+            own = [r[k][n:] for r, n in zip(seqs, shared)]  # >= 1 token each
+            first = torch.tensor([o[0] for o in own], device=device)
+            scores[:, k] = logp_first.gather(-1, first[:, None])[:, 0].cpu()
+            if max(len(o) for o in own) > 1:  # the rest, at each row's own positions (written past the shared part)
+                hidden = self.model(right_pad([o[:-1] or [0] for o in own], device), starts, self._cache,
+                                    return_hidden=True)
+                rows = torch.tensor([i for i, o in enumerate(own) for _ in o[1:]], device=device)
+                positions = torch.tensor([t for o in own for t in range(len(o) - 1)], device=device)
+                targets = torch.tensor([t for o in own for t in o[1:]], device=device)
+                logp = torch.log_softmax(self.float32_logits(hidden[rows, positions]), dim=-1)
+                scores[:, k] += torch.zeros(len(texts)).index_add_(0, rows.cpu(),
+                                                                   logp.gather(-1, targets[:, None])[:, 0].cpu())
+        self._held = [r[0][:n] for r, n in zip(seqs, shared)]  # the candidates' own tokens are stale
+        return scores.tolist()
 
     # ---- teacher forcing ----------------------------------------------------------------------------------------
     def _hidden_batches(self, seqs: list[list[int]], desc: str):
@@ -335,6 +415,7 @@ class Sampler:
             raise PromptTooLongError(f"shared prefix of {len(prefix)} tokens plus a branch of {longest} exceeds "
                                      f"max_seq_len {self.max_seq_len}")
         cache = self._kv_cache(1, len(prefix) + longest)
+        self._held = []  # the rows are about to hold copies of row 0's parts
         self.model(torch.tensor([prefix], device=self.device), 0, cache, last_only=True)
         results = []
         for middle, suffixes in branches:

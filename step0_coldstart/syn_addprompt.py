@@ -84,23 +84,16 @@ def number_tokens(tokenizer, integer: bool) -> list[int]:
     return allowed
 
 
-def choose(sampler, texts: list[str], candidates: list[str], temperature: float, seeds: list[int]) -> list[str]:
+def choose(sampler, texts: list[str], candidates: list[str], temperature: float, seeds: list[int],
+           reuse_cache: bool = False) -> list[str]:
     """One candidate per text, drawn from the model's probability of each candidate as the text's continuation
     (sum of its tokens' log-probs; argmax at temperature 0). Texts and candidates are encoded together, as in training."""
     if not candidates:  # a column with no known value (empty in every training row)
         return ["null"] * len(texts)
-    prompts, continuations = [], []
-    for text in texts:
-        seqs = [sampler.encode(text + c) for c in candidates]
-        common = 0
-        while all(len(q) > common + 1 and q[common] == seqs[0][common] for q in seqs):
-            common += 1
-        prompts += [q[:common] for q in seqs]
-        continuations += [q[common:] for q in seqs]
-    logp = [sum(x) for x in sampler.score(prompts, continuations, truncate="left", desc="values")]
+    logp = sampler.candidate_logprobs(texts, candidates, truncate="left", reuse_cache=reuse_cache)
     picks = []
-    for row, seed in enumerate(seeds):
-        scores = np.array(logp[row * len(candidates):(row + 1) * len(candidates)])
+    for scores, seed in zip(logp, seeds):
+        scores = np.array(scores)
         if temperature <= 0:
             picks.append(candidates[int(scores.argmax())])
             continue
@@ -114,21 +107,28 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
                 categories: dict[str, list[str]]) -> list[str]:
     """Keys written from the schema, each value drawn from the model restricted to the column's type: a category (or
     a class label) among `categories` (those of the training split: no value seen only in test rows); a number from
-    digit tokens (the first number they spell, null if none). One sampler call per column for the whole batch."""
+    digit tokens (the first number they spell, null if none). One sampler call per column for up to max_batch_size
+    rows, each row kept in its KV-cache row from column to column: the prompt is computed once, not once per column."""
+    if len(prompts) > sampler.max_batch_size:
+        size = sampler.max_batch_size
+        return [row for first in range(0, len(prompts), size)
+                for row in guided_rows(sampler, schema, prompts[first:first + size], seeds[first:first + size],
+                                       config, categories)]
     temperature, answers = config.temperature, [ANSWER_LEAD + "{"] * len(prompts)
     for j, (column, kind) in enumerate(schema.columns.items()):
         answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
         texts, column_seeds = [p + a for p, a in zip(prompts, answers)], [s + j for s in seeds]
+        reuse = j > 0  # column 0 starts from an empty cache row (the model may have changed since the last batch)
         if kind == "category":
             known = categories.get(column, [])
             if column == schema.target and schema.task == "classification":
                 known = [target_text(schema, c) for c in known]
-            values = choose(sampler, texts, [json.dumps(c) for c in known], temperature, column_seeds)
+            values = choose(sampler, texts, [json.dumps(c) for c in known], temperature, column_seeds, reuse)
         else:
             outs = sampler.generate(texts, config.max_value_tokens, temperature, config.top_p,
                                     stop=[",", "}"], seed=column_seeds, truncate="left",
                                     allowed_tokens=number_tokens(sampler.tokenizer, kind == "int"),
-                                    desc=f"values of {column}")
+                                    reuse_cache=reuse, desc=f"values of {column}")
             numbers = [re.search(r"-?\d+(\.\d+)?" if kind == "float" else r"-?\d+", out.text) for out in outs]
             to_number = int if kind == "int" else float  # written back as JSON: "-0112" is not a JSON number
             values = [json.dumps(to_number(m.group(0))) if m else "null" for m in numbers]

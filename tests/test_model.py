@@ -101,6 +101,32 @@ def test_kv_cache_decoding_equals_full_recomputation(world1, gqa_dir, stories_di
     torch.testing.assert_close(torch.cat([prefill, *steps, block], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_per_row_cache_positions_equal_each_row_alone(world1, gqa_dir):
+    # rows of 9, 5 and 13 tokens fed in two right-padded blocks cut at different lengths, then one decode step at each
+    # row's own position: every real position must give what a full forward of that row alone gives (float64)
+    model = load_model(gqa_dir).double()
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 64, (n,), generator=gen) for n in (9, 5, 13)]
+    cuts, last = [4, 2, 7], torch.randint(0, 64, (3, 1), generator=gen)
+    cache = KVCache(model.args, 3, 32, dtype=torch.float64)
+
+    def block(parts):
+        out = torch.zeros(3, max(len(p) for p in parts), dtype=torch.long)
+        for i, p in enumerate(parts):
+            out[i, :len(p)] = p
+        return out
+
+    with torch.no_grad():
+        first = model(block([r[:c] for r, c in zip(rows, cuts)]), torch.tensor([0, 0, 0]), cache)
+        second = model(block([r[c:] for r, c in zip(rows, cuts)]), torch.tensor(cuts), cache)
+        step = model(last, torch.tensor([len(r) for r in rows]), cache)
+        for i, (r, c) in enumerate(zip(rows, cuts)):
+            alone = model(torch.cat([r, last[i]])[None])[0]
+            torch.testing.assert_close(first[i, :c], alone[:c], atol=1e-12, rtol=0)
+            torch.testing.assert_close(second[i, :len(r) - c], alone[c:len(r)], atol=1e-12, rtol=0)
+            torch.testing.assert_close(step[i, 0], alone[-1], atol=1e-12, rtol=0)
+
+
 def test_training_forward_has_gradients_and_hidden_states(world1, gqa_dir):
     model = load_model(gqa_dir).train()
     tokens = torch.randint(0, 64, (2, 10))
