@@ -290,11 +290,11 @@ class Sampler:
     @torch.inference_mode()
     def candidate_logprobs(self, texts: Sequence[str], candidates: Sequence[str], truncate: str = "error",
                            reuse_cache: bool = False) -> list[list[float]]:
-        """log p(candidate | text), summed over the candidate's tokens, for every candidate after every text: [len(texts)]
-        lists of [len(candidates)] (a choice among known values). Text and candidate are encoded together, as the model
-        saw such strings in training; the tokens all candidates share with their text go through the KV cache once
-        (reuse_cache as in generate), then each candidate's own tokens on top of them. The head runs in float32 (see
-        float32_logits)."""
+        """log p(candidate | text), summed over the candidate's tokens, for every candidate after every text:
+        [len(texts)] lists of [len(candidates)] (a choice among known values). Text and candidate are encoded
+        together, as the model saw such strings in training; the tokens all candidates share with their text go
+        through the KV cache once (reuse_cache as in generate), then each candidate's own tokens on top of them. The
+        head runs in float32 (see float32_logits)."""
         if len(texts) > self.max_batch_size:
             if reuse_cache:
                 raise ValueError(f"reuse_cache keeps one cache row per text: {len(texts)} texts, max_batch_size "
@@ -318,7 +318,8 @@ class Sampler:
             seqs.append(row)
             shared.append(n)
         device = self.device
-        hidden = self._prefill([r[0][:n] for r, n in zip(seqs, shared)], reuse_cache, max(len(q) for r in seqs for q in r))
+        longest = max(len(q) for r in seqs for q in r)
+        hidden = self._prefill([r[0][:n] for r, n in zip(seqs, shared)], reuse_cache, longest)
         logp_first = torch.log_softmax(self.float32_logits(hidden), dim=-1)
         starts = torch.tensor(shared, device=device)
         scores = torch.zeros(len(texts), len(candidates))

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -80,7 +80,9 @@ class Tabular:
 @dataclass
 class QuickstartConfig:
     model: str = "stories260K"  # smollm2 | stories260K
-    dtype: str = "float32"  # of the sampling commands; auto: bfloat16 where the CPU (or GPU) computes it natively
+    # of every stage: the sampling commands' --dtype and the trainers' --precision (bf16 compute over float32 weights);
+    # auto: bfloat16 where the CPU (or GPU) computes it natively. The held-out evaluation stays float32 (eval_flags).
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     run_dir: str = "runs/quickstart"
     nproc: int = 2  # processes per stage (torchrun on this machine)
     model_parallel_size: Optional[int] = None  # of every model stage (default: the stage's world size)
@@ -240,7 +242,7 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     same_pairs = []  # the human check on the pairs the judge's agreement was measured on: the figures compare
     if cfg.salmon.judge_eval_pairs:
         same_pairs = ["--human_eval_against", "worst", "--human_eval_max_pairs", str(cfg.salmon.judge_eval_pairs)]
-    run.step("reward_model", lambda: script("train_reward_model.sh", *same_pairs, *cfg.salmon.rm_flags,
+    run.step("reward_model", lambda: script("train_reward_model.sh", *same_pairs, *d["precision"], *cfg.salmon.rm_flags,
                                             *resume_args(out)),
              {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
               "OUTPUT_DIR": out})
@@ -253,7 +255,7 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "dpo")
-    run.step("dpo", lambda: script("train_dpo.sh", *cfg.salmon.dpo_flags, *resume_args(out)),
+    run.step("dpo", lambda: script("train_dpo.sh", *d["precision"], *cfg.salmon.dpo_flags, *resume_args(out)),
              {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference_pairs.jsonl"),
               "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
@@ -264,7 +266,7 @@ def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
 
 def stage_ppo(run: Runner, d: dict, cfg: dict) -> dict:
     out = os.path.join(d["run"], "ppo")
-    run.step("ppo", lambda: script("train_ppo.sh", *cfg.salmon.ppo_flags, *resume_args(out)),
+    run.step("ppo", lambda: script("train_ppo.sh", *d["precision"], *cfg.salmon.ppo_flags, *resume_args(out)),
              {"CKPT_DIR": d["policy"], "RM_DIR": os.path.join(d["run"], "rm"), "OUTPUT_DIR": out})
     curve = metrics(os.path.join(out, "metrics.jsonl"))
     keys = ("reward/mean", "kl", "response_length")
@@ -294,7 +296,8 @@ def stage_tabular(run: Runner, d: dict, cfg: dict) -> dict:
     t, work = cfg.tabular, os.path.join(d["run"], "tabular")
     run.step("tabular", lambda: python("step0_coldstart.rounds", "--config", os.path.join(ROOT, t.config),
                                        "--workdir", work, "--ckpt_dir", d["policy"], "--tokenizer_path", d["tokenizer"],
-                                       "--dtype", d["dtype"], "--rounds", str(t.rounds),
+                                       "--dtype", d["dtype"], "--precision", d["precision"][1],
+                                       "--rounds", str(t.rounds),
                                        *(["--model_parallel_size", str(cfg.model_parallel_size)]
                                          if cfg.model_parallel_size else [])))
     with open(os.path.join(work, "report.json")) as f:
@@ -328,7 +331,9 @@ def main() -> None:
     policy, tokenizer = MODELS[cfg.model]
     dtype = sampling_dtype(cfg.dtype)
     d = {"run": run_dir, "policy": os.path.join(run_dir, policy), "tokenizer": tokenizer, "dtype": dtype,
-         "sampling_flags": ["--dtype", dtype], "env": {"TOKENIZER": tokenizer}, "mp2": os.path.join(run_dir, "stories260K_mp2"),
+         "sampling_flags": ["--dtype", dtype], "env": {"TOKENIZER": tokenizer},
+         "precision": ["--precision", "bf16" if dtype == "bfloat16" else "fp32"],  # the trainers follow the dtype
+         "mp2": os.path.join(run_dir, "stories260K_mp2"),
          "step1": os.path.join(run_dir, "step1")}
     if cfg.model_parallel_size:  # every model stage (the step scripts read MODEL_PARALLEL_SIZE)
         d["env"]["MODEL_PARALLEL_SIZE"] = str(cfg.model_parallel_size)

@@ -64,6 +64,7 @@ class RoundsConfig:
     scorer: Literal["sklearn", "llm"] = "sklearn"
     scorer_ckpt: Optional[str] = None  # the llm scorer's model (default: the generator itself)
     dtype: str = "auto"  # of the sampling stages
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the SFT and DPO trainings (auto: bf16 where native)
     model_parallel_size: Optional[int] = None  # of the model stages (default: the world size)
     sft_flags: list[Arg] = field(default_factory=list)  # more train_sft arguments, e.g. [--lora_rank, 16]
     dpo_flags: list[Arg] = field(default_factory=list)  # more train_dpo arguments
@@ -122,7 +123,8 @@ def main() -> None:
                                "--train_file", os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir,
                                "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs),
                                "--max_steps", str(cfg.sft_max_steps),
-                               "--micro_batch_size", str(cfg.micro_batch_size), *common, *cfg.sft_flags], log)
+                               "--micro_batch_size", str(cfg.micro_batch_size), *common, "--precision", cfg.precision,
+                               *cfg.sft_flags], log)
     fed = ["--num_client", str(cfg.fed_clients), "--split_method", cfg.fed_split_method, "--splits_dir", splits_dir]
     clients = lambda d: [os.path.join(d, f"{name}_client_{i}.train.jsonl") for i in range(cfg.fed_clients)]  # noqa: E731
     step("r0_s2", clients(os.path.join(work, "fed")),
@@ -171,7 +173,7 @@ def main() -> None:
                                        "--epochs", str(cfg.dpo_epochs),
                                        "--micro_batch_size", str(cfg.micro_batch_size),
                                        "--max_prompt_len", str(cfg.max_seq_len),
-                                       *common, *cfg.dpo_flags], log)
+                                       *common, "--precision", cfg.precision, *cfg.dpo_flags], log)
         generators.append((f"dpo{k}", latest_checkpoint(dpo_dir)))
     synthetic = []
     for k, (label, _) in enumerate(generators, start=1):

@@ -128,6 +128,9 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
         if steps[0] != steps[1]:
             differences.append(f"curve steps {sub}: {steps}")
     assert not differences, "\n".join(differences)
+    for sub in ("rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):  # the config's dtype float32 reaches every trainer
+        with open(os.path.join(whole, sub, "metrics.jsonl")) as f:
+            assert {json.loads(line)["precision"] for line in f} == {"fp32"}, sub
     markdown = open(os.path.join(whole, "report.md")).read()
     assert "| reward_model | done |" in markdown and "ML efficiency" in markdown
     # the tabular round's files: guided rows parse, parsed rows carry one ds1 prompt per anchor and a gain
