@@ -333,6 +333,7 @@ def test_every_shipped_config_loads_with_the_classes_of_its_command():
         "quickstart.yaml": (quickstart,), "quickstart_stories260K.yaml": (quickstart,),
         "syn_addprompt.yaml": (ModelOptions, SynConfig), "syn_addprompt_tiny.yaml": (ModelOptions, SynConfig),
         "synfed_tiny.yaml": (RoundsConfig,), "synfed_smollm2.yaml": (RoundsConfig,), "synfed_loo.yaml": None,
+        "synfed_loo_smollm2.yaml": None,
         "synscore_anchors.yaml": (AnchorsConfig,), "responses_tiny.yaml": (ResponseOptions,),
         "judge.yaml": (SyntheticPreferenceOptions,),
     }
