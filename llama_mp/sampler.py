@@ -5,8 +5,8 @@ they sample identical tokens from identically seeded generators. Data parallelis
 caller's business.
 
 Prompts are strings (encoded with BOS) or lists of token ids (used as given). Prompt lists of any size are processed in
-micro-batches of at most `max_batch_size`, sorted by length, with a progress line on rank 0; results come back in the
-input order.
+micro-batches of at most `max_batch_size` (sorted by length when there are several), with a progress line on rank 0;
+results come back in the input order.
 
 Generation: the right-padded prompts are prefilled in one forward, then every row decodes at its own position (the KV
 cache takes per-row positions), so a ragged batch computes exactly what each prompt alone would and a long prompt
