@@ -294,7 +294,7 @@ class Sampler:
         [len(texts)] lists of [len(candidates)] (a choice among known values). Text and candidate are encoded
         together, as the model saw such strings in training; the tokens all candidates share with their text go
         through the KV cache once (reuse_cache as in generate), then each candidate's own tokens on top of them. The
-        head runs in float32 (see float32_logits)."""
+        head runs in float32, as in score()."""
         if len(texts) > self.max_batch_size:
             if reuse_cache:
                 raise ValueError(f"reuse_cache keeps one cache row per text: {len(texts)} texts, max_batch_size "
@@ -319,23 +319,20 @@ class Sampler:
             shared.append(n)
         device = self.device
         longest = max(len(q) for r in seqs for q in r)
-        hidden = self._prefill([r[0][:n] for r, n in zip(seqs, shared)], reuse_cache, longest)
-        logp_first = torch.log_softmax(self.float32_logits(hidden), dim=-1)
+        last = self._prefill([r[0][:n] for r, n in zip(seqs, shared)], reuse_cache, longest)  # predicts token n
         starts = torch.tensor(shared, device=device)
         scores = torch.zeros(len(texts), len(candidates))
         for k in range(len(candidates)):
             own = [r[k][n:] for r, n in zip(seqs, shared)]  # >= 1 token each
-            first = torch.tensor([o[0] for o in own], device=device)
-            scores[:, k] = logp_first.gather(-1, first[:, None])[:, 0].cpu()
+            states = [last[i:i + 1] for i in range(len(own))]  # per row: the states that predict each own token
             if max(len(o) for o in own) > 1:  # the rest, at each row's own positions (written past the shared part)
                 hidden = self.model(right_pad([o[:-1] or [0] for o in own], device), starts, self._cache,
                                     return_hidden=True)
-                rows = torch.tensor([i for i, o in enumerate(own) for _ in o[1:]], device=device)
-                positions = torch.tensor([t for o in own for t in range(len(o) - 1)], device=device)
-                targets = torch.tensor([t for o in own for t in o[1:]], device=device)
-                logp = torch.log_softmax(self.float32_logits(hidden[rows, positions]), dim=-1)
-                scores[:, k] += torch.zeros(len(texts)).index_add_(0, rows.cpu(),
-                                                                   logp.gather(-1, targets[:, None])[:, 0].cpu())
+                states = [torch.cat([s, hidden[i, :len(o) - 1]]) for i, (s, o) in enumerate(zip(states, own))]
+            rows = torch.tensor([i for i, o in enumerate(own) for _ in o])
+            targets = torch.tensor([t for o in own for t in o], device=device)
+            logp = chosen_logprobs(self.model, torch.cat(states), targets, head_dtype=torch.float32).cpu()
+            scores[:, k] = torch.zeros(len(texts)).index_add_(0, rows, logp)
         self._held = [r[0][:n] for r, n in zip(seqs, shared)]  # the candidates' own tokens are stale
         return scores.tolist()
 
