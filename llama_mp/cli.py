@@ -3,6 +3,7 @@
 Imports nothing heavy at module level: the CPU-only commands (CSV conversion, aggregation, evaluation, ...) start
 without loading torch; the model-loading helpers import it when called."""
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,11 +18,29 @@ def _rank() -> int:
     return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else 0
 
 
+def keep_freed_memory() -> None:
+    """glibc's malloc: keep freed memory in the process instead of handing it back to the system and faulting fresh
+    pages in at the next allocation of the same size (no trimming, blocks up to 32 MB from the heap). An inference loop
+    whose tensor shapes vary from call to call (a judge's prompts, a sampler's ragged batches) spends 10-15% of its
+    time in page faults otherwise: SmolLM2's judge, one thread, 3.3-3.5 -> 2.85-2.9 s a pair. Training steps repeat
+    their shapes and gain nothing. The resident size no longer shrinks after a peak; the peak is unchanged. Without
+    glibc nothing is done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest
+    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)  # (an int)
+    libc.mallopt(m_top_pad, 64 << 20)
+
+
 def run(main: Callable[[], None]) -> None:
     """Run `main`; bad input (a ValueError/OSError raised with a message naming the file) exits 2 with one line.
 
     Set LLAMA_MP_DEBUG=1 to get the full traceback instead.
     """
+    keep_freed_memory()
     try:
         main()
     except (ValueError, OSError, KeyError) as err:

@@ -33,7 +33,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region
 
 from llama_mp.batching import last_positions, right_pad
-from llama_mp.logprobs import chosen_logprobs
+from llama_mp.logprobs import chosen_logprobs, head_weight
 from llama_mp.model import KVCache, Transformer
 from llama_mp.progress import Progress
 from llama_mp.tokenizer import Tokenizer
@@ -140,7 +140,7 @@ class Sampler:
         weight = self.model.output.weight
         if torch.finfo(weight.dtype).bits >= 32:  # float32 / float64 heads are precise already
             return self.model.output(hidden).float()
-        logits = F.linear(hidden.float(), weight.float())
+        logits = F.linear(hidden.float(), head_weight(weight, torch.float32))
         if get_model_parallel_world_size() > 1:  # this rank's vocabulary columns -> all of them
             logits = gather_from_model_parallel_region(logits)
         return logits

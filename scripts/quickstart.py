@@ -81,7 +81,8 @@ class Tabular:
 class QuickstartConfig:
     model: str = "stories260K"  # smollm2 | stories260K
     # of every stage: the sampling commands' --dtype and the trainers' --precision (bf16 compute over float32 weights);
-    # auto: bfloat16 where the CPU (or GPU) computes it natively. The held-out evaluation stays float32 (eval_flags).
+    # auto: bfloat16 where the CPU (or GPU) computes it natively. The held-out evaluation samples and rewards in it too
+    # and takes its KL's log-probs in float32 (evaluate_policy --kl_precision).
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     run_dir: str = "runs/quickstart"
     nproc: int = 2  # processes per stage (torchrun on this machine)
@@ -284,7 +285,7 @@ def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
         "launch.sh", "step3_rl.evaluate_policy", "--initial_ckpt", d["policy"], "--tokenizer_path", d["tokenizer"],
         "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
         "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
-        "--judge_dtype", d["dtype"], "--overwrite", *s.eval_flags),  # redone whole if killed (complete: skipped)
+        "--judge_dtype", d["dtype"], *d["precision"], "--overwrite", *s.eval_flags),  # redone whole if killed (complete: skipped)
         {"NPROC_PER_NODE": "1"}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
     with open(out) as f:
         report = json.load(f)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import GQA_ARGS, random_state, run_distributed
-from llama_mp import distributed
+from llama_mp import distributed, logprobs
 from llama_mp.checkpoint import load_into, load_model
-from llama_mp.logprobs import chosen_logprobs, response_logprobs
+from llama_mp.logprobs import chosen_logprobs, head_weight, response_logprobs
 from llama_mp.model import ModelArgs, Transformer
 from llama_mp.train import TrainConfig, Trainer, resolve_precision
 from step0_coldstart.train_sft import collate, response_loss
@@ -212,3 +212,17 @@ def test_training_losses_never_run_the_full_lm_head(world1, stories_dir, tokeniz
     rollout = rollout_batch([[1, 5, 9], [1, 7]], [0, 1], [[4, 4, 2], [8]], "cpu")
     logp, entropy, values = forward_logp_values(PolicyAndValue(model, value), rollout, 0.7)
     assert logp.shape == values.shape == (2, 3) and entropy is None and logp[1, 1:].abs().sum() == 0
+
+
+def test_head_weight_cast_is_held_follows_in_place_updates_and_is_freed_with_its_weight():
+    weight = torch.randn(64, 8, dtype=torch.bfloat16)
+    first = head_weight(weight, torch.float32)
+    assert first.dtype == torch.float32 and torch.equal(first, weight.float())
+    with torch.no_grad():
+        weight.mul_(3)  # an optimizer step between two calls: the held copy is refreshed, not reallocated
+    second = head_weight(weight, torch.float32)
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, weight.float())
+    assert head_weight(weight, torch.bfloat16) is weight  # already in the dtype: no copy
+    held = len(logprobs._HEAD_CASTS)
+    del weight, first, second
+    assert len(logprobs._HEAD_CASTS) == held - 1
