@@ -89,11 +89,15 @@ def test_ppo_learns_a_programmatic_reward_with_bounded_kl(world1, stories_dir, t
     history = run_ppo(opts, cfg, world1, reward_fn=token_reward(target))
     first = sum(h["reward/mean"] for h in history[:5]) / 5
     last = sum(h["reward/mean"] for h in history[-5:]) / 5
-    assert last > first + 1.0, (first, last)  # about 1.3 -> 2.9 full stops per response
+    # measured over seeds 1-3 (this run is seed 1; the trajectory follows every kernel's rounding): 1.4-1.6 -> 2.7-3.8
+    # full stops per response, a gain of 1.1-2.1; no learning would be 0 +- 0.2 (reward std ~1 over 2 x 80 responses)
+    assert last > first + 0.5, (first, last)
     # step 1: the policy is its reference, and its log-probs run the reference's kernels (the sampler's fused
     # projections stay in the sampler), so the KL is exactly 0
     assert history[0]["kl"] == 0.0
-    assert max(h["kl"] for h in history) < 30.0  # nats per 12-token response: bounded by the KL penalty
+    # nats per 12-token response, bounded by the KL penalty: the last 5 steps' mean was 12-23 over seeds 1-3 with
+    # kl_coef 0.05 and 64-95 with kl_coef 0 (the max over steps, 15-33 against 81-101, is noisier)
+    assert sum(h["kl"] for h in history[-5:]) / 5 < 40.0
     assert (tmp_path / "ppo" / "rollouts" / "step_25.jsonl").exists()
     record = json.loads(open(tmp_path / "ppo" / "metrics.jsonl").readline())
     for key in ("reward/mean", "reward/std", "kl", "entropy", "approx_kl", "clipfrac", "value_loss", "response_length",
