@@ -280,12 +280,13 @@ def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
     if not s.eval_prompts:
         return {"skipped": "salmon.eval_prompts is 0"}
     out = os.path.join(d["run"], "policy_eval.json")
-    # one process with every thread: a short job, and data parallelism would split its few prompts
+    # one process with every thread: a short job, and data parallelism would split its few prompts; redone whole if
+    # killed (complete: skipped)
     run.step("policy_eval", lambda: script(
         "launch.sh", "step3_rl.evaluate_policy", "--initial_ckpt", d["policy"], "--tokenizer_path", d["tokenizer"],
         "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
         "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
-        "--judge_dtype", d["dtype"], *d["precision"], "--overwrite", *s.eval_flags),  # redone whole if killed (complete: skipped)
+        "--judge_dtype", d["dtype"], *d["precision"], "--overwrite", *s.eval_flags),
         {"NPROC_PER_NODE": "1"}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
     with open(out) as f:
         report = json.load(f)
