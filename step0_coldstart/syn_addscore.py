@@ -39,7 +39,8 @@ class AddScoreOptions(cli.ModelOptions):
         "help": "default: <name>.contrast.jsonl beside --raw_file"})
     output_file: Optional[str] = field(default=None, metadata={"help": "JSONL of the scored samples"})
     backend: Literal["sklearn", "llm"] = "sklearn"
-    metric: Literal["f1", "mcc"] = field(default="f1", metadata={"help": "classification metric on the anchors"})
+    metric: Literal["f1", "mcc"] = field(default="f1", metadata={
+        "help": "classification metric on the anchors' answers (llm; sklearn scores the gold label's probability)"})
     temperature: float = 0.5
     top_p: float = 0.7
     max_gen_len: PositiveInt = 64

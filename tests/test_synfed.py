@@ -119,6 +119,25 @@ def test_sklearn_backend_by_hand(tmp_path):
     assert helpful > 0 > harmful
 
 
+def test_sklearn_backend_classification_scores_the_gold_labels_probability_by_hand(tmp_path):
+    schema, rows = tiny_schema(tmp_path, "classification")  # one feature: standardising scales every distance alike
+    anchors = [{"x": 1.0, "y": "1"}, {"x": 2.0, "y": "0"}]
+    contrasts = [[{"x": 4.0, "y": "0"}], [{"x": 6.0, "y": "1"}]]  # the other label, as on a binary target
+    backend = SklearnBackend(schema, rows)
+    ds0 = baseline(backend, schema, anchors, contrasts)
+    assert ds0 == {"pairs": 2, "missing": 0.0, "score": 0.0}  # no example carries either anchor's label
+    # weights 1 / distance: a "yes" at 1.5 is 0.5 from anchor 1 (weight 2) against its contrast's 3 (weight 1/3):
+    # P(yes) = 2 / (2 + 1/3) = 6/7; anchor 2's examples are both "yes": P(no) = 0
+    assert gain(backend, schema, anchors, contrasts, {"x": 1.5, "y": "1"}, ds0)["gain_score"] == pytest.approx(3 / 7)
+    # a "no" at 1.5: anchor 1 gets 0; anchor 2 weight 2 against its contrast's 1/4: P(no) = 8/9
+    assert gain(backend, schema, anchors, contrasts, {"x": 1.5, "y": "0"}, ds0)["gain_score"] == pytest.approx(4 / 9)
+    # far from every anchor, a row still gains a little (continuous), where a hard prediction would not move:
+    # anchor 1: (1/99) / (1/99 + 1/3) = 1/34, anchor 2: 0
+    far = {"x": 100.0, "y": "1"}
+    assert backend.predict(schema, anchors, contrasts, far) == backend.predict(schema, anchors, contrasts, None)
+    assert gain(backend, schema, anchors, contrasts, far, ds0)["gain_score"] == pytest.approx(1 / 68)
+
+
 def test_llm_backend_with_a_scripted_model(tmp_path):
     schema, rows = tiny_schema(tmp_path, "classification")
     anchors = [{"x": 1.0, "y": "1"}, {"x": 2.0, "y": "0"}, {"x": 3.0, "y": "1"}]
