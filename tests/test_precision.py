@@ -22,9 +22,13 @@ def sft_examples(tokenizer):
              "response": tokenizer.encode(r, bos=False, eos=False) + [tokenizer.eos_id]} for p, r in RECORDS]
 
 
-def sft_curve(stories_dir, tokenizer, info, out_dir, precision, steps=20):
+def sft_curve(stories_dir, tokenizer, info, out_dir, precision, steps=20, round_weights=False):
     torch.manual_seed(0)
     model = load_model(stories_dir)
+    if round_weights:  # the starting weights rounded to bf16 once: a perturbation of bf16's size
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
     config = TrainConfig(output_dir=out_dir, lr=2e-3, micro_batch_size=8, max_steps=steps, epochs=100,
                          warmup_ratio=0.0, log_every=1, precision=precision)
     Trainer(model, model, sft_examples(tokenizer), lambda b: collate(b, "cpu"), response_loss, config, info).fit()
@@ -34,16 +38,22 @@ def sft_curve(stories_dir, tokenizer, info, out_dir, precision, steps=20):
 def test_bf16_training_follows_fp32(world1, stories_dir, tokenizer, tmp_path):
     fp32 = sft_curve(stories_dir, tokenizer, world1, str(tmp_path / "fp32"), "fp32")
     bf16 = sft_curve(stories_dir, tokenizer, world1, str(tmp_path / "bf16"), "bf16")
+    nudged = sft_curve(stories_dir, tokenizer, world1, str(tmp_path / "nudged"), "fp32", round_weights=True)
     assert {r["precision"] for r in fp32} == {"fp32"} and {r["precision"] for r in bf16} == {"bf16"}
-    a, b = (torch.tensor([r["loss"] for r in run]) for run in (fp32, bf16))
+    a, b, c = (torch.tensor([r["loss"] for r in run]) for run in (fp32, bf16, nudged))
     assert not torch.equal(a, b)  # bf16 did run: its matmuls round
     # bf16 keeps 8 significant bits: each matmul input is rounded by up to 2^-8 = 0.4% relative. The loss averages
-    # ~150 response tokens, so those roundings mostly cancel, and over 20 steps (the updates feed back) the curve may
-    # stray by a few roundings: 5 x 2^-8 = 2% relative per step (measured here: at most 0.8%). A float32 reduction
-    # done in bf16, or an update lost to rounding (weights or optimizer state in bf16), drifts well beyond that.
-    tolerance = 5 * 2 ** -8
-    assert torch.allclose(b, a, rtol=tolerance, atol=0), (a, b)
-    assert float(a[0] - a[-1]) > 1.0 and float(b[0] - b[-1]) == pytest.approx(float(a[0] - a[-1]), rel=tolerance)
+    # ~150 response tokens, so those roundings mostly cancel, and a step's loss moves by well under 2^-6. Where the
+    # curve bends fast (lr 2e-3), the updates feed back and a small difference grows for a step or two: the fp32 curve
+    # itself strays by up to 3.5% there when only its starting weights are rounded to bf16 once (measured on an AVX2
+    # machine; bf16 strayed 4.4% at the same step, and at most 0.8% on AVX512-BF16 machines). So each step is allowed
+    # 2^-6 plus twice that fp32 curve's own deviation. A float32 reduction done in bf16, or updates lost to rounding
+    # (weights or optimizer state in bf16: 12% by step 20, measured), drift steadily instead: the last five steps'
+    # mean must stay within 2^-7 (bf16: 0.3%).
+    deviation, sensitivity = (b - a).abs() / a, (c - a).abs() / a
+    assert (deviation <= 2 ** -6 + 2 * sensitivity).all(), (a, b, c)
+    assert float(b[-5:].mean()) == pytest.approx(float(a[-5:].mean()), rel=2 ** -7), (a, b)
+    assert float(a[0] - a[-1]) > 1.0 and float(b[0] - b[-1]) == pytest.approx(float(a[0] - a[-1]), rel=2 ** -6)
 
 
 def test_resume_in_bf16_equals_an_uninterrupted_run(world1, stories_dir, tokenizer, tmp_path):
