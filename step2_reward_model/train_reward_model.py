@@ -12,7 +12,9 @@ worst with --human_eval_max_pairs N reads the same pairs as step 1's judge agree
 <output_dir>/eval.json (written by rank 0 at the end; the same figures are eval/* in metrics.jsonl every --eval_every
 steps) holds: step, train_loss, train_accuracy (the last training step's);
   heldout_accuracy, heldout_margin, heldout_pairs: the share of held-out pairs whose chosen response scores higher, the
-    mean r_chosen - r_rejected, the number of held-out pairs;
+    mean r_chosen - r_rejected, the number of held-out pairs; a held-out pair is scored against the judge's own
+    preference: where step 1 flipped its label on purpose (label noise, "flip": true), the flip is undone, since no
+    model can predict a coin (with 10% noise a perfect model would score 0.9);
   heldout_flip_rate, heldout_flip_rate_untied, heldout_flip_pairs, heldout_flip_skipped: instructability
     (step2_reward_model/instructability.py's flip_rate): of the flip_pairs held-out pairs that can be negated, the
     share whose preferred response flips when each of the pair's principles is replaced by its negation (definition
@@ -80,10 +82,11 @@ def negation(principle: dict, negated: bool):
 
 
 def pair_examples(path: str, opts: RewardModelOptions) -> list[dict]:
-    """Step-1 records -> {"id", "instruction", "chosen", "rejected", "principles", "negated_principles", "margin"};
-    bad records are errors. negated_principles: each principle replaced by its negation (see `negation`), for the
-    instructability figure; None when the pair cannot be negated (an explicit "principles" list of free text, a
-    principle without a negative_definition, no principles at all)."""
+    """Step-1 records -> {"id", "instruction", "chosen", "rejected", "principles", "negated_principles", "margin",
+    "label_noise"}; bad records are errors. negated_principles: each principle replaced by its negation (see
+    `negation`), for the instructability figure; None when the pair cannot be negated (an explicit "principles" list
+    of free text, a principle without a negative_definition, no principles at all). label_noise: step 1 flipped the
+    label on purpose ("flip": true)."""
     by_name, ordered = load_principles_by_name(opts.principle_file)
     examples = []
     for position, r in read_records(path):
@@ -121,10 +124,17 @@ def pair_examples(path: str, opts: RewardModelOptions) -> list[dict]:
         pid = r.get("id") or hashlib.sha1(instruction.encode()).hexdigest()[:16]
         examples.append({"id": pid, "instruction": instruction, "chosen": chosen, "rejected": rejected,
                          "principles": principles, "negated_principles": negated_principles,
-                         "margin": float(r.get("margin", 0.0) or 0.0)})
+                         "margin": float(r.get("margin", 0.0) or 0.0), "label_noise": r.get("flip") is True})
     if not examples:
         raise ValueError(f"{path}: no preference pairs")
     return examples
+
+
+def denoised(example: dict) -> dict:
+    """The pair with step 1's deliberate label flip undone: chosen is the response the judge preferred."""
+    if not example["label_noise"]:
+        return example
+    return {**example, "chosen": example["rejected"], "rejected": example["chosen"], "label_noise": False}
 
 
 def held_out(pid: str, fraction: float) -> bool:
@@ -188,7 +198,7 @@ def main() -> None:
 
     examples = pair_examples(opts.train_file, opts)
     train = [e for e in examples if not held_out(e["id"], opts.eval_fraction)]
-    held = [e for e in examples if held_out(e["id"], opts.eval_fraction)]
+    held = [denoised(e) for e in examples if held_out(e["id"], opts.eval_fraction)]
     if not train:
         raise ValueError(f"{opts.train_file}: every pair fell in the held-out part (eval_fraction {opts.eval_fraction})")
     _, ordered = load_principles_by_name(opts.principle_file)

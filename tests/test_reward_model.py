@@ -324,6 +324,8 @@ def test_eval_json_flip_counts_equal_a_count_from_direct_forward_passes(world1, 
                                                                          tmp_path):
     from step2_reward_model.train_reward_model import held_out
     records = flip_records(40)
+    for r in records[1::3]:
+        r["flip"] = True  # step 1's deliberate label noise: held-out accuracy is against the label before it
     (tmp_path / "pairs.json").write_text(json.dumps(records))
     (tmp_path / "principles.json").write_text(json.dumps(PRINCIPLES))
     (tmp_path / "template.txt").write_text(TEMPLATE)
@@ -352,7 +354,12 @@ def test_eval_json_flip_counts_equal_a_count_from_direct_forward_passes(world1, 
     skipped = len(held) - len(negatable)
     assert 0 < flips < len(negatable) and skipped >= 2  # not trivially none or all; some pairs are left out
     assert got["heldout_pairs"] == len(held)
-    assert got["heldout_accuracy"] == pytest.approx(sum(a > b for a, b in under) / len(held))
+    judged = [{**r, "preference": 3 - r["preference"]} if r.get("flip") else r for r in held]
+    # an odd number of flipped held-out pairs (7 of 23): undoing them must change the accuracy
+    assert sum(r.get("flip", False) for r in held) % 2 == 1
+    right = [rewards_by_hand(rm, builder, r, principles_by_hand(r, negate=False)) for r in judged]
+    assert got["heldout_accuracy"] == pytest.approx(sum(a > b for a, b in right) / len(held))
+    assert got["heldout_accuracy"] != pytest.approx(sum(a > b for a, b in under) / len(held))
     assert got["heldout_flip_pairs"] == len(negatable) and got["heldout_flip_skipped"] == skipped
     assert got["heldout_flip_rate"] == pytest.approx(flips / len(negatable))
     assert got["heldout_flip_rate_untied"] == pytest.approx(flips / (len(negatable) - ties))
