@@ -285,7 +285,11 @@ def test_the_commands_config_files_load_as_written():
     assert smol.sft_lr == 2e-4 and smol.dpo_lr == 5e-5 and smol.sft_flags == ["--lora_rank", "16", "--lora_alpha", "32"]
     for test_config in ("tests/data/synfed_tiny_quickstart.yaml", "tests/data/synfed_smollm2_tiny.yaml"):
         assert load_config(RoundsConfig, None, at(test_config)).sft_lr == 1e-3  # the tests' budgets, as before
-    assert load_config(SynConfig, None, at("configs/syn_addprompt.yaml")) == SynConfig(max_value_tokens=16)
+    assert load_config(SynConfig, None, at("configs/syn_addprompt.yaml")) == SynConfig(temperature=0.8, top_p=0.9,
+                                                                                       max_value_tokens=16)
+    assert load_config(SynConfig, None, at("configs/syn_addprompt_smollm2.yaml")) == SynConfig(
+        temperature=0.8, top_p=0.9, guided=True, max_value_tokens=8)
+    assert smol.syn_config == "configs/syn_addprompt_smollm2.yaml"
     assert load_config(SynConfig, None, at("configs/syn_addprompt_tiny.yaml")) == SynConfig(guided=True,
                                                                                             max_value_tokens=8)
     assert load_config(SynConfig, None, at("tests/data/syn_addprompt_tiny.yaml")) == SynConfig(
@@ -332,6 +336,7 @@ def test_every_shipped_config_loads_with_the_classes_of_its_command():
         "reward_model_70b.yaml": (Layout, TrainConfig, RewardModelOptions),
         "quickstart.yaml": (quickstart,), "quickstart_stories260K.yaml": (quickstart,),
         "syn_addprompt.yaml": (ModelOptions, SynConfig), "syn_addprompt_tiny.yaml": (ModelOptions, SynConfig),
+        "syn_addprompt_smollm2.yaml": (ModelOptions, SynConfig),
         "synfed_tiny.yaml": (RoundsConfig,), "synfed_smollm2.yaml": (RoundsConfig,), "synfed_loo.yaml": None,
         "synfed_loo_smollm2.yaml": None,
         "synscore_anchors.yaml": (AnchorsConfig,), "responses_tiny.yaml": (ResponseOptions,),
