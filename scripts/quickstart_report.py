@@ -97,9 +97,16 @@ def verdict_tabular(f: dict) -> str:
         line = f"{dataset}: ratio naive {fmt(ratio.get('naive'), 2)}, SFT {fmt(ratio.get('sft'), 2)}"
         if last_dpo:
             line += f", {last_dpo[-1]} {fmt(ratio.get(last_dpo[-1]), 2)}"
-        best = max((r for g, r in ratio.items() if g not in ("naive", "real") and r is not None), default=None)
-        if best is not None and ratio.get("naive") is not None:
-            line += " (above naive)" if best > ratio["naive"] else " (not above naive)"
+        best = max((r for g, r in ratio.items() if g not in ("naive", "real") and "@" not in g and r is not None),
+                   default=None)
+        # the generators' rows are fewer than the baselines': compare with naive at their own size where evaluate
+        # wrote it (naive@N), else with naive
+        same_size = next((g for g in gens if g.startswith("naive@")), None)
+        if same_size and ratio.get(same_size) is not None:
+            line += f" against {same_size} {fmt(ratio[same_size], 2)}"
+        naive = ratio.get(same_size) if same_size else ratio.get("naive")
+        if best is not None and naive is not None:
+            line += " (above naive)" if best > naive else " (not above naive)"
         if best is not None:
             line += f"; goal {GOAL_RATIO} {'reached' if best >= GOAL_RATIO else 'not reached'}"
         out.append(line)
@@ -210,8 +217,9 @@ def pictures(run_dir: str, report: dict) -> list[tuple[str, str]]:
     if tabular:
         fig, ax = plt.subplots(figsize=(7, 3))
         datasets = list(tabular)
+        same_size = sorted({g for d in tabular.values() for g in d if "@" in g})  # naive@N, real@N
         gens = [g for g in ("naive", "sft", *sorted(g for d in tabular.values() for g in d if g.startswith("dpo")),
-                            "real") if any(g in tabular[d] for d in datasets)]
+                            "real", *same_size) if any(g in tabular[d] for d in datasets)]
         gens = list(dict.fromkeys(gens))
         width = 0.8 / len(gens)
         for i, g in enumerate(gens):

@@ -145,8 +145,10 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
         assert sum(1 for _ in f) == 1 + len(parsed)
     fed = [json.loads(line) for line in open(os.path.join(tabular, "r1", "fed", "abalone_client_0.train.jsonl"))]
     assert len(fed) == sum(r["result"]["Rings"] is not None for r in parsed)
-    assert set(report["whole"]["stages"]["tabular"]["figures"]["ml_efficiency"]["abalone"]) == {"real", "naive", "sft",
-                                                                                                 "dpo1"}
+    generators = set(report["whole"]["stages"]["tabular"]["figures"]["ml_efficiency"]["abalone"])
+    few = max(len(parsed), sum(r["status"] == "SUCCESS" for r in map(json.loads, open(os.path.join(
+        tabular, "r2", "abalone.raw.jsonl")))))  # the generators' rows: the baselines are added at that size too
+    assert generators == {"real", "naive", "sft", "dpo1", f"real@{few}", f"naive@{few}"}
 
 
 SMOLLM2_TINY = os.path.join(ROOT, "tests/data/quickstart_smollm2_tiny.yaml")
@@ -179,3 +181,17 @@ def test_the_smollm2_chain_runs_end_to_end(tmp_path):
     for picture in report["plots"]:  # every picture drawn is embedded in the page
         assert os.path.isfile(os.path.join(run_dir, picture)) and f"]({picture})" in markdown
     assert {"plots/judge.png", "plots/policies.png", "plots/tabular.png"} <= set(report["plots"])
+
+
+def test_tabular_verdict_compares_the_generators_with_naive_at_their_own_size():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        from quickstart_report import verdict_tabular
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    gens = {"real": {"ratio": 0.87}, "naive": {"ratio": 0.6}, "sft": {"ratio": 0.1}, "dpo1": {"ratio": 0.2}}
+    # 64 generated rows: above naive's 64 rows (0.05), below naive's 500 (0.6)
+    line = verdict_tabular({"ml_efficiency": {"abalone": {**gens, "real@64": {"ratio": 0.58},
+                                                          "naive@64": {"ratio": 0.05}}}})
+    assert "against naive@64 0.05 (above naive)" in line and "goal 0.9 not reached" in line
+    assert "(not above naive)" in verdict_tabular({"ml_efficiency": {"abalone": gens}})

@@ -4,6 +4,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -138,6 +139,19 @@ def test_ml_efficiency_real_naive_and_a_synthetic_file(loaded, tmp_path):
     assert copied["valid_share"] == pytest.approx(300 / 301, abs=1e-4) and copied["rows"] == 300
     assert copied["copy_share"] == 1.0 and copied["dcr_median"] == pytest.approx(0.0, abs=1e-6)
     assert naive["copy_share"] < 0.05 and naive["dcr_median"] > 0.1
+    assert not any("@" in name for name in results)  # the file holds n_rows rows: no same-size baselines
+    # 300 synthetic rows against baselines of 1,000: real and naive are added at 300 rows (5 draws each). A
+    # "generator" of 300 training rows drawn at random (the file's first 300 are a block of the CSV's order, which
+    # scores R2 < 0) falls within the spread of real@300's draws
+    drawn = tmp_path / "drawn.jsonl"
+    picked = np.random.default_rng(7).choice(len(train), size=300, replace=False)
+    drawn.write_text("".join(json.dumps({"text": row_to_text(train[i], schema)}) + "\n" for i in picked))
+    results = evaluate(schema, rows, split, {"copies": synthetic_rows(str(drawn), schema)}, n_rows=1000)
+    small_real, small_naive = results["real@300"], results["naive@300"]
+    assert small_real["rows"] == small_naive["rows"] == 300 and small_real["draws"] == 5
+    assert small_real["ratio"] < results["real"]["ratio"]  # fewer real rows are worth less
+    assert small_naive["ratio"] < small_real["ratio"]
+    assert abs(results["copies"]["ratio"] - small_real["ratio"]) <= 3 * small_real["ratio_std"] + 0.02
 
 
 def test_anchors_are_distinct_real_rows_of_the_scoring_split(loaded, tmp_path):
