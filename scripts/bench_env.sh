@@ -28,6 +28,9 @@ bench_site="$("$BENCH/bin/python" -c 'import sysconfig; print(sysconfig.get_path
 echo "import site; site.addsitedir('$product_site')" > "$bench_site/_product_venv.pth"
 if [ -n "${LLAMA_CPP:-}" ]; then
   PEERS+=(llama-cpp-python)
+  # llama.cpp's native build (-march=native, AMX kernels) crashed at its first evaluation on an AMX machine here; an
+  # AVX2 build runs on every x86-64 machine this project has seen (CMAKE_ARGS set by the caller wins)
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF}"
 fi
 want="$(printf '%s\n' "${PEERS[@]}" | sha256sum | cut -d' ' -f1)"
 if [ "$want" != "$(cat "$BENCH/.peers.sha256" 2>/dev/null || true)" ]; then
