@@ -152,6 +152,9 @@ def test_ml_efficiency_real_naive_and_a_synthetic_file(loaded, tmp_path):
     assert small_real["ratio"] < results["real"]["ratio"]  # fewer real rows are worth less
     assert small_naive["ratio"] < small_real["ratio"]
     assert abs(results["copies"]["ratio"] - small_real["ratio"]) <= 3 * small_real["ratio_std"] + 0.02
+    from step0_coldstart.evaluate import table  # the baselines' rows: mean +- std, no fidelity figures of their own
+    row = next(line for line in table({"abalone": results}).splitlines() if "| real@300 |" in line)
+    assert f"| {small_real['ratio']} +- {small_real['ratio_std']} |" in row and row.endswith("|  |  |  |  |  |  |")
 
 
 def test_anchors_are_distinct_real_rows_of_the_scoring_split(loaded, tmp_path):
