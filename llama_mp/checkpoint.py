@@ -14,15 +14,16 @@ from typing import Optional
 
 import torch
 
-from llama_mp.jsonl import atomic_write, write_json_atomic, write_text_atomic
+from llama_mp.jsonl import atomic_write, write_json_atomic
 from llama_mp.model import ModelArgs, Transformer
+# a trainer's output directory (checkpoint-N/ and the `latest` pointer) is in output_dir.py, which needs no torch
+from llama_mp.output_dir import (LATEST, CheckpointError, latest_checkpoint, resolve_checkpoint,  # noqa: F401
+                                 resume_args, write_latest)
 
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 IGNORED_KEYS = {"rope.freqs"}  # Meta's checkpoints carry the RoPE table; it is recomputed here
 
 
-class CheckpointError(ValueError):
-    pass
 
 
 def split_dim(key: str, args: ModelArgs) -> Optional[int]:
@@ -113,6 +114,9 @@ def check_reward_model(ckpt_dir: str) -> None:
     one)."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
+    if not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint here (no params.json, no {LATEST} pointer to one); train a "
+                              f"reward model first (scripts/train_reward_model.sh)")
     if not has_reward_head(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: not a reward model (no reward head in {HEAD_FILE}); give a "
                               f"step2_reward_model.train_reward_model checkpoint")
@@ -332,50 +336,3 @@ def tokenizer_home(tokenizer) -> Optional[str]:
     those names), else None: a stand-alone file such as data/llama2c/tok512.model is not copied anywhere."""
     path = getattr(tokenizer, "path", "") or ""
     return os.path.dirname(path) if os.path.basename(path) in ("tokenizer.json", "tokenizer.model") else None
-
-
-# ---- training output directories: checkpoint-N/ and the `latest` pointer ---------------------------------------------
-LATEST = "latest"  # <output_dir>/latest names the newest complete checkpoint-N (written after it is renamed in place)
-
-
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """<output_dir>/checkpoint-N named by <output_dir>/latest, or None when the directory holds no checkpoint yet."""
-    pointer = os.path.join(output_dir, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(output_dir, name)
-    if not name or not os.path.isdir(path):
-        raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory beside it")
-    return path
-
-
-def write_latest(output_dir: str, checkpoint_dir: str) -> None:
-    write_text_atomic(os.path.join(output_dir, LATEST), os.path.basename(checkpoint_dir) + "\n")
-
-
-def resume_args(output_dir: str) -> list[str]:
-    """["--resume"] when <output_dir>/latest names a checkpoint: how a driver reruns a killed training command."""
-    return ["--resume"] if os.path.exists(os.path.join(output_dir, LATEST)) else []
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory as it is, or a training output directory's latest checkpoint."""
-    if os.path.isfile(os.path.join(path, "params.json")):
-        return path
-    return latest_checkpoint(path) or path
-
-
-if __name__ == "__main__":  # for shell scripts: `python -m llama_mp.checkpoint latest DIR` prints its latest checkpoint
-    import sys
-
-    if len(sys.argv) != 3 or sys.argv[1] != "latest":
-        sys.exit("usage: python -m llama_mp.checkpoint latest OUTPUT_DIR")
-    try:
-        found = latest_checkpoint(sys.argv[2])
-    except CheckpointError as err:
-        sys.exit(f"error: {err}")
-    if found is None:
-        sys.exit(f"error: {sys.argv[2]}: no checkpoint yet ({LATEST} is missing)")
-    print(found)

@@ -43,7 +43,7 @@ from llama_mp import cli  # noqa: E402
 from llama_mp.config import Arg, add_config_flags, load_config  # noqa: E402
 from llama_mp.stages import RunDir  # noqa: E402
 from llama_mp.jsonl import read_jsonl  # noqa: E402
-from llama_mp.checkpoint import resume_args  # noqa: E402
+from llama_mp.output_dir import resume_args  # noqa: E402
 from quickstart_report import write_report  # noqa: E402
 
 MODELS = {  # model -> (the policy checkpoint, relative to the run directory or absolute; its tokenizer)

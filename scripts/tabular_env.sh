@@ -16,7 +16,7 @@ NAME="$(PYTHONPATH="$REPO_ROOT" "$PY" -c 'import sys; from step0_coldstart.tabul
 SPLITS_DIR="$WORKDIR/splits"
 RAW_FILE="$WORKDIR/r$ROUND/$NAME.raw.jsonl"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-latest() { "$PY" -m llama_mp.checkpoint latest "$1"; }  # llama_mp/checkpoint.py owns the layout
+latest() { "$PY" -m llama_mp.output_dir latest "$1"; }  # the checkpoint layout (llama_mp/output_dir.py: no torch)
 if [ -z "${GEN_CKPT:-}" ]; then  # a finished training (.done), never an intermediate checkpoint
   if [ "$ROUND" -gt 1 ] && [ -f "$WORKDIR/dpo$((ROUND - 1))/.done" ]; then GEN_CKPT="$(latest "$WORKDIR/dpo$((ROUND - 1))")"
   elif [ -f "$WORKDIR/sft/.done" ]; then GEN_CKPT="$(latest "$WORKDIR/sft")"; fi

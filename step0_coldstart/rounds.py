@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from llama_mp import cli
-from llama_mp.checkpoint import latest_checkpoint, resume_args
+from llama_mp.output_dir import latest_checkpoint, resume_args
 from llama_mp.config import Arg, PositiveInt, parse_config
 from llama_mp.jsonl import write_json_atomic, write_text_atomic
 from llama_mp.stages import RunDir

@@ -1,6 +1,6 @@
 """PPO against the principle-following reward model (SALMON step 3), through the project's shared training loop.
 
-  python -m step3_rl.train_ppo --config configs/ppo_tiny.yaml --policy_ckpt D --reward_ckpt runs/rm/checkpoint-N \
+  python -m step3_rl.train_ppo --config configs/ppo_tiny.yaml --policy_ckpt D --reward_ckpt runs/rm \
       --tokenizer_path T --output_dir runs/ppo [--resume]
 
 Roles: the policy (trained), a frozen copy of it (the KL reference), the value model (the reward model's backbone with
@@ -38,7 +38,8 @@ from torch import nn
 from llama_mp import cli, distributed, lora
 from llama_mp.chat import DATA, DEFAULT_META_PROMPT, chat_format, load_principles
 from llama_mp.batching import right_pad
-from llama_mp.checkpoint import check_policy, check_reward_model, load_weights, save_params, save_shard
+from llama_mp.checkpoint import (check_policy, check_reward_model, load_weights, resolve_checkpoint, save_params,
+                                 save_shard)
 from llama_mp.jsonl import read_json, write_json_atomic, write_jsonl_atomic
 from llama_mp.logprobs import chosen_logprobs
 from llama_mp.lora import load_model
@@ -55,7 +56,7 @@ from step3_rl.ppo import KLController, gae, masked_mean, policy_loss, shaped_rew
 @dataclass
 class PPOOptions:
     policy_ckpt: str = ""
-    reward_ckpt: str = ""
+    reward_ckpt: str = ""  # a reward-model checkpoint, or its training directory (its latest checkpoint)
     value_ckpt: str = ""  # default: the reward model's backbone
     tokenizer_path: str = ""
     prompt_file: str = os.path.join(DATA, "oasst1/oasst1_prompts.json")
@@ -318,6 +319,7 @@ def main() -> None:
     args, layout, cfg, opts = parse_task_args(parser, PPOOptions)
     require(opts, "policy_ckpt", "reward_ckpt")  # tokenizer_path: default the policy's own tokenizer
     check_policy(opts.policy_ckpt)
+    opts.reward_ckpt = resolve_checkpoint(opts.reward_ckpt)  # a training directory: its latest checkpoint
     check_reward_model(opts.reward_ckpt)
     info = distributed.init(layout.model_parallel_size, seed=cfg.seed)
     history = run_ppo(opts, cfg, info, resume=args.resume, dtype=cli.resolve_dtype(layout.dtype, info.device))

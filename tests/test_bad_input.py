@@ -276,6 +276,14 @@ def ppo_reward_model_as_policy(tmp, ckpt, rm):
              "--prompt_file", prompts, "--output_dir", str(tmp / "out"), *PPO_TINY], rm, None)
 
 
+def ppo_reward_dir_without_checkpoint(tmp, ckpt, rm):
+    prompts = ppo_files(tmp)
+    empty = str(tmp / "rm_not_trained")  # a reward-model training directory with no checkpoint (and no latest) yet
+    os.makedirs(empty)
+    return (["-m", "step3_rl.train_ppo", "--policy_ckpt", ckpt, "--reward_ckpt", empty, "--tokenizer_path", TOK512,
+             "--prompt_file", prompts, "--output_dir", str(tmp / "out"), *PPO_TINY], empty, None)
+
+
 def evaluate_policy_truncated_messages(tmp, ckpt, rm):
     prompt = {"message_id": "p", "parent_id": None, "text": "Tell me a story.", "role": "prompter", "rank": None}
     messages = write(tmp / "in/messages.jsonl", jsonl([prompt]) + '{"message_id": "q", "parent_id": nu')
@@ -312,6 +320,7 @@ CASES = [
     pytest.param(ppo_prompt_without_instruction, id="train_ppo-instruction-field-missing"),
     pytest.param(ppo_policy_as_reward_model, id="train_ppo-policy-as-reward-model"),
     pytest.param(ppo_reward_model_as_policy, id="train_ppo-reward-model-as-policy"),
+    pytest.param(ppo_reward_dir_without_checkpoint, id="train_ppo-reward-training-directory-without-checkpoint"),
     pytest.param(evaluate_policy_truncated_messages, id="evaluate_policy-truncated-messages-jsonl"),
 ]
 
