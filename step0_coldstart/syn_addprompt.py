@@ -104,21 +104,22 @@ def choose(sampler, texts: list[str], candidates: list[str], temperature: float,
 
 
 def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], config: SynConfig,
-                categories: dict[str, list[str]]) -> list[str]:
+                categories: dict[str, list[str]], reuse_cache: bool = True) -> list[str]:
     """Keys written from the schema, each value drawn from the model restricted to the column's type: a category (or
     a class label) among `categories` (those of the training split: no value seen only in test rows); a number from
     digit tokens (the first number they spell, null if none). One sampler call per column for up to max_batch_size
-    rows, each row kept in its KV-cache row from column to column: the prompt is computed once, not once per column."""
+    rows, each row kept in its KV-cache row from column to column: the prompt is computed once, not once per column
+    (reuse_cache False: once per column, the same rows in float32; scripts/bench_guided.py times the two)."""
     if len(prompts) > sampler.max_batch_size:
         size = sampler.max_batch_size
         return [row for first in range(0, len(prompts), size)
                 for row in guided_rows(sampler, schema, prompts[first:first + size], seeds[first:first + size],
-                                       config, categories)]
+                                       config, categories, reuse_cache)]
     temperature, answers = config.temperature, [ANSWER_LEAD + "{"] * len(prompts)
     for j, (column, kind) in enumerate(schema.columns.items()):
         answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
         texts, column_seeds = [p + a for p, a in zip(prompts, answers)], [s + j for s in seeds]
-        reuse = j > 0  # column 0 starts from an empty cache row (the model may have changed since the last batch)
+        reuse = reuse_cache and j > 0  # column 0 starts from an empty cache row (the model may have changed since the last batch)
         if kind == "category":
             known = categories.get(column, [])
             if column == schema.target and schema.task == "classification":
