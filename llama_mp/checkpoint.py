@@ -17,8 +17,8 @@ import torch
 from llama_mp.jsonl import atomic_write, write_json_atomic
 from llama_mp.model import ModelArgs, Transformer
 # a trainer's output directory (checkpoint-N/ and the `latest` pointer) is in output_dir.py, which needs no torch
-from llama_mp.output_dir import (LATEST, CheckpointError, latest_checkpoint, resolve_checkpoint,  # noqa: F401
-                                 resume_args, write_latest)
+from llama_mp.output_dir import (CHECKPOINT_FILES, LATEST, CheckpointError, is_checkpoint,  # noqa: F401
+                                 latest_checkpoint, resolve_checkpoint, resume_args, write_latest)
 
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 IGNORED_KEYS = {"rope.freqs"}  # Meta's checkpoints carry the RoPE table; it is recomputed here
@@ -114,9 +114,9 @@ def check_reward_model(ckpt_dir: str) -> None:
     one)."""
     if not os.path.isdir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
-    if not os.path.isfile(os.path.join(ckpt_dir, "params.json")):
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint here (no params.json, no {LATEST} pointer to one); train a "
-                              f"reward model first (scripts/train_reward_model.sh)")
+    if not is_checkpoint(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint here (no {' or '.join(CHECKPOINT_FILES)}, no {LATEST} "
+                              f"pointer to one); train a reward model first (scripts/train_reward_model.sh)")
     if not has_reward_head(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: not a reward model (no reward head in {HEAD_FILE}); give a "
                               f"step2_reward_model.train_reward_model checkpoint")

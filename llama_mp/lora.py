@@ -44,7 +44,7 @@ from llama_mp.jsonl import atomic_write, write_json_atomic
 
 COLUMN = ("wq", "wk", "wv", "w1", "w3")  # column-parallel layers: output features split
 ROW = ("wo", "w2")  # row-parallel layers: input features split
-CONFIG = "adapter_config.json"
+CONFIG = "adapter_config.json"  # one of output_dir.CHECKPOINT_FILES: what marks a checkpoint directory
 SHARD_RE = re.compile(r"adapter\.(\d+)\.pth$")
 
 

@@ -15,6 +15,11 @@ from llama_mp.jsonl import write_text_atomic
 LATEST = "latest"  # <output_dir>/latest names the newest complete checkpoint-N (written after it is renamed in place)
 
 
+# what a checkpoint directory holds: params.json (Meta-layout weights) or adapter_config.json (LoRA adapters on a base,
+# llama_mp/lora.py)
+CHECKPOINT_FILES = ("params.json", "adapter_config.json")
+
+
 class CheckpointError(ValueError):
     """A checkpoint's problem, in one sentence naming the file."""
 
@@ -41,9 +46,13 @@ def resume_args(output_dir: str) -> list[str]:
     return ["--resume"] if os.path.exists(os.path.join(output_dir, LATEST)) else []
 
 
+def is_checkpoint(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
+
+
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory as it is, or a training output directory's latest checkpoint."""
-    if os.path.isfile(os.path.join(path, "params.json")):
+    if is_checkpoint(path):
         return path
     return latest_checkpoint(path) or path
 

@@ -39,7 +39,7 @@ from llama_mp.sampler import Sampler, derive_seed  # noqa: E402
 from llama_mp.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from step0_coldstart.sft_generator import dataset_prompts  # noqa: E402
 from step0_coldstart.syn_addprompt import SynConfig, guided_rows  # noqa: E402
-from step0_coldstart.tabular import load_rows, load_schema, splits  # noqa: E402
+from step0_coldstart.tabular import known_categories, load_rows, load_schema, splits  # noqa: E402
 
 DATASET = os.path.join(ROOT, "configs/tabular/abalone.yaml")
 SYN_CONFIG = os.path.join(ROOT, "configs/syn_addprompt_smollm2.yaml")
@@ -71,8 +71,7 @@ def bench(opts) -> dict:
     prompts = [r["prompt"] for r in records]
     seeds = [derive_seed(42, r["prompt_id"]) for r in records]
     config = SynConfig(**{k: v for k, v in read_yaml(SYN_CONFIG).items() if k in SynConfig.__dataclass_fields__})
-    categories = {c: sorted({str(r[c]) for r in train if r[c] is not None})
-                  for c, kind in schema.columns.items() if kind == "category"}
+    categories = known_categories(schema, train)
     result = {"model": name, "threads": opts.threads, "dataset": schema.name, "rows": len(prompts),
               "columns": len(schema.columns), "prompt_tokens_mean": lengths["mean_tokens"],
               "sampling": {"temperature": config.temperature, "top_p": config.top_p,

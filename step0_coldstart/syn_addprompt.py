@@ -37,8 +37,8 @@ from llama_mp.config import parse_config, require
 from llama_mp.jsonl import iter_jsonl, write_jsonl_atomic
 from llama_mp.sampler import derive_seed
 from step0_coldstart.scorers import contrast_rows, scoring_prompts
-from step0_coldstart.tabular import (ANSWER_LEAD, SUCCESS, Schema, load_rows, load_schema, parse_row, read_rows_csv,
-                                     splits, target_text)
+from step0_coldstart.tabular import (ANSWER_LEAD, SUCCESS, Schema, known_categories, load_rows, load_schema,
+                                     parse_row, read_rows_csv, splits, target_text)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,8 +169,7 @@ def main() -> None:
     if info.is_main:  # deterministic; written first, so that a raw file never exists without it
         write_jsonl_atomic(os.path.join(config.output_dir, f"{schema.name}.contrast.jsonl"),
                            [{"anchor": a, "contrast": c} for a, c in zip(anchors, contrasts)])
-    categories = {c: sorted({str(r[c]) for r in train if r[c] is not None})
-                  for c, kind in schema.columns.items() if kind == "category"}
+    categories = known_categories(schema, train)  # of the training split only: no value seen only in test rows
 
     def process(chunk: list[dict]) -> list[dict]:
         texts, seeds = [x["prompt"] for x in chunk], [derive_seed(config.seed, x["syn_id"]) for x in chunk]

@@ -232,9 +232,14 @@ def load_rows(schema: Schema) -> list[dict[str, Any]]:
             rows.append(row)
     if not rows:
         raise ValueError(f"{schema.csv}: no rows")
-    schema.categories = {c: sorted({str(r[c]) for r in rows if r[c] is not None})
-                         for c, kind in schema.columns.items() if kind == "category"}
+    schema.categories = known_categories(schema, rows)
     return rows
+
+
+def known_categories(schema: Schema, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each category column's values among rows, sorted."""
+    return {c: sorted({str(r[c]) for r in rows if r[c] is not None})
+            for c, kind in schema.columns.items() if kind == "category"}
 
 
 def cell(values: list[str], index: dict[str, int], column: str, schema: Schema) -> Optional[str]:

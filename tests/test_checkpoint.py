@@ -118,3 +118,24 @@ def test_saving_fused_weights_writes_each_tensor_alone(tmp_path, world1, gqa_dir
     wq = saved["layers.0.attention.wq.weight"]
     assert wq.untyped_storage().nbytes() == wq.numel() * 4  # not the whole wq|wk|wv buffer
     assert torch.equal(wq, load_shard(os.path.join(gqa_dir, "consolidated.00.pth"))["layers.0.attention.wq.weight"])
+
+
+def test_a_reward_model_is_found_as_a_training_directory_full_or_lora(tmp_path):
+    """train_ppo's --reward_ckpt: a checkpoint (full weights or LoRA adapters) as it is, a training directory as its
+    latest checkpoint, a directory without either refused in one sentence naming it."""
+    from llama_mp.checkpoint import check_reward_model, resolve_checkpoint
+    head = {"head.weight": torch.zeros(1, 4), "head.bias": torch.zeros(1)}
+    for marker in ("params.json", "adapter_config.json"):
+        run = tmp_path / marker.split(".")[0]
+        ckpt = run / "checkpoint-2"
+        os.makedirs(ckpt)
+        (ckpt / marker).write_text("{}")
+        torch.save(head, ckpt / "head.pth")
+        (run / "latest").write_text("checkpoint-2\n")
+        assert resolve_checkpoint(str(run)) == str(ckpt) == resolve_checkpoint(str(ckpt))
+        check_reward_model(resolve_checkpoint(str(run)))  # accepted
+    empty = tmp_path / "not_trained"
+    os.makedirs(empty)
+    assert resolve_checkpoint(str(empty)) == str(empty)
+    with pytest.raises(CheckpointError, match=f"{empty}: no checkpoint here"):
+        check_reward_model(str(empty))
