@@ -24,8 +24,6 @@ SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 IGNORED_KEYS = {"rope.freqs"}  # Meta's checkpoints carry the RoPE table; it is recomputed here
 
 
-
-
 def split_dim(key: str, args: ModelArgs) -> Optional[int]:
     """The dimension along which a weight is sharded across model-parallel ranks (None: replicated)."""
     if key == "tok_embeddings.weight":

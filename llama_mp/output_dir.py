@@ -47,6 +47,7 @@ def resume_args(output_dir: str) -> list[str]:
 
 
 def is_checkpoint(path: str) -> bool:
+    """Whether path is a checkpoint directory itself (not a training directory holding checkpoints)."""
     return any(os.path.isfile(os.path.join(path, name)) for name in CHECKPOINT_FILES)
 
 

@@ -119,7 +119,8 @@ def guided_rows(sampler, schema: Schema, prompts: list[str], seeds: list[int], c
     for j, (column, kind) in enumerate(schema.columns.items()):
         answers = [a + (", " if j else "") + json.dumps(column) + ": " for a in answers]
         texts, column_seeds = [p + a for p, a in zip(prompts, answers)], [s + j for s in seeds]
-        reuse = reuse_cache and j > 0  # column 0 starts from an empty cache row (the model may have changed since the last batch)
+        # column 0 starts from an empty cache row (the model may have changed since the last batch)
+        reuse = reuse_cache and j > 0
         if kind == "category":
             known = categories.get(column, [])
             if column == schema.target and schema.task == "classification":
