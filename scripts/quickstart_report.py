@@ -81,11 +81,14 @@ def verdict_policies(f: dict, kl_target) -> str:
         p = policies.get(name)
         if not p:
             continue
-        gain = p["reward_gain"]
+        gain, se = p["reward_gain"], p.get("reward_gain_se")
+        # a gain within two standard errors of zero is not told apart from the prompts' noise
+        noise = "" if not se else (f" +- {fmt(se)} (" + ("above" if abs(gain) > 2 * se else "within")
+                                   + " 2 standard errors of 0)")
         within = "" if kl_target is None or name != "ppo" else (
             f", within the KL target {kl_target}" if p["kl"] <= kl_target else f", above the KL target {kl_target}")
-        parts.append(f"{name}: held-out reward {'+' if gain >= 0 else ''}{fmt(gain)} at KL {fmt(p['kl'], 2)}{within}, "
-                     f"win rate {fmt(p.get('win_rate'), 2)}")
+        parts.append(f"{name}: held-out reward {'+' if gain >= 0 else ''}{fmt(gain)}{noise} at KL {fmt(p['kl'], 2)}"
+                     f"{within}, win rate {fmt(p.get('win_rate'), 2)}")
     return f"{f['prompts']} held-out prompts; " + "; ".join(parts)
 
 
@@ -204,9 +207,14 @@ def pictures(run_dir: str, report: dict) -> list[tuple[str, str]]:
     if policies:
         names = list(policies)
         fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-        for ax, key, label in zip(axes, ("reward_mean", "kl", "win_rate"),
-                                  ("held-out reward (RM)", "KL to the initial policy", "self-judge win rate")):
-            ax.bar(names, [policies[n].get(key) or 0 for n in names], color=["gray", "C0", "C1"][:len(names)])
+        for ax, key, label in zip(axes, ("reward_gain", "kl", "win_rate"),
+                                  ("held-out reward gain (RM), +-2 standard errors", "KL to the initial policy",
+                                   "self-judge win rate")):
+            err = [2 * (policies[n].get("reward_gain_se") or 0) for n in names] if key == "reward_gain" else None
+            ax.bar(names, [policies[n].get(key) or 0 for n in names], yerr=err, capsize=4,
+                   color=["gray", "C0", "C1"][:len(names)])
+            if key == "reward_gain":
+                ax.axhline(0, color="gray", lw=0.8)
             ax.set_title(label, fontsize=9)
             if key == "win_rate":
                 ax.axhline(0.5, color="gray", ls=":")
@@ -280,7 +288,8 @@ def markdown(report: dict, drawn: list[tuple[str, str]], kl_target=None) -> str:
     policies = figures_of(report, "policy_eval").get("policies")
     if policies:
         pe = figures_of(report, "policy_eval")
-        keys = ["reward_mean", "reward_gain", "kl", "length", "unfinished", "win_rate", "both_orders_agree"]
+        keys = ["reward_mean", "reward_gain", "reward_gain_se", "kl", "length", "unfinished", "win_rate",
+                "both_orders_agree"]
         lines += ["", "## DPO and PPO on held-out prompts", "",
                   f"{pe['prompts']} first user turns of OASST1's validation split (no step trains on them); rewards by "
                   "the step-2 reward model under RL-time principles, KL per sequence to the initial policy, win rate by "

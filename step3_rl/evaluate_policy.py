@@ -10,6 +10,8 @@ checkpoint, or a training output directory: its latest checkpoint). For the init
 the same per-prompt seeds:
   reward        the reward model's score of the response under --num_principles RL-time principles drawn by weight
                 per prompt (principle_collection_ppo.json, as PPO draws them; the same draw for every policy);
+                reward_gain, the mean per-prompt difference to the initial policy's reward, and reward_gain_se, its
+                standard error (paired: the same prompts, seeds and principles);
   kl            KL(pi || pi_0) per sequence, estimated on the policy's own samples (k1, unbiased):
                 mean over prompts of sum_t [log pi(y_t | ...) - log pi_0(y_t | ...)], both with logits / temperature,
                 as PPO's own "kl" figure;
@@ -37,6 +39,7 @@ runs in --judge_dtype. Each data-parallel replica takes a slice of the prompts. 
 """
 
 import argparse
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -253,9 +256,20 @@ def mean(xs: list[float]):
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
+def standard_error(xs: list[float]):
+    """Of the mean of xs: the sample standard deviation over sqrt(n) (None below 2 values)."""
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return round(math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)), 4)
+
+
 def figures(rows: list[dict], name: str, judgments: list[dict] = None) -> dict:
-    out = {"reward_mean": mean([r[name]["reward"] for r in rows]),
-           "reward_gain": mean([r[name]["reward"] - r["initial"]["reward"] for r in rows]),
+    # the gain is paired (the same prompts and seeds for every policy): its standard error is that of the per-prompt
+    # differences, the figure that says whether a gain is more than the noise of this many prompts
+    gains = [r[name]["reward"] - r["initial"]["reward"] for r in rows]
+    out = {"reward_mean": mean([r[name]["reward"] for r in rows]), "reward_gain": mean(gains),
+           "reward_gain_se": standard_error(gains),
            "kl": mean([r[name]["kl"] for r in rows]), "length": mean([len(r[name]["token_ids"]) for r in rows]),
            "unfinished": mean([float(r[name]["finish_reason"] == "length") for r in rows])}
     if judgments is not None:
@@ -267,7 +281,8 @@ def figures(rows: list[dict], name: str, judgments: list[dict] = None) -> dict:
 
 
 def table(report: dict) -> str:
-    keys = ("reward_mean", "reward_gain", "kl", "length", "unfinished", "win_rate", "both_orders_agree")
+    keys = ("reward_mean", "reward_gain", "reward_gain_se", "kl", "length", "unfinished", "win_rate",
+            "both_orders_agree")
     lines = ["| policy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, f in report["policies"].items():
         lines.append(f"| {name} | " + " | ".join("" if f.get(k) is None else str(f[k]) for k in keys) + " |")

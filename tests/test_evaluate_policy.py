@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import torch
 
@@ -109,6 +110,10 @@ def test_policy_evaluation_against_float64_recomputation(tmp_path, stories_dir):
     assert len({tuple(r["principles"]) for r in rows}) > 1  # drawn per prompt
     expected_kl = sum(r["trained"]["kl"] for r in rows) / 6
     assert math.isclose(trained["kl"], expected_kl, abs_tol=1e-4)
+    # the gain's standard error from the per-prompt differences (rounded to 4 places in the report)
+    gains = [r["trained"]["reward"] - r["initial"]["reward"] for r in rows]
+    assert math.isclose(trained["reward_gain_se"], statistics.stdev(gains) / math.sqrt(6), abs_tol=1e-4)
+    assert trained["reward_gain_se"] > 0 and same["reward_gain_se"] == 0.0
 
     # a finished evaluation is not replaced without --overwrite
     again, _ = evaluate(tmp_path, stories_dir, "--precision", "fp32")
