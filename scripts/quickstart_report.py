@@ -5,6 +5,7 @@ alone to redraw a finished run's report: python scripts/quickstart_report.py RUN
 """
 
 import json
+import math
 import os
 import sys
 
@@ -24,6 +25,11 @@ def fmt(x, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def binomial_se(share, n):
+    """The standard error of a share measured on n independent items: sqrt(p (1 - p) / n)."""
+    return math.sqrt(share * (1 - share) / n) if share is not None and n else None
 
 
 def figures_of(report: dict, stage: str) -> dict:
@@ -55,7 +61,9 @@ def verdict_rm(f: dict, judge: dict) -> str:
     if acc is None:
         return "no held-out pairs"
     met = "meets" if acc >= RM_ACCURACY_TARGET else "misses"
-    line = f"held-out synthetic accuracy {fmt(acc, 2)} on {e.get('heldout_pairs')} pairs ({met} {RM_ACCURACY_TARGET})"
+    se = binomial_se(acc, e.get("heldout_pairs"))
+    line = (f"held-out synthetic accuracy {fmt(acc, 2)} +- {fmt(se, 2)} on {e.get('heldout_pairs')} pairs "
+            f"({met} {RM_ACCURACY_TARGET})")
     if e.get("human_accuracy") is not None:
         line += f"; OASST1 humans {fmt(e['human_accuracy'], 2)}"
         if judge:
@@ -277,7 +285,9 @@ def markdown(report: dict, drawn: list[tuple[str, str]], kl_target=None) -> str:
     if rm:
         lines += ["", "## Reward model", ""]
         lines += table(["figure", "value", "on"], [
-            ["held-out synthetic accuracy", rm.get("heldout_accuracy"), f"{rm.get('heldout_pairs')} pairs"],
+            ["held-out synthetic accuracy", rm.get("heldout_accuracy"),
+             f"{rm.get('heldout_pairs')} pairs (standard error "
+             f"{fmt(binomial_se(rm.get('heldout_accuracy'), rm.get('heldout_pairs')), 2)})"],
             ["held-out flip rate under negated principles", rm.get("heldout_flip_rate"),
              f"{rm.get('heldout_flip_pairs')} pairs"],
             ["OASST1 human-pair accuracy", rm.get("human_accuracy"), f"{rm.get('human_pairs')} pairs"],
