@@ -194,3 +194,20 @@ def test_tabular_verdict_compares_the_generators_with_naive_at_their_own_size():
                                                           "naive@64": {"ratio": 0.05}}}})
     assert "against naive@64 0.05 (above naive)" in line and "goal 0.9 not reached" in line
     assert "(not above naive)" in verdict_tabular({"ml_efficiency": {"abalone": gens}})
+
+
+def test_policy_and_reward_model_verdicts_carry_their_standard_errors():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        from quickstart_report import verdict_policies, verdict_rm
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+    policies = {"initial": {"reward_gain": 0.0, "reward_gain_se": 0.0, "kl": 0.0},
+                "dpo": {"reward_gain": 0.05, "reward_gain_se": 0.02, "kl": 0.1, "win_rate": 0.6},   # 2.5 se
+                "ppo": {"reward_gain": -0.03, "reward_gain_se": 0.02, "kl": 0.2, "win_rate": 0.4}}  # 1.5 se
+    line = verdict_policies({"prompts": 40, "policies": policies}, kl_target=4.0)
+    assert "dpo: held-out reward +0.050 +- 0.020 (above 2 standard errors of 0)" in line
+    assert "ppo: held-out reward -0.030 +- 0.020 (within 2 standard errors of 0) at KL 0.20, within" in line
+    # 14 of 23 right: sqrt(14/23 * 9/23 / 23) = 0.1018
+    line = verdict_rm({"eval": {"heldout_accuracy": 14 / 23, "heldout_pairs": 23}}, {})
+    assert line.startswith("held-out synthetic accuracy 0.61 +- 0.10 on 23 pairs (misses 0.65)")
