@@ -41,7 +41,7 @@ from llama_mp.checkpoint import (copy_tokenizer_files, latest_checkpoint, load_w
 from llama_mp.config import parse_config
 from llama_mp.distributed import DistInfo, barrier
 from llama_mp.jsonl import append_jsonl, keep_steps_upto, read_jsonl, write_json_atomic
-from llama_mp.model import Transformer
+from llama_mp.model import Transformer, cpu_flags
 from llama_mp.progress import Progress
 
 
@@ -82,11 +82,9 @@ def bf16_native(device: torch.device) -> bool:
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        with open("/proc/cpuinfo") as f:
-            flags = set(" ".join(line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))).split())
-    except (OSError, RuntimeError, AttributeError, IndexError):
+    except (RuntimeError, AttributeError):
         return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
