@@ -24,10 +24,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def cpu_flags() -> set:
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
     """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where it cannot be read."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             return set(" ".join(line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))).split())
     except (OSError, IndexError):
         return set()

@@ -88,6 +88,19 @@ def test_stories260k_greedy_reproduces_llama2c(world1, stories_dir, tokenizer):
     assert completion.finish_reason == "length" and len(completion.tokens) == 60
 
 
+def test_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
+    """The flags that choose bf16 (train.bf16_native) and the attention path for blocks of queries (AMX: the fused
+    kernel), read from hand-written /proc/cpuinfo files."""
+    x86 = tmp_path / "x86"
+    flags = "flags\t\t: fpu avx2 avx512_bf16 amx_bf16 amx_tile\n"
+    x86.write_text(f"processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n{flags}\nprocessor\t: 1\n{flags}")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd4f\n")
+    assert model_module.cpu_flags(str(x86)) == {"fpu", "avx2", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert model_module.cpu_flags(str(arm)) == {"fp", "asimd", "bf16", "i8mm"}
+    assert model_module.cpu_flags(str(tmp_path / "missing")) == set()
+
+
 # the cached forward's two attention paths (llama_mp/model.py) for blocks of queries, in the tests' float64: the fused
 # kernel (float64 is not one of the grouped path's dtypes), the grouped matmul with the default chunks, and the
 # grouped matmul one row at a time
