@@ -161,6 +161,21 @@ def check_rope_scaling(scaling) -> None:
         raise ValueError(f"rope_scaling high_freq_factor must exceed low_freq_factor, got {scaling!r}")
 
 
+# One row of a bfloat16 model at inference (a decode step at batch 1) goes through torch.mv where the CPU has AMX: there
+# its kernel reads bfloat16 weights 1.4-2x faster than the oneDNN matmul F.linear takes for a single row (SmolLM2's
+# shapes, 2 threads; README "Benchmarks"), while on an AMD CPU with AVX512-BF16 and no AMX it is the slower one
+# (7.5-12.7 against 11.5-27 GB/s). Chosen by the CPU, not timed, so that a machine always computes the same way.
+SINGLE_ROW_MV = "amx_bf16" in cpu_flags()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight), except for one bfloat16 row without autograd on a CPU with AMX (SINGLE_ROW_MV): torch.mv."""
+    if (SINGLE_ROW_MV and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+            and not torch.is_grad_enabled()):
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
 def _fast_at_size_one(layer: type, plain_op: Callable) -> type:
     """fairscale's tensor-parallel layer, unchanged, except that at model-parallel size 1 (where its region mappings
     are identities) it calls the plain op directly: the autograd wrappers cost a fifth of a small model's decode step."""
@@ -177,8 +192,8 @@ def _fast_at_size_one(layer: type, plain_op: Callable) -> type:
     return Layer
 
 
-ColumnParallelLinear = _fast_at_size_one(fs_layers.ColumnParallelLinear, F.linear)
-RowParallelLinear = _fast_at_size_one(fs_layers.RowParallelLinear, F.linear)
+ColumnParallelLinear = _fast_at_size_one(fs_layers.ColumnParallelLinear, linear)
+RowParallelLinear = _fast_at_size_one(fs_layers.RowParallelLinear, linear)
 ParallelEmbedding = _fast_at_size_one(fs_layers.ParallelEmbedding, F.embedding)
 VocabParallelEmbedding = _fast_at_size_one(fs_layers.VocabParallelEmbedding, F.embedding)
 
@@ -267,7 +282,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None and cache is not None and not torch.is_grad_enabled():  # sampling: one matmul
             q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = linear(x, self.wqkv).split([q_size, kv_size, kv_size], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -350,7 +365,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x, fused: bool = False):
         if fused and self.w13 is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = linear(x, self.w13).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

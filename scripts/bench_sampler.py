@@ -25,7 +25,7 @@ by `python -m llama_mp.convert to_hf`; a chat-template prompt) prints one JSON o
           best time per new token,
       batch1_vs_weight_read: the batch-1 decode step against the time to read the weights once at that bandwidth
           and against its weight products alone ("matvec_ms": every projection, as fused at inference, and the LM
-          head, one row each, through F.linear as the model calls it),
+          head, one row each, through llama_mp.model.linear as the model calls it),
       logits_max_abs_diff: ours vs hf on the prompt (fp32: checked < 1e-2)}}
   llama_cpp: (--llama_cpp, when llama_cpp is importable) the same batch-1 and prefill figures for llama.cpp on the
       embedded GGUF (Q4_1: quantized weights, not the same numbers), else null with "llama_cpp_skipped"
@@ -39,13 +39,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llama_mp import distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
+from llama_mp.model import linear  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
 from bench_common import (DTYPES, MODELS, SMOLLM2_NAME, CallTimer, alternate, default_checkpoint, emit,  # noqa: E402
@@ -239,7 +239,7 @@ def bench_precision(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids
 
 def matvec_ms(model, repeats: int = 5) -> float:
     """ms for the weight products of one batch-1 decode step alone (every projection, as fused at inference, and the
-    LM head, one row each, through F.linear as the model calls them), best of `repeats`: the floor of a decode step
+    LM head, one row each, through model.linear as the model calls them), best of `repeats`: the floor of a decode step
     with the kernel torch picks for one row here, which reads the weights once."""
     weights = []
     for layer in model.layers:
@@ -256,7 +256,7 @@ def matvec_ms(model, repeats: int = 5) -> float:
         for _ in range(repeats + 1):  # the first pass warms up
             start = time.perf_counter()
             for w, x in zip(weights, rows):
-                F.linear(x, w)
+                linear(x, w)
             best = min(best, time.perf_counter() - start)
     return best * 1e3
 

@@ -8,7 +8,7 @@ import torch
 from conftest import GQA_ARGS, STORIES_REFERENCE, random_state
 from llama_mp import model as model_module
 from llama_mp.checkpoint import load_into, load_model
-from llama_mp.model import KVCache, ModelArgs, Transformer
+from llama_mp.model import KVCache, ModelArgs, Transformer, linear
 from llama_mp.sampler import Sampler
 
 
@@ -204,3 +204,26 @@ def test_fused_projections_sample_the_same_follow_in_place_updates_and_stay_out_
         torch.testing.assert_close(fused, sampled(model), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(fused, before)
     assert model(tokens).requires_grad  # training takes the unfused, autograd path
+
+
+@pytest.mark.parametrize("single_row_mv", [True, False])
+@pytest.mark.parametrize("shape", [(40,), (1, 40), (1, 1, 40), (3, 1, 40)])
+def test_linear_of_a_bfloat16_row_equals_the_float64_product_to_bfloat16_rounding(shape, single_row_mv, monkeypatch):
+    """model.linear takes torch.mv for one bfloat16 row at inference where SINGLE_ROW_MV (CPUs with AMX), F.linear
+    otherwise: either way the result is the float64 product after a float32 accumulation (error <= k * 2^-24 *
+    sum |w x|) rounded once to bfloat16 (relative error <= 2^-8), in F.linear's shape."""
+    monkeypatch.setattr(model_module, "SINGLE_ROW_MV", single_row_mv)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    exact = x.double() @ weight.double().T
+    bound = 2 ** -8 * exact.abs() + 40 * 2 ** -24 * (x.double().abs() @ weight.double().abs().T)
+    with torch.inference_mode():
+        out = linear(x, weight)
+    assert out.shape == torch.nn.functional.linear(x, weight).shape and out.dtype == torch.bfloat16
+    assert ((out.double() - exact).abs() <= bound).all()
+    with torch.enable_grad():  # training keeps F.linear (and its autograd) unchanged
+        w = weight.clone().requires_grad_()
+        out = linear(x, w)
+        out.float().sum().backward()
+    assert torch.equal(out, torch.nn.functional.linear(x, w)) and w.grad is not None
