@@ -23,6 +23,8 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llama_mp import gemv
+
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
     """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where it cannot be read."""
@@ -161,18 +163,13 @@ def check_rope_scaling(scaling) -> None:
         raise ValueError(f"rope_scaling high_freq_factor must exceed low_freq_factor, got {scaling!r}")
 
 
-# One row of a bfloat16 model at inference (a decode step at batch 1) goes through torch.mv where the CPU has AMX: there
-# its kernel reads bfloat16 weights 1.4-2x faster than the oneDNN matmul F.linear takes for a single row (SmolLM2's
-# shapes, 2 threads; README "Benchmarks"), while on an AMD CPU with AVX512-BF16 and no AMX it is the slower one
-# (7.5-12.7 against 11.5-27 GB/s). Chosen by the CPU, not timed, so that a machine always computes the same way.
-SINGLE_ROW_MV = "amx_bf16" in cpu_flags()
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight), except for one bfloat16 row without autograd on a CPU with AMX (SINGLE_ROW_MV): torch.mv."""
-    if (SINGLE_ROW_MV and x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
-            and not torch.is_grad_enabled()):
-        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    """F.linear(x, weight), except for one row without autograd on a CPU (a decode step at batch 1): there the
+    matrix-vector kernel of llama_mp/gemv.py reads the weights about twice as fast, where it could be built."""
+    if x.numel() == x.shape[-1] and not torch.is_grad_enabled() and x.device.type == "cpu":
+        y = gemv.matvec(x, weight)
+        if y is not None:
+            return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 

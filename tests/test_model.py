@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import GQA_ARGS, STORIES_REFERENCE, random_state
+from llama_mp import gemv
 from llama_mp import model as model_module
 from llama_mp.checkpoint import load_into, load_model
 from llama_mp.model import KVCache, ModelArgs, Transformer, linear
@@ -206,13 +207,15 @@ def test_fused_projections_sample_the_same_follow_in_place_updates_and_stay_out_
     assert model(tokens).requires_grad  # training takes the unfused, autograd path
 
 
-@pytest.mark.parametrize("single_row_mv", [True, False])
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("shape", [(40,), (1, 40), (1, 1, 40), (3, 1, 40)])
-def test_linear_of_a_bfloat16_row_equals_the_float64_product_to_bfloat16_rounding(shape, single_row_mv, monkeypatch):
-    """model.linear takes torch.mv for one bfloat16 row at inference where SINGLE_ROW_MV (CPUs with AMX), F.linear
-    otherwise: either way the result is the float64 product after a float32 accumulation (error <= k * 2^-24 *
-    sum |w x|) rounded once to bfloat16 (relative error <= 2^-8), in F.linear's shape."""
-    monkeypatch.setattr(model_module, "SINGLE_ROW_MV", single_row_mv)
+def test_linear_of_a_bfloat16_row_equals_the_float64_product_to_bfloat16_rounding(shape, kernel, monkeypatch):
+    """model.linear takes llama_mp/gemv.py's kernel for one row at inference where it could be built, F.linear
+    otherwise (kernel=False: as if it could not): either way the result is the float64 product after a float32
+    accumulation (error <= k * 2^-24 * sum |w x|) rounded once to bfloat16 (relative error <= 2^-8), in F.linear's
+    shape."""
+    if not kernel:
+        monkeypatch.setattr(gemv, "_state", {"lib": None, "why": "test", "levels": {}})
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
     x = torch.randn(shape, generator=gen).to(torch.bfloat16)

@@ -1,0 +1,180 @@
+// One row times a matrix, y = W x, for a decode step at batch 1: W [rows, cols] row-major, x [cols], in bfloat16 or
+// float32, accumulated in float32. Built and loaded by llama_mp/gemv.py (plain C, OpenMP, no torch headers).
+//
+// Why: at batch 1 a decode step is bound by reading the weights once, and torch's kernels for one row read them at
+// about half of what the memory delivers on 2 threads (README "Benchmarks"). Here each thread streams 4 rows at a time
+// against one load of x, which keeps the loads in flight.
+//
+// Every output row is computed by one thread with one fixed sequence of operations (the same in a block of 4 rows and
+// in the tail), so the result does not depend on the thread count. The parallel regions run on the OpenMP runtime
+// torch has loaded (libgomp.so.1, the same soname), so torch.set_num_threads governs them and no second thread pool
+// competes for the cores.
+#include <immintrin.h>
+#include <stdint.h>
+
+typedef void rows_fn(const void *w, const void *x, void *y, int64_t first, int64_t last, int64_t cols);
+
+static uint16_t round_to_bf16(float f) {  // round to nearest even; a NaN stays a (quiet) NaN
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+// ---- AVX512-BF16: 32 bfloat16 products per instruction, pairs summed into 16 float32 lanes --------------------------
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+AVX512BF16 static inline __m512 dot_bf16_step(__m512 acc, const uint16_t *w, __m512i xv, __mmask32 m) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w), (__m512bh)xv);
+}
+
+AVX512BF16 static void rows_bf16_avx512(const void *wp, const void *xp, void *yp, int64_t first, int64_t last,
+                                        int64_t cols) {
+    const uint16_t *w = wp, *x = xp;
+    uint16_t *y = yp;
+    const int64_t full = cols / 32 * 32;
+    const __mmask32 tail = (__mmask32)((1ull << (cols - full)) - 1);
+    int64_t r = first;
+    for (; r + 4 <= last; r += 4) {
+        const uint16_t *w0 = w + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < full; c += 32) {
+            __m512i xv = _mm512_loadu_si512(x + c);
+            a0 = dot_bf16_step(a0, w0 + c, xv, ~(__mmask32)0);
+            a1 = dot_bf16_step(a1, w1 + c, xv, ~(__mmask32)0);
+            a2 = dot_bf16_step(a2, w2 + c, xv, ~(__mmask32)0);
+            a3 = dot_bf16_step(a3, w3 + c, xv, ~(__mmask32)0);
+        }
+        if (tail) {
+            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + full);
+            a0 = dot_bf16_step(a0, w0 + full, xv, tail);
+            a1 = dot_bf16_step(a1, w1 + full, xv, tail);
+            a2 = dot_bf16_step(a2, w2 + full, xv, tail);
+            a3 = dot_bf16_step(a3, w3 + full, xv, tail);
+        }
+        y[r] = round_to_bf16(_mm512_reduce_add_ps(a0));
+        y[r + 1] = round_to_bf16(_mm512_reduce_add_ps(a1));
+        y[r + 2] = round_to_bf16(_mm512_reduce_add_ps(a2));
+        y[r + 3] = round_to_bf16(_mm512_reduce_add_ps(a3));
+    }
+    for (; r < last; r++) {  // the same operations for one row
+        const uint16_t *w0 = w + r * cols;
+        __m512 a0 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < full; c += 32) a0 = dot_bf16_step(a0, w0 + c, _mm512_loadu_si512(x + c), ~(__mmask32)0);
+        if (tail) a0 = dot_bf16_step(a0, w0 + full, _mm512_maskz_loadu_epi16(tail, x + full), tail);
+        y[r] = round_to_bf16(_mm512_reduce_add_ps(a0));
+    }
+}
+
+// ---- AVX512F float32: 16 products per fused multiply-add ------------------------------------------------------------
+#define AVX512F __attribute__((target("avx512f")))
+
+AVX512F static void rows_f32_avx512(const void *wp, const void *xp, void *yp, int64_t first, int64_t last,
+                                    int64_t cols) {
+    const float *w = wp, *x = xp;
+    float *y = yp;
+    const int64_t full = cols / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (cols - full)) - 1);
+    int64_t r = first;
+    for (; r + 4 <= last; r += 4) {
+        const float *w0 = w + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < full; c += 16) {
+            __m512 xv = _mm512_loadu_ps(x + c);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + c), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + c), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + c), xv, a3);
+        }
+        if (tail) {
+            __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + full), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + full), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + full), xv, a3);
+        }
+        y[r] = _mm512_reduce_add_ps(a0);
+        y[r + 1] = _mm512_reduce_add_ps(a1);
+        y[r + 2] = _mm512_reduce_add_ps(a2);
+        y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+    for (; r < last; r++) {
+        const float *w0 = w + r * cols;
+        __m512 a0 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < full; c += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), _mm512_loadu_ps(x + c), a0);
+        if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), _mm512_maskz_loadu_ps(tail, x + full), a0);
+        y[r] = _mm512_reduce_add_ps(a0);
+    }
+}
+
+// ---- AVX2 + FMA: 8 products per instruction; bfloat16 widened to float32 (a bfloat16 is a float32's top half) ------
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static inline float sum8(__m256 v) {  // a fixed order: halves, then pairs
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline __m256 widen_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+AVX2 static inline float bf16_value(uint16_t v) {
+    union { uint32_t u; float f; } t = {(uint32_t)v << 16};
+    return t.f;
+}
+
+AVX2 static void rows_bf16_avx2(const void *wp, const void *xp, void *yp, int64_t first, int64_t last, int64_t cols) {
+    const uint16_t *w = wp, *x = xp;
+    uint16_t *y = yp;
+    const int64_t full = cols / 8 * 8;
+    for (int64_t r = first; r < last; r++) {
+        const uint16_t *w0 = w + r * cols;
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t c = 0; c < full; c += 8) a0 = _mm256_fmadd_ps(widen_bf16(w0 + c), widen_bf16(x + c), a0);
+        float s = sum8(a0);
+        for (int64_t c = full; c < cols; c++) s = __builtin_fmaf(bf16_value(w0[c]), bf16_value(x[c]), s);
+        y[r] = round_to_bf16(s);
+    }
+}
+
+AVX2 static void rows_f32_avx2(const void *wp, const void *xp, void *yp, int64_t first, int64_t last, int64_t cols) {
+    const float *w = wp, *x = xp;
+    float *y = yp;
+    const int64_t full = cols / 8 * 8;
+    for (int64_t r = first; r < last; r++) {
+        const float *w0 = w + r * cols;
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t c = 0; c < full; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), _mm256_loadu_ps(x + c), a0);
+        float s = sum8(a0);
+        for (int64_t c = full; c < cols; c++) s = __builtin_fmaf(w0[c], x[c], s);
+        y[r] = s;
+    }
+}
+
+// ---- entry points ----------------------------------------------------------------------------------------------------
+// Instruction-set levels: 2 = AVX512 (with AVX512-BF16 for bfloat16), 1 = AVX2 + FMA, 0 = none (the caller keeps
+// torch's kernel). Without AVX512-BF16, bfloat16 is level 1 at most.
+int gemv_level(int bf16) {
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (bf16) return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 2 : avx2;
+    return __builtin_cpu_supports("avx512f") ? 2 : avx2;
+}
+
+// y[rows] = w[rows, cols] @ x[cols] with the kernel of `level` (a lower one than the CPU's may be asked for); returns
+// 0, or -1 where this CPU lacks that level
+int gemv(int bf16, int level, const void *w, const void *x, void *y, int64_t rows, int64_t cols) {
+    if (level < 1 || level > gemv_level(bf16)) return -1;
+    rows_fn *fn = bf16 ? (level == 2 ? rows_bf16_avx512 : rows_bf16_avx2)
+                       : (level == 2 ? rows_f32_avx512 : rows_f32_avx2);
+    // blocks of 64 rows (a multiple of 4, so that a block never splits a group of 4 rows), spread over the threads
+    const int64_t block = 64, blocks = (rows + block - 1) / block;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t first = b * block, last = first + block < rows ? first + block : rows;
+        fn(w, x, y, first, last, cols);
+    }
+    return 0;
+}

@@ -1,0 +1,118 @@
+"""One row times a weight matrix on CPU, for decode steps at batch 1: the C kernel in llama_mp/gemv.c.
+
+At batch 1 a decode step reads every weight once, and torch's kernels for a single row read them at about half of
+what the memory delivers (bfloat16 13-27 GB/s, float32 17-21 GB/s, against 52 GB/s of a plain sum on 2 threads of an
+AMD EPYC with AVX512-BF16; README "Benchmarks"). The kernel streams 4 rows at a time against one load of the vector,
+in AVX512 (AVX512-BF16's paired bfloat16 products) or AVX2 + FMA, accumulating in float32.
+
+It is compiled once with the system's C compiler (`cc`, or $CC) into a cache directory ($LLAMA_MP_CACHE, default
+~/.cache/llama_mp; the file's name carries a hash of the source and flags) and loaded with ctypes: no torch headers,
+about a second. Where there is no compiler, the build fails, the CPU has no AVX2, or LLAMA_MP_GEMV=0 is set, `matvec`
+returns None and the caller keeps torch's kernel. `python -m llama_mp.gemv` builds it and says which kernel runs.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv.c")
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+
+_state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None, "levels": {dtype: level}
+LEVELS = {1: "avx2", 2: "avx512"}  # the kernels' instruction sets (level 0: none, torch's kernel is used)
+
+
+def cache_dir() -> str:
+    return os.environ.get("LLAMA_MP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llama_mp")
+
+
+def build() -> str:
+    """The compiled kernel's path, compiling it first if this source and these flags have not been built before.
+    Concurrent builders (torchrun's ranks) each write their own temporary file and rename it into place."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join([compiler, platform.machine()] + FLAGS).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"gemv-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise OSError(f"{compiler} could not build {SOURCE}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    os.replace(tmp, path)
+    return path
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel, or None (the reason in `unavailable()`). Built and loaded once per process. LLAMA_MP_GEMV=0
+    keeps torch's kernels; LLAMA_MP_GEMV=avx2 takes the AVX2 kernels on an AVX512 CPU (for comparisons)."""
+    if "lib" not in _state:
+        _state.update(lib=None, why=None, levels={torch.bfloat16: 0, torch.float32: 0})
+        setting = os.environ.get("LLAMA_MP_GEMV", "1")
+        if setting == "0":
+            _state["why"] = "LLAMA_MP_GEMV=0"
+        elif platform.machine() not in ("x86_64", "AMD64"):
+            _state["why"] = f"no kernel for {platform.machine()}"
+        else:
+            try:
+                lib = ctypes.CDLL(build())
+            except (OSError, subprocess.SubprocessError) as err:
+                _state["why"] = str(err)
+            else:
+                lib.gemv.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+                lib.gemv.restype = lib.gemv_level.restype = ctypes.c_int
+                cap = 1 if setting == "avx2" else 2
+                _state["levels"] = {dtype: min(cap, lib.gemv_level(int(dtype == torch.bfloat16)))
+                                    for dtype in (torch.bfloat16, torch.float32)}
+                if _state["levels"][torch.float32]:
+                    _state["lib"] = lib
+                else:
+                    _state["why"] = "this CPU has neither AVX512 nor AVX2 + FMA"
+    return _state["lib"]
+
+
+def unavailable() -> Optional[str]:
+    library()
+    return _state["why"]
+
+
+def kernels() -> dict:
+    """The instruction set of the kernel each dtype takes on this CPU (None: torch's kernel)."""
+    library()
+    return {str(dtype).split(".")[-1]: LEVELS.get(level) for dtype, level in _state["levels"].items()}
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, level: Optional[int] = None) -> Optional[torch.Tensor]:
+    """weight [rows, cols] @ x (cols numbers) -> [rows] in x's dtype, or None where the kernel does not apply (not a
+    contiguous bfloat16 / float32 CPU pair, autograd wanted, or no kernel here): the caller then uses torch.
+    level: a kernel's instruction set (1 AVX2, 2 AVX512) instead of the best this CPU has (tests compare them)."""
+    if (x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != x.dtype or x.device.type != "cpu"
+            or weight.device.type != "cpu" or weight.dim() != 2 or x.numel() != weight.shape[1]
+            or not (x.is_contiguous() and weight.is_contiguous()) or torch.is_grad_enabled()):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    y = torch.empty(weight.shape[0], dtype=x.dtype)
+    if lib.gemv(int(x.dtype == torch.bfloat16), level or _state["levels"][x.dtype], weight.data_ptr(), x.data_ptr(),
+                y.data_ptr(), weight.shape[0], weight.shape[1]):
+        return None  # this CPU lacks that level
+    return y
+
+
+if __name__ == "__main__":
+    lib = library()
+    print(f"[gemv] {SOURCE}: " + (f"kernels {kernels()}" if lib is not None else f"not used ({unavailable()})"))
+    sys.exit(0)
