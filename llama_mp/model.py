@@ -23,7 +23,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama_mp import gemv
+from llama_mp import decode_kernels
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
@@ -35,14 +35,16 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
         return set()
 
 
-# Attention against the KV cache at inference (Attention.attend_cached). Single queries (decode steps) always take the
-# grouped matmul. Blocks of queries take it on a CPU in bfloat16 / float16 while one row's scores (heads x new tokens x
-# cached positions) stay within MAX, computed CHUNK scores at a time (the chunk stays in cache); longer blocks take the
-# fused kernel, which skips the causal half. Measured on SmolLM2's shapes, 1-2 threads, bf16, on an AMD CPU with
-# AVX512-BF16 and no AMX: a judge's 11 suffixes of 90 tokens over 520 positions 22 -> 11 ms a layer, 4 x 256 over 512
-# 17 -> 10 ms, 4 x 512 over 512 36 -> 31 ms, while 2 x 512 over 1024 is 35 vs 49 ms for the fused kernel. With AMX
-# the fused kernel wins every block (2 threads: 11 x 90 over 610 3.9 vs 5.4 ms, 1 x 512 over 512 0.9 vs 2.0 ms,
-# 2 x 512 over 1024 3.9 vs 15.3 ms), so there blocks keep it; in float32 it ties or wins at every block anywhere.
+# Attention against the KV cache at inference. Single queries (decode steps) on a CPU take the C kernel of
+# llama_mp/decode_kernels.py (float32 arithmetic; each of torch's two tiny bfloat16 matmuls costs ~25 us a layer), else
+# the grouped matmul of Attention.attend_cached. Blocks of queries take the grouped matmul on a CPU in bfloat16 /
+# float16 while one row's scores (heads x new tokens x cached positions) stay within MAX, computed CHUNK scores at a
+# time (the chunk stays in cache); longer blocks take the fused kernel, which skips the causal half. Measured on
+# SmolLM2's shapes, 1-2 threads, bf16, on an AMD CPU with AVX512-BF16 and no AMX: a judge's 11 suffixes of 90 tokens
+# over 520 positions 22 -> 11 ms a layer, 4 x 256 over 512 17 -> 10 ms, 4 x 512 over 512 36 -> 31 ms, while 2 x 512
+# over 1024 is 35 vs 49 ms for the fused kernel. With AMX the fused kernel wins every block (2 threads: 11 x 90 over
+# 610 3.9 vs 5.4 ms, 1 x 512 over 512 0.9 vs 2.0 ms, 2 x 512 over 1024 3.9 vs 15.3 ms), so there blocks keep it; in
+# float32 it ties or wins at every block anywhere.
 CACHED_ATTENTION_MAX_SCORES = 2 ** 22
 CACHED_ATTENTION_CHUNK_SCORES = 2 ** 18
 CACHED_ATTENTION_DTYPES = () if "amx_bf16" in cpu_flags() else (torch.bfloat16, torch.float16)
@@ -165,9 +167,9 @@ def check_rope_scaling(scaling) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight), except for one row without autograd on a CPU (a decode step at batch 1): there the
-    matrix-vector kernel of llama_mp/gemv.py reads the weights about twice as fast, where it could be built."""
+    matrix-vector kernel of llama_mp/decode_kernels.py reads the weights 2-4x as fast, where it could be built."""
     if x.numel() == x.shape[-1] and not torch.is_grad_enabled() and x.device.type == "cpu":
-        y = gemv.matvec(x, weight)
+        y = decode_kernels.matvec(x, weight)
         if y is not None:
             return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
@@ -273,9 +275,11 @@ class Attention(nn.Module):
                                     init_method=init_method)
         self.wqkv: Optional[torch.Tensor] = None  # wq|wk|wv in one buffer, see Transformer.fuse_projections
 
-    def forward(self, x, freqs_cis, start_pos, cache: Optional[KVCache], layer: int, mask):
+    def forward(self, x, freqs_cis, start_pos, cache: Optional[KVCache], layer: int, mask,
+                lengths: Optional[torch.Tensor] = None):
         """start_pos: the int position of x's first token, or a LongTensor [B, T] of every token's position (with a
-        cache: rows at different lengths)."""
+        cache: rows at different lengths). lengths [B]: a decode step's (one token, a cache, no autograd) cache
+        positions each row attends to, for the decode-step kernel."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None and cache is not None and not torch.is_grad_enabled():  # sampling: one matmul
             q_size, kv_size = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
@@ -300,6 +304,11 @@ class Attention(nn.Module):
                 end = start_pos + seqlen
                 cache.keys[layer][:bsz, :, :, start_pos:end] = k.transpose(2, 3)
                 cache.values[layer][:bsz, :, start_pos:end] = v
+            if lengths is not None:  # a decode step: the C kernel where it applies (llama_mp/decode_kernels.py)
+                out = decode_kernels.attend_one(q.view(bsz, self.n_local_heads, self.head_dim), cache.keys[layer],
+                                                cache.values[layer], lengths)
+                if out is not None:
+                    return self.wo(out.view(bsz, 1, -1))
             keys_t, values = cache.keys[layer][:bsz, :, :, :end], cache.values[layer][:bsz, :, :end]
             grouped = seqlen == 1 or (q.device.type == "cpu" and q.dtype in CACHED_ATTENTION_DTYPES and
                                       self.n_local_heads * seqlen * end <= CACHED_ATTENTION_MAX_SCORES)
@@ -376,8 +385,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos, cache, mask):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache, self.layer_id, mask)
+    def forward(self, x, freqs_cis, start_pos, cache, mask, lengths=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache, self.layer_id, mask, lengths)
         return h + self.feed_forward(self.ffn_norm(h), fused=cache is not None)
 
 
@@ -455,11 +464,16 @@ class Transformer(nn.Module):
             if cache is not None and start_pos > 0 and seqlen > 1:
                 # New queries see every cached position and the causal part of the new block.
                 mask = torch.ones(seqlen, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start_pos)
+        lengths = None  # a decode step: the cache positions each row attends to (its own position included)
+        if cache is not None and seqlen == 1 and not torch.is_grad_enabled() and tokens.device.type == "cpu":
+            if end > cache.max_len:
+                raise ValueError(f"sequence end {end} exceeds the KV cache's length {cache.max_len}")
+            lengths = start_pos[:, 0] + 1 if per_row else torch.full((bsz,), end, dtype=torch.long)
         for layer in self.layers:
             if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
                 h = checkpoint(layer, h, freqs_cis, start_pos, cache, mask, use_reentrant=False)
             else:
-                h = layer(h, freqs_cis, start_pos, cache, mask)
+                h = layer(h, freqs_cis, start_pos, cache, mask, lengths)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

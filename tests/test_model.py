@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import GQA_ARGS, STORIES_REFERENCE, random_state
-from llama_mp import gemv
+from llama_mp import decode_kernels
 from llama_mp import model as model_module
 from llama_mp.checkpoint import load_into, load_model
 from llama_mp.model import KVCache, ModelArgs, Transformer, linear
@@ -210,12 +210,12 @@ def test_fused_projections_sample_the_same_follow_in_place_updates_and_stay_out_
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("shape", [(40,), (1, 40), (1, 1, 40), (3, 1, 40)])
 def test_linear_of_a_bfloat16_row_equals_the_float64_product_to_bfloat16_rounding(shape, kernel, monkeypatch):
-    """model.linear takes llama_mp/gemv.py's kernel for one row at inference where it could be built, F.linear
+    """model.linear takes llama_mp/decode_kernels.py's kernel for one row at inference where it could be built, F.linear
     otherwise (kernel=False: as if it could not): either way the result is the float64 product after a float32
     accumulation (error <= k * 2^-24 * sum |w x|) rounded once to bfloat16 (relative error <= 2^-8), in F.linear's
     shape."""
     if not kernel:
-        monkeypatch.setattr(gemv, "_state", {"lib": None, "why": "test", "levels": {}})
+        monkeypatch.setattr(decode_kernels, "_state", {"lib": None, "why": "test", "levels": {}})
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
     x = torch.randn(shape, generator=gen).to(torch.bfloat16)

@@ -1,14 +1,19 @@
-"""One row times a weight matrix on CPU, for decode steps at batch 1: the C kernel in llama_mp/gemv.c.
+"""CPU kernels for decode steps, in C (llama_mp/decode_kernels.c), for what torch runs slowly at one token per row:
+  - `matvec`: one row times a weight matrix (batch 1). A batch-1 step reads every weight once, and torch's kernels
+    for a single row read them at about half of what the memory delivers (bfloat16 13-27 GB/s, float32 17-21 GB/s,
+    against 52 GB/s of a plain sum on 2 threads of an AMD EPYC with AVX512-BF16; README "Benchmarks"). The kernel
+    streams 4 rows at a time against one load of the vector, in AVX512 (AVX512-BF16's paired bfloat16 products) or
+    AVX2 + FMA.
+  - `attend_one`: one query per row against the KV cache (every decode step, any batch). torch runs it as two tiny
+    batched matmuls and a softmax per layer, ~25 us each in bfloat16 whatever their size.
+Both accumulate in float32, and each output element is one thread's fixed sequence of operations: the results do not
+depend on the thread count.
 
-At batch 1 a decode step reads every weight once, and torch's kernels for a single row read them at about half of
-what the memory delivers (bfloat16 13-27 GB/s, float32 17-21 GB/s, against 52 GB/s of a plain sum on 2 threads of an
-AMD EPYC with AVX512-BF16; README "Benchmarks"). The kernel streams 4 rows at a time against one load of the vector,
-in AVX512 (AVX512-BF16's paired bfloat16 products) or AVX2 + FMA, accumulating in float32.
-
-It is compiled once with the system's C compiler (`cc`, or $CC) into a cache directory ($LLAMA_MP_CACHE, default
-~/.cache/llama_mp; the file's name carries a hash of the source and flags) and loaded with ctypes: no torch headers,
-about a second. Where there is no compiler, the build fails, the CPU has no AVX2, or LLAMA_MP_GEMV=0 is set, `matvec`
-returns None and the caller keeps torch's kernel. `python -m llama_mp.gemv` builds it and says which kernel runs.
+The library is compiled once with the system's C compiler (`cc`, or $CC) into a cache directory ($LLAMA_MP_CACHE,
+default ~/.cache/llama_mp; the file's name carries a hash of the source and flags) and loaded with ctypes: no torch
+headers, about a second. Where there is no compiler, the build fails, the CPU has no AVX2, or LLAMA_MP_KERNELS=0 is
+set, both return None and the caller keeps torch's kernels. `python -m llama_mp.decode_kernels` builds it and says
+which kernels run (the set-up does this).
 """
 
 import ctypes
@@ -22,7 +27,7 @@ from typing import Optional
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv.c")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.c")
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None, "levels": {dtype: level}
@@ -43,7 +48,7 @@ def build() -> str:
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + " ".join([compiler, platform.machine()] + FLAGS).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"gemv-{key}.so")
+    path = os.path.join(cache_dir(), f"decode_kernels-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(cache_dir(), exist_ok=True)
@@ -56,13 +61,13 @@ def build() -> str:
 
 
 def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernel, or None (the reason in `unavailable()`). Built and loaded once per process. LLAMA_MP_GEMV=0
-    keeps torch's kernels; LLAMA_MP_GEMV=avx2 takes the AVX2 kernels on an AVX512 CPU (for comparisons)."""
+    """The loaded kernel, or None (the reason in `unavailable()`). Built and loaded once per process. LLAMA_MP_KERNELS=0
+    keeps torch's kernels; LLAMA_MP_KERNELS=avx2 takes the AVX2 kernels on an AVX512 CPU (for comparisons)."""
     if "lib" not in _state:
         _state.update(lib=None, why=None, levels={torch.bfloat16: 0, torch.float32: 0})
-        setting = os.environ.get("LLAMA_MP_GEMV", "1")
+        setting = os.environ.get("LLAMA_MP_KERNELS", "1")
         if setting == "0":
-            _state["why"] = "LLAMA_MP_GEMV=0"
+            _state["why"] = "LLAMA_MP_KERNELS=0"
         elif platform.machine() not in ("x86_64", "AMD64"):
             _state["why"] = f"no kernel for {platform.machine()}"
         else:
@@ -72,7 +77,9 @@ def library() -> Optional[ctypes.CDLL]:
                 _state["why"] = str(err)
             else:
                 lib.gemv.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-                lib.gemv.restype = lib.gemv_level.restype = ctypes.c_int
+                lib.attend_one.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+                                           + [ctypes.c_int64] * 5 + [ctypes.c_float])
+                lib.gemv.restype = lib.gemv_level.restype = lib.attend_one.restype = ctypes.c_int
                 cap = 1 if setting == "avx2" else 2
                 _state["levels"] = {dtype: min(cap, lib.gemv_level(int(dtype == torch.bfloat16)))
                                     for dtype in (torch.bfloat16, torch.float32)}
@@ -112,7 +119,35 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, level: Optional[int] = None) -
     return y
 
 
+def attend_one(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+               level: Optional[int] = None) -> Optional[torch.Tensor]:
+    """One query per row against a KV cache: q [B, heads, dim]; keys_t [>= B, kv_heads, dim, max_len] and values
+    [>= B, kv_heads, max_len, dim] (the cache's own buffers); lengths [B] int64 (contiguous, on the CPU): row b
+    attends to its positions [0, lengths[b]) (the caller keeps them within 1..max_len; the kernel never reads past
+    max_len). -> softmax(q k^T / sqrt(dim)) v, [B, heads, dim] in q's dtype, or None where the kernel does not
+    apply (the caller then uses torch)."""
+    bsz, heads, dim = q.shape
+    kv_heads, max_len = keys_t.shape[1], keys_t.shape[-1]
+    if (q.dtype not in (torch.bfloat16, torch.float32) or keys_t.dtype != q.dtype or values.dtype != q.dtype
+            or q.device.type != "cpu" or torch.is_grad_enabled() or heads % kv_heads
+            or not all(t.is_contiguous() for t in (q, keys_t, values)) or keys_t.shape[2] != dim
+            or values.shape[1:] != (kv_heads, max_len, dim) or keys_t.shape[0] < bsz or values.shape[0] < bsz):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    if lengths.dtype != torch.int64 or not lengths.is_contiguous() or lengths.shape != (bsz,):
+        return None
+    out = torch.empty_like(q)
+    if lib.attend_one(int(q.dtype == torch.bfloat16), level or _state["levels"][torch.float32], q.data_ptr(),
+                      keys_t.data_ptr(), values.data_ptr(), out.data_ptr(), lengths.data_ptr(), bsz, heads, kv_heads,
+                      dim, max_len, dim ** -0.5):
+        return None
+    return out
+
+
 if __name__ == "__main__":
     lib = library()
-    print(f"[gemv] {SOURCE}: " + (f"kernels {kernels()}" if lib is not None else f"not used ({unavailable()})"))
+    print(f"[decode_kernels] {SOURCE}: "
+          + (f"kernels {kernels()}" if lib is not None else f"not used ({unavailable()})"))
     sys.exit(0)

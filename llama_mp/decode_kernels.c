@@ -1,7 +1,9 @@
-// One row times a matrix, y = W x, for a decode step at batch 1: W [rows, cols] row-major, x [cols], in bfloat16 or
-// float32, accumulated in float32. Built and loaded by llama_mp/gemv.py (plain C, OpenMP, no torch headers).
+// CPU kernels for decode steps, built and loaded by llama_mp/decode_kernels.py (plain C, OpenMP, no torch headers):
+//   gemv:       one row times a matrix, y = W x (batch 1): W [rows, cols] row-major, x [cols];
+//   attend_one: one query per row against a KV cache (every decode step): softmax(q K^T / sqrt(d)) V;
+// in bfloat16 or float32, accumulated in float32.
 //
-// Why: at batch 1 a decode step is bound by reading the weights once, and torch's kernels for one row read them at
+// Why gemv: at batch 1 a decode step is bound by reading the weights once, and torch's kernels for one row read them at
 // about half of what the memory delivers on 2 threads (README "Benchmarks"). Here each thread streams 4 rows at a time
 // against one load of x, which keeps the loads in flight.
 //
@@ -10,7 +12,10 @@
 // torch has loaded (libgomp.so.1, the same soname), so torch.set_num_threads governs them and no second thread pool
 // competes for the cores.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef void rows_fn(const void *w, const void *x, void *y, int64_t first, int64_t last, int64_t cols);
 
@@ -100,8 +105,10 @@ AVX512F static void rows_f32_avx512(const void *wp, const void *xp, void *yp, in
     for (; r < last; r++) {
         const float *w0 = w + r * cols;
         __m512 a0 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < full; c += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), _mm512_loadu_ps(x + c), a0);
-        if (tail) a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), _mm512_maskz_loadu_ps(tail, x + full), a0);
+        for (int64_t c = 0; c < full; c += 16)
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), _mm512_loadu_ps(x + c), a0);
+        if (tail)
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), _mm512_maskz_loadu_ps(tail, x + full), a0);
         y[r] = _mm512_reduce_add_ps(a0);
     }
 }
@@ -153,7 +160,7 @@ AVX2 static void rows_f32_avx2(const void *wp, const void *xp, void *yp, int64_t
     }
 }
 
-// ---- entry points ----------------------------------------------------------------------------------------------------
+// ---- entry points ---------------------------------------------------------------------------------------------------
 // Instruction-set levels: 2 = AVX512 (with AVX512-BF16 for bfloat16), 1 = AVX2 + FMA, 0 = none (the caller keeps
 // torch's kernel). Without AVX512-BF16, bfloat16 is level 1 at most.
 int gemv_level(int bf16) {
@@ -175,6 +182,92 @@ int gemv(int bf16, int level, const void *w, const void *x, void *y, int64_t row
     for (int64_t b = 0; b < blocks; b++) {
         int64_t first = b * block, last = first + block < rows ? first + block : rows;
         fn(w, x, y, first, last, cols);
+    }
+    return 0;
+}
+
+// ---- attend_one: a decode step's attention -------------------------------------------------------------------------
+// Why: torch runs it as two tiny batched matmuls and a softmax per layer; in bfloat16 each matmul costs ~25 us of fixed
+// overhead on these CPUs (a 9-head query against ~100 cached positions is ~60 thousand multiply-adds), ~2 ms of a
+// SmolLM2 decode step. Here one (row, head) is a few microseconds: scores over the positions (vectorised by the
+// compiler across positions, since keys are stored transposed), a float32 softmax with expf, the weighted sum of values
+// (vectorised across head_dim). Each (row, head) is one thread's fixed sequence: no dependence on the thread count.
+static inline float widen(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// one (row, head): q [dim], keys_t [dim, stride] (position-contiguous), values [stride, dim], out [dim]; len positions
+#define ATTEND_ROW(NAME, TARGET, T, TO_FLOAT, FROM_FLOAT)                                                             \
+    TARGET static void NAME(const T *q, const T *keys_t, const T *values, T *out, int64_t len, int64_t dim,           \
+                            int64_t stride, float scale, float *s) {                                                  \
+        float o[dim];                                                                                                 \
+        if (len <= 0) { /* nothing to attend to (not a decode step's case): zeros */                                  \
+            for (int64_t d = 0; d < dim; d++) out[d] = FROM_FLOAT(0.0f);                                              \
+            return;                                                                                                   \
+        }                                                                                                             \
+        for (int64_t l = 0; l < len; l++) s[l] = 0.0f;                                                                \
+        for (int64_t d = 0; d < dim; d++) {                                                                           \
+            const float qd = TO_FLOAT(q[d]) * scale;                                                                  \
+            const T *k = keys_t + d * stride;                                                                         \
+            for (int64_t l = 0; l < len; l++) s[l] += qd * TO_FLOAT(k[l]);                                            \
+        }                                                                                                             \
+        float top = -INFINITY, total = 0.0f;                                                                          \
+        for (int64_t l = 0; l < len; l++) top = s[l] > top ? s[l] : top;                                              \
+        for (int64_t l = 0; l < len; l++) {                                                                           \
+            s[l] = expf(s[l] - top);                                                                                  \
+            total += s[l];                                                                                            \
+        }                                                                                                             \
+        const float inv = 1.0f / total;                                                                               \
+        for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;                                                                \
+        for (int64_t l = 0; l < len; l++) {                                                                           \
+            const float p = s[l] * inv;                                                                               \
+            const T *v = values + l * dim;                                                                            \
+            for (int64_t d = 0; d < dim; d++) o[d] += p * TO_FLOAT(v[d]);                                             \
+        }                                                                                                             \
+        for (int64_t d = 0; d < dim; d++) out[d] = FROM_FLOAT(o[d]);                                                  \
+    }
+
+#define AS_IS(x) (x)
+#define AVX512 __attribute__((target("avx512f,avx512bw,fma")))
+ATTEND_ROW(attend_bf16_avx512, AVX512, uint16_t, widen, round_to_bf16)
+ATTEND_ROW(attend_bf16_avx2, AVX2, uint16_t, widen, round_to_bf16)
+ATTEND_ROW(attend_f32_avx512, AVX512, float, AS_IS, AS_IS)
+ATTEND_ROW(attend_f32_avx2, AVX2, float, AS_IS, AS_IS)
+
+typedef void attend_fn(const void *, const void *, const void *, void *, int64_t, int64_t, int64_t, float, float *);
+
+// q [batch, heads, dim]; keys_t [*, kv_heads, dim, stride] and values [*, kv_heads, stride, dim] (the cache buffers:
+// row b at b * kv_heads * dim * stride); out [batch, heads, dim]; row b attends to its positions [0, lengths[b]).
+// Query head h reads kv head h / (heads / kv_heads). Returns 0, or -1 where this CPU lacks the level.
+int attend_one(int bf16, int level, const void *q, const void *keys_t, const void *values, void *out,
+               const int64_t *lengths, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t stride,
+               float scale) {
+    if (level < 1 || level > gemv_level(0)) return -1;
+    attend_fn *fn = (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
+                                       : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
+    const size_t size = bf16 ? 2 : 4;
+    const int64_t group = heads / kv_heads, tasks = batch * heads;
+    int64_t longest = 0, work = 0;
+    for (int64_t b = 0; b < batch; b++) {
+        longest = lengths[b] > longest ? (lengths[b] < stride ? lengths[b] : stride) : longest;
+        work += lengths[b];
+    }
+    // threads only where there is work enough to pay for waking them (~100 thousand multiply-adds)
+#pragma omp parallel if (work * heads * dim > (1 << 17))
+    {
+        float *scores = malloc(sizeof(float) * (longest > 0 ? longest : 1));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t b = t / heads, h = t % heads, kv = b * kv_heads + h / group;
+            const int64_t len = lengths[b] < stride ? lengths[b] : stride;  // (never past the buffers)
+            fn((const char *)q + t * dim * size, (const char *)keys_t + kv * dim * stride * size,
+               (const char *)values + kv * stride * dim * size, (char *)out + t * dim * size, len, dim, stride, scale,
+               scores);
+        }
+        free(scores);
     }
     return 0;
 }

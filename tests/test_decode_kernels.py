@@ -1,0 +1,176 @@
+"""The decode-step kernels (llama_mp/decode_kernels.c, loaded by llama_mp/decode_kernels.py): the batch-1
+matrix-vector product and the single-query attention, against float64 computations, torch's own rounding, and
+themselves on other thread counts."""
+
+import math
+import platform
+import shutil
+
+import pytest
+import torch
+
+from llama_mp import decode_kernels as kernels
+
+BUILDABLE = platform.machine() in ("x86_64", "AMD64") and bool(shutil.which("cc") or shutil.which("gcc"))
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no kernel here: {kernels.unavailable()}")
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def levels(dtype) -> list[int]:
+    """Every kernel this CPU can run for the dtype (AVX2, and AVX512 where it has it)."""
+    return list(range(1, kernels._state["levels"].get(dtype, 0) + 1)) if kernels.library() is not None else []
+
+
+@pytest.mark.skipif(not BUILDABLE, reason="needs x86-64 and a C compiler")
+def test_the_kernel_builds_and_loads_where_there_is_a_compiler():
+    assert kernels.unavailable() is None, kernels.unavailable()
+    assert kernels.kernels()["float32"] in ("avx2", "avx512")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 7), (77, 93), (130, 576), (64, 1536), (260, 40)])
+def test_matvec_equals_the_float64_product_within_float32_accumulation_and_one_rounding(dtype, rows, cols):
+    """|y - w x| <= cols * 2^-24 * sum |w x| (float32 additions) + the output's one rounding (2^-8 relative in
+    bfloat16, 2^-24 in float32), for every kernel this CPU runs; shapes with rows not a multiple of 4 or of the
+    64-row blocks and cols not a multiple of the vector width exercise the tails."""
+    gen = torch.Generator().manual_seed(rows * 1000 + cols)
+    w = torch.randn(rows, cols, generator=gen).to(dtype)
+    x = torch.randn(cols, generator=gen).to(dtype)
+    exact = w.double() @ x.double()
+    unit = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -24
+    bound = unit * exact.abs() + (cols + 1) * 2 ** -24 * (w.double().abs() @ x.double().abs()) * (1 + unit)
+    with torch.inference_mode():
+        for level in levels(dtype):
+            y = kernels.matvec(x, w, level)
+            assert y.dtype == dtype and y.shape == (rows,)
+            assert ((y.double() - exact).abs() <= bound).all(), (level, (y.double() - exact).abs().max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_single_product_is_rounded_as_torch_rounds_it(dtype):
+    """With one column, y = w * x: the product is exact in float32, so y must be torch's own rounding of it, bit for
+    bit: round to nearest even into bfloat16, overflow to infinity, infinities and NaN kept."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(200, generator=gen) * 10.0 ** torch.randint(-3, 4, (200,), generator=gen),
+                   torch.tensor([3.0e38, -3.0e38, float("inf"), float("-inf"), float("nan"), 0.0, -0.0])])
+    w = w.to(dtype)[:, None]
+    x = torch.tensor([1.0e-3 if dtype == torch.float32 else 1.7]).to(dtype)
+    expected = (w.float()[:, 0] * x.float()).to(dtype)
+    with torch.inference_mode():
+        for level in levels(dtype):
+            y = kernels.matvec(x, w, level)
+            assert torch.equal(y.isnan(), expected.isnan())
+            assert torch.equal(y[~y.isnan()], expected[~expected.isnan()]), level
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_result_does_not_depend_on_the_thread_count(dtype):
+    """Every row is one thread's fixed sequence of operations: 1 thread and 2 give the same bits."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, 576, generator=gen).to(dtype)
+    x = torch.randn(576, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            two = kernels.matvec(x, w)
+            torch.set_num_threads(1)
+            one = kernels.matvec(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_matvec_declines_what_it_does_not_compute():
+    """None (the caller keeps torch's kernel) for autograd, a transposed weight, mixed or other dtypes, a wrong size."""
+    w = torch.randn(8, 16)
+    x = torch.randn(16)
+    assert kernels.matvec(x, w) is None  # grad mode on
+    with torch.inference_mode():
+        assert kernels.matvec(x, w) is not None
+        assert kernels.matvec(torch.randn(8), w.t()) is None
+        assert kernels.matvec(x.to(torch.bfloat16), w) is None
+        assert kernels.matvec(x.half(), w.half()) is None
+        assert kernels.matvec(torch.randn(15), w) is None
+
+
+def test_the_kernel_is_off_with_llama_mp_kernels_0(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("LLAMA_MP_KERNELS", "0")
+    assert kernels.library() is None and kernels.unavailable() == "LLAMA_MP_KERNELS=0"
+    with torch.inference_mode():
+        assert kernels.matvec(torch.randn(16), torch.randn(8, 16)) is None
+
+
+def attention_case(dtype, bsz=3, heads=6, kv_heads=2, dim=12, max_len=40, lengths=(1, 17, 40), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, heads, dim, generator=gen).to(dtype)
+    keys_t = torch.randn(bsz + 1, kv_heads, dim, max_len, generator=gen).to(dtype)  # a cache with a spare row
+    values = torch.randn(bsz + 1, kv_heads, max_len, dim, generator=gen).to(dtype)
+    return q, keys_t, values, torch.tensor(lengths, dtype=torch.int64)
+
+
+def float64_attention(q, keys_t, values, lengths):
+    """softmax(q k^T / sqrt(d)) v per row over its first lengths[b] positions, query head h on kv head h // group; with
+    the bound on a float32 computation of it: a score's error is at most dim * 2^-24 * sum_d |q_d k_d| / sqrt(d)
+    (accumulation, plus the scaling's rounding), which changes each probability by a factor within exp(+-2 delta),
+    and the weighted sum of values adds (len + 2) * 2^-24 * sum_l p_l |v_l|."""
+    bsz, heads, dim = q.shape
+    group = heads // keys_t.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    bound = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(bsz):
+        n = int(lengths[b])
+        for h in range(heads):
+            k = keys_t[b, h // group, :, :n].double()  # [dim, n]
+            v = values[b, h // group, :n].double()  # [n, dim]
+            qd = q[b, h].double()
+            p = torch.softmax(qd @ k * dim ** -0.5, dim=-1)
+            out[b, h] = p @ v
+            delta = (dim + 2) * 2 ** -24 * ((qd.abs() @ k.abs()) * dim ** -0.5).max()
+            weighted = p @ v.abs()
+            bound[b, h] = (math.exp(4 * delta) - 1) * weighted + (n + 4) * 2 ** -24 * weighted
+    return out, bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim, heads, kv_heads", [(12, 6, 2), (64, 9, 3), (8, 4, 4)])
+def test_attend_one_equals_the_float64_attention_within_float32_error_and_one_rounding(dtype, dim, heads, kv_heads):
+    """Rows at different lengths (1 position, some, the whole cache), grouped query heads, head sizes that are and are
+    not a multiple of the vector width; every kernel this CPU runs; bfloat16 adds its output's rounding (2^-8)."""
+    q, keys_t, values, lengths = attention_case(dtype, heads=heads, kv_heads=kv_heads, dim=dim)
+    exact, bound = float64_attention(q, keys_t, values, lengths)
+    if dtype == torch.bfloat16:
+        bound = bound * (1 + 2 ** -8) + 2 ** -8 * exact.abs()
+    else:
+        bound = bound + 2 ** -24 * exact.abs()
+    with torch.inference_mode():
+        for level in levels(torch.float32):
+            out = kernels.attend_one(q, keys_t, values, lengths, level)
+            assert out.dtype == dtype and out.shape == q.shape
+            assert ((out.double() - exact).abs() <= bound).all(), (level, (out.double() - exact).abs().max())
+
+
+@needs_kernel
+def test_attend_one_does_not_depend_on_the_thread_count_and_ignores_positions_past_a_row():
+    """1 thread and 2 give the same bits (enough work to take both); what lies past a row's length is never read."""
+    q, keys_t, values, lengths = attention_case(torch.bfloat16, bsz=4, heads=9, kv_heads=3, dim=64, max_len=600,
+                                                lengths=(600, 1, 333, 599))
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            two = kernels.attend_one(q, keys_t, values, lengths)
+            torch.set_num_threads(1)
+            one = kernels.attend_one(q, keys_t, values, lengths)
+            keys_t[2, :, :, 333:] = float("nan")
+            values[2, :, 333:] = float("nan")
+            again = kernels.attend_one(q, keys_t, values, lengths)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, again)
