@@ -190,7 +190,7 @@ int gemv(int bf16, int level, const void *w, const void *x, void *y, int64_t row
 // Why: torch runs it as two tiny batched matmuls and a softmax per layer; in bfloat16 each matmul costs ~25 us of fixed
 // overhead on these CPUs (a 9-head query against ~100 cached positions is ~60 thousand multiply-adds), ~2 ms of a
 // SmolLM2 decode step. Here one (row, head) is a few microseconds: scores over the positions (vectorised by the
-// compiler across positions, since keys are stored transposed), a float32 softmax with expf, the weighted sum of values
+// compiler across positions, since keys are stored transposed), a float32 softmax, the weighted sum of values
 // (vectorised across head_dim). Each (row, head) is one thread's fixed sequence: no dependence on the thread count.
 static inline float widen(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -199,30 +199,75 @@ static inline float widen(uint16_t v) {
     return f;
 }
 
+// exp(x) for x <= 0 in float32, written so that the compiler vectorises it (libm's expf is a call per number, ~5 ns:
+// most of a batch-64 step's attention): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), exp(r) by
+// Cephes' degree-6 polynomial (relative error ~1e-7, a few units in the last place), 2^n from the exponent bits.
+// Below -87 (where exp underflows float32) it returns exp(-87) ~ 2e-38, nothing beside the row's maximum's exp(0) = 1.
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = __builtin_fmaf(n, -0.693359375f, x);
+    r = __builtin_fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = __builtin_fmaf(p, r, 1.3981999507e-3f);
+    p = __builtin_fmaf(p, r, 8.3334519073e-3f);
+    p = __builtin_fmaf(p, r, 4.1665795894e-2f);
+    p = __builtin_fmaf(p, r, 1.6666665459e-1f);
+    p = __builtin_fmaf(p, r, 5.0000001201e-1f);
+    p = __builtin_fmaf(p * r, r, r) + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+#define LANES 16  // partial maxima and sums in a fixed order: vectorised without reordering any one sum
+
 // one (row, head): q [dim], keys_t [dim, stride] (position-contiguous), values [stride, dim], out [dim]; len positions
 #define ATTEND_ROW(NAME, TARGET, T, TO_FLOAT, FROM_FLOAT)                                                             \
     TARGET static void NAME(const T *q, const T *keys_t, const T *values, T *out, int64_t len, int64_t dim,           \
                             int64_t stride, float scale, float *s) {                                                  \
-        float o[dim];                                                                                                 \
+        float o[dim], top_lane[LANES], sum_lane[LANES];                                                               \
         if (len <= 0) { /* nothing to attend to (not a decode step's case): zeros */                                  \
             for (int64_t d = 0; d < dim; d++) out[d] = FROM_FLOAT(0.0f);                                              \
             return;                                                                                                   \
         }                                                                                                             \
-        for (int64_t l = 0; l < len; l++) s[l] = 0.0f;                                                                \
-        for (int64_t d = 0; d < dim; d++) {                                                                           \
+        const int64_t padded = (len + LANES - 1) / LANES * LANES;                                                     \
+        for (int64_t l = 0; l < padded; l++) s[l] = 0.0f;                                                             \
+        int64_t d = 0;                                                                                                \
+        for (; d + 4 <= dim; d += 4) { /* 4 key rows per pass over the scores, summed as a tree */                    \
+            const float q0 = TO_FLOAT(q[d]) * scale, q1 = TO_FLOAT(q[d + 1]) * scale;                                 \
+            const float q2 = TO_FLOAT(q[d + 2]) * scale, q3 = TO_FLOAT(q[d + 3]) * scale;                             \
+            const T *k0 = keys_t + d * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;               \
+            for (int64_t l = 0; l < len; l++)                                                                         \
+                s[l] += (q0 * TO_FLOAT(k0[l]) + q1 * TO_FLOAT(k1[l])) + (q2 * TO_FLOAT(k2[l]) + q3 * TO_FLOAT(k3[l]));\
+        }                                                                                                             \
+        for (; d < dim; d++) {                                                                                        \
             const float qd = TO_FLOAT(q[d]) * scale;                                                                  \
             const T *k = keys_t + d * stride;                                                                         \
             for (int64_t l = 0; l < len; l++) s[l] += qd * TO_FLOAT(k[l]);                                            \
         }                                                                                                             \
+        for (int64_t l = len; l < padded; l++) s[l] = -INFINITY;                                                      \
+        for (int j = 0; j < LANES; j++) top_lane[j] = -INFINITY, sum_lane[j] = 0.0f;                                  \
+        for (int64_t l = 0; l < padded; l += LANES)                                                                   \
+            for (int j = 0; j < LANES; j++) top_lane[j] = s[l + j] > top_lane[j] ? s[l + j] : top_lane[j];            \
         float top = -INFINITY, total = 0.0f;                                                                          \
-        for (int64_t l = 0; l < len; l++) top = s[l] > top ? s[l] : top;                                              \
-        for (int64_t l = 0; l < len; l++) {                                                                           \
-            s[l] = expf(s[l] - top);                                                                                  \
-            total += s[l];                                                                                            \
-        }                                                                                                             \
+        for (int j = 0; j < LANES; j++) top = top_lane[j] > top ? top_lane[j] : top;                                  \
+        for (int64_t l = 0; l < len; l++) s[l] = exp_nonpositive(s[l] - top);                                         \
+        for (int64_t l = len; l < padded; l++) s[l] = 0.0f;                                                           \
+        for (int64_t l = 0; l < padded; l += LANES)                                                                   \
+            for (int j = 0; j < LANES; j++) sum_lane[j] += s[l + j];                                                  \
+        for (int j = 0; j < LANES; j++) total += sum_lane[j];                                                         \
         const float inv = 1.0f / total;                                                                               \
         for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;                                                                \
-        for (int64_t l = 0; l < len; l++) {                                                                           \
+        int64_t l = 0;                                                                                                \
+        for (; l + 4 <= len; l += 4) { /* 4 value rows per pass over the output, summed as a tree */                  \
+            const float p0 = s[l] * inv, p1 = s[l + 1] * inv, p2 = s[l + 2] * inv, p3 = s[l + 3] * inv;               \
+            const T *v0 = values + l * dim, *v1 = v0 + dim, *v2 = v1 + dim, *v3 = v2 + dim;                           \
+            for (int64_t d = 0; d < dim; d++)                                                                         \
+                o[d] += (p0 * TO_FLOAT(v0[d]) + p1 * TO_FLOAT(v1[d])) + (p2 * TO_FLOAT(v2[d]) + p3 * TO_FLOAT(v3[d]));\
+        }                                                                                                             \
+        for (; l < len; l++) {                                                                                        \
             const float p = s[l] * inv;                                                                               \
             const T *v = values + l * dim;                                                                            \
             for (int64_t d = 0; d < dim; d++) o[d] += p * TO_FLOAT(v[d]);                                             \
@@ -258,7 +303,7 @@ int attend_one(int bf16, int level, const void *q, const void *keys_t, const voi
     // threads only where there is work enough to pay for waking them (~100 thousand multiply-adds)
 #pragma omp parallel if (work * heads * dim > (1 << 17))
     {
-        float *scores = malloc(sizeof(float) * (longest > 0 ? longest : 1));
+        float *scores = malloc(sizeof(float) * (longest + LANES));  // (padded to the lanes)
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t b = t / heads, h = t % heads, kv = b * kv_heads + h / group;

@@ -34,7 +34,7 @@ if [ -n "${SETUP_TEST:-}" ]; then
 fi
 # ... converted once to checkpoints/smollm2-135m-instruct (Meta layout + tokenizer + chat template; a no-op after)
 "$VENV/bin/python" -m llama_mp.embedded
-# ... and the batch-1 matrix-vector kernel compiled once into ~/.cache/llama_mp (llama_mp/gemv.py; ~1 s, a no-op after)
-"$VENV/bin/python" -m llama_mp.gemv
+# ... and the decode-step C kernels compiled once into ~/.cache/llama_mp (llama_mp/decode_kernels.py; ~1 s, a no-op after)
+"$VENV/bin/python" -m llama_mp.decode_kernels
 export PATH="$VENV/bin:$PATH"
 cd "$REPO_ROOT"

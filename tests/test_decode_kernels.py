@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from llama_mp import decode_kernels as kernels
+from llama_mp.checkpoint import load_model
+from llama_mp.model import KVCache
 
 BUILDABLE = platform.machine() in ("x86_64", "AMD64") and bool(shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no kernel here: {kernels.unavailable()}")
@@ -174,3 +176,47 @@ def test_attend_one_does_not_depend_on_the_thread_count_and_ignores_positions_pa
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two) and torch.equal(one, again)
+
+
+@needs_kernel
+@pytest.mark.parametrize("per_row", [False, True])
+def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_dir, per_row, monkeypatch):
+    """A float32 model's decode steps (one token per row, rows at one position or each at its own) go through both
+    kernels, and their logits equal a float64 full forward of each row to float32 accuracy (2^-16 of the largest
+    logit: a wrong head, position or length is off by O(1))."""
+    model = load_model(gqa_dir)
+    model.fuse_projections()
+    calls = {"attend_one": [], "matvec": []}
+    for name in calls:
+        real = getattr(kernels, name)
+
+        def spy(*args, real=real, name=name, **kwargs):
+            out = real(*args, **kwargs)
+            calls[name].append(out is not None)
+            return out
+        monkeypatch.setattr(kernels, name, spy)
+    gen = torch.Generator().manual_seed(2)
+    lengths = [9, 5, 13] if per_row else [9, 9, 9]
+    rows = [torch.randint(0, 64, (n + 3,), generator=gen) for n in lengths]
+    cache = KVCache(model.args, 3, 32)
+    with torch.inference_mode():
+        prompt = torch.zeros(3, max(lengths), dtype=torch.long)
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            prompt[i, :n] = r[:n]
+        model(prompt, torch.zeros(3, dtype=torch.long) if per_row else 0, cache)
+        steps = []
+        for t in range(3):
+            position = torch.tensor(lengths) + t if per_row else lengths[0] + t
+            steps.append(model(torch.stack([r[n + t] for r, n in zip(rows, lengths)])[:, None], position, cache))
+        single = KVCache(model.args, 1, 32)  # batch 1: the matrix-vector kernel too
+        model(rows[0][None, :lengths[0]], 0, single)
+        alone = model(rows[0][None, lengths[0]:lengths[0] + 1], lengths[0], single)
+    assert calls["attend_one"] and all(calls["attend_one"]) and calls["matvec"] and all(calls["matvec"])
+    reference = model.double()
+    with torch.no_grad():
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            full = reference(r[None].long())[0, n:n + 3]
+            got = torch.cat([s[i] for s in steps]).double()
+            assert (got - full).abs().max() <= 2 ** -16 * full.abs().max()
+            if i == 0:
+                assert (alone[0, 0].double() - full[0]).abs().max() <= 2 ** -16 * full.abs().max()
