@@ -29,8 +29,10 @@ by `python -m llama_mp.convert to_hf`; a chat-template prompt) prints one JSON o
       logits_max_abs_diff: ours vs hf on the prompt (fp32: checked < 1e-2)}}
   llama_cpp: (--llama_cpp, when llama_cpp is importable) the same batch-1 and prefill figures for llama.cpp on the
       embedded GGUF (Q4_1: quantized weights, not the same numbers), else null with "llama_cpp_skipped"
-  targets: ours / hf >= 2 at batch 64 and at batch 1 in every precision; "reason" names each one missed and its
-      measured cause (where our step's time goes, against the weight-read floor)
+  decode_kernels: the instruction set of the C decode kernels per dtype (llama_mp/decode_kernels.py; None: torch's
+      kernels, with decode_kernels_unavailable saying why; LLAMA_MP_KERNELS=0 compares without them)
+  targets: ours / hf >= 2 at batch 64 and at batch 1 in every precision, and the batch-1 step within 2x of the
+      weight-read time; "reason" names each one missed and its measured cause (where our step's time goes)
 """
 
 import argparse
@@ -43,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llama_mp import distributed  # noqa: E402
+from llama_mp import decode_kernels, distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.model import linear  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
@@ -288,7 +290,8 @@ def bench_smollm2(opts) -> dict:
     bandwidth = memory_bandwidth_gbps(opts.threads, gib=0.25 if opts.quick else 1.0)
     result = {"model": SMOLLM2_NAME, "threads": opts.threads, "new_tokens": opts.new_tokens,
               "prompt_tokens": len(prompt_ids), "prefill_tokens": len(prefill_ids), "batch_sizes": opts.batch_sizes,
-              "memory_bandwidth_gbps": bandwidth, "precisions": {}}
+              "memory_bandwidth_gbps": bandwidth, "precisions": {},
+              "decode_kernels": decode_kernels.kernels(), "decode_kernels_unavailable": decode_kernels.unavailable()}
     if skipped:
         result["hf_skipped"] = skipped
     for precision in precisions():
@@ -313,6 +316,10 @@ def bench_smollm2(opts) -> dict:
                 measured = fig["decode_ratio"].get(key)
                 targets.append(target(f"decode ours/hf at batch {key} ({precision})", measured, 2.0,
                                       why=decode_reason(fig, key) if measured is not None else skipped))
+        if "batch1_vs_weight_read" in fig:  # the issue's floor: a batch-1 step within 2x of reading the weights once
+            w = fig["batch1_vs_weight_read"]
+            targets.append(target(f"batch-1 step / weight read time ({precision})", w["step_over_read"], 2.0,
+                                  higher_is_better=False, why=decode_reason(fig, "1")))
     return with_reason(result, targets)
 
 
