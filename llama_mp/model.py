@@ -1,7 +1,8 @@
 """The LLaMA transformer (Meta architecture) with fairscale tensor parallelism.
 
 One class serves inference and training:
-  - inference: `forward(tokens, start_pos, cache)` appends keys/values to a `KVCache` and attends over it;
+  - inference: `forward(tokens, start_pos, cache)` appends keys/values to a `KVCache` and attends over it (a decode
+    step on an x86 CPU through the C kernels of llama_mp/decode_kernels.py: one-row products, single-query attention);
   - training: `forward(tokens)` without a cache is a plain causal forward with autograd;
   - `return_hidden=True` gives the final-norm hidden states instead of logits (scalar heads read them, and training
     losses take token log-probs from them through llama_mp/logprobs.py, never [batch, time, vocab] logits);
