@@ -11,7 +11,7 @@ import torch
 
 from llama_mp import decode_kernels as kernels
 from llama_mp.checkpoint import load_model
-from llama_mp.model import KVCache
+from llama_mp.model import KVCache, linear
 
 BUILDABLE = platform.machine() in ("x86_64", "AMD64") and bool(shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no kernel here: {kernels.unavailable()}")
@@ -220,3 +220,22 @@ def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_di
             assert (got - full).abs().max() <= 2 ** -16 * full.abs().max()
             if i == 0:
                 assert (alone[0, 0].double() - full[0]).abs().max() <= 2 ** -16 * full.abs().max()
+
+
+@pytest.mark.parametrize("problem", ["compiler fails", "cache not writable"])
+def test_a_kernel_that_cannot_be_built_leaves_torchs_kernels_in_place(problem, tmp_path, monkeypatch):
+    """No kernel, one reason, no exception: the model then runs torch's kernels (F.linear, the grouped attention)."""
+    monkeypatch.setattr(kernels, "_state", {})
+    if problem == "compiler fails":
+        monkeypatch.setenv("CC", "false")
+        monkeypatch.setenv("LLAMA_MP_CACHE", str(tmp_path))
+    else:
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("LLAMA_MP_CACHE", str(tmp_path / "file" / "cache"))  # under a file: makedirs fails
+    assert kernels.library() is None and kernels.unavailable()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert ("could not build" in kernels.unavailable()) == (problem == "compiler fails")
+    with torch.inference_mode():
+        x, w = torch.randn(16), torch.randn(8, 16)
+        assert kernels.matvec(x, w) is None
+        assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
