@@ -2,7 +2,8 @@
 
 One class serves inference and training:
   - inference: `forward(tokens, start_pos, cache)` appends keys/values to a `KVCache` and attends over it (a decode
-    step on an x86 CPU through the C kernels of llama_mp/decode_kernels.py: one-row products, single-query attention);
+    step on an x86 CPU through the C kernels of llama_mp/decode_kernels.py: one-row products, single-query attention,
+    RMSNorm);
   - training: `forward(tokens)` without a cache is a plain causal forward with autograd;
   - `return_hidden=True` gives the final-norm hidden states instead of logits (scalar heads read them, and training
     losses take token log-probs from them through llama_mp/logprobs.py, never [batch, time, vocab] logits);
@@ -204,8 +205,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps), computed in float32, then scaled by the weight in the input's dtype
+        if decode:  # a decode step: the C kernel where it applies (llama_mp/decode_kernels.py), same roundings
+            out = decode_kernels.rms_norm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -389,8 +394,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, freqs_cis, start_pos, cache, mask, lengths=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, cache, self.layer_id, mask, lengths)
-        return h + self.feed_forward(self.ffn_norm(h), fused=cache is not None)
+        decode = lengths is not None
+        h = x + self.attention(self.attention_norm(x, decode), freqs_cis, start_pos, cache, self.layer_id, mask,
+                               lengths)
+        return h + self.feed_forward(self.ffn_norm(h, decode), fused=cache is not None)
 
 
 def no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -479,7 +486,7 @@ class Transformer(nn.Module):
                 h = layer(h, freqs_cis, start_pos, cache, mask, lengths)
         if last_only:
             h = h[:, -1:]
-        h = self.norm(h)
+        h = self.norm(h, decode=lengths is not None)
         if return_hidden:
             return h
         return self.output(h).float()

@@ -181,12 +181,12 @@ def test_attend_one_does_not_depend_on_the_thread_count_and_ignores_positions_pa
 @needs_kernel
 @pytest.mark.parametrize("per_row", [False, True])
 def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_dir, per_row, monkeypatch):
-    """A float32 model's decode steps (one token per row, rows at one position or each at its own) go through both
+    """A float32 model's decode steps (one token per row, rows at one position or each at its own) go through the
     kernels, and their logits equal a float64 full forward of each row to float32 accuracy (2^-16 of the largest
     logit: a wrong head, position or length is off by O(1))."""
     model = load_model(gqa_dir)
     model.fuse_projections()
-    calls = {"attend_one": [], "matvec": []}
+    calls = {"attend_one": [], "matvec": [], "rms_norm": []}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -211,7 +211,7 @@ def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_di
         single = KVCache(model.args, 1, 32)  # batch 1: the matrix-vector kernel too
         model(rows[0][None, :lengths[0]], 0, single)
         alone = model(rows[0][None, lengths[0]:lengths[0] + 1], lengths[0], single)
-    assert calls["attend_one"] and all(calls["attend_one"]) and calls["matvec"] and all(calls["matvec"])
+    assert all(calls[name] and all(calls[name]) for name in calls), calls
     reference = model.double()
     with torch.no_grad():
         for i, (r, n) in enumerate(zip(rows, lengths)):
@@ -239,3 +239,26 @@ def test_a_kernel_that_cannot_be_built_leaves_torchs_kernels_in_place(problem, t
         x, w = torch.randn(16), torch.randn(8, 16)
         assert kernels.matvec(x, w) is None
         assert torch.equal(linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 1, 7), (2, 16), (5, 100)])
+def test_rms_norm_equals_the_float64_norm_within_its_roundings(dtype, shape):
+    """y = round(round(x / rms(x)) * w) with rms = sqrt(mean(x^2) + eps): the float32 sum of squares is within
+    dim * 2^-24 relative (positive terms), the square root halves that, the division and root add two roundings, and
+    the two roundings to the dtype add 2^-8 each in bfloat16 (2^-24 in float32)."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    w = torch.randn(shape[-1], generator=gen).to(dtype)
+    eps = 1e-5
+    xd = x.double()
+    exact = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+    unit = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -24
+    scale_error = (shape[-1] / 2 + 4) * 2 ** -24
+    bound = exact.abs() * ((1 + scale_error) * (1 + unit) ** 2 - 1)
+    with torch.inference_mode():
+        for level in levels(torch.float32):
+            y = kernels.rms_norm(x, w, eps, level)
+            assert y.dtype == dtype and y.shape == x.shape
+            assert ((y.double() - exact).abs() <= bound).all(), (level, ((y.double() - exact).abs() / bound).max())
