@@ -167,7 +167,15 @@ int gemv_level(int bf16) {
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (bf16) return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 2 : avx2;
-    return __builtin_cpu_supports("avx512f") ? 2 : avx2;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") ? 2 : avx2;
+}
+
+// The level the attention and RMSNorm kernels can run: their AVX512 bfloat16 variants need AVX512BW as well.
+static int wide_level(int bf16) {
+    __builtin_cpu_init();
+    const int bw = !bf16 || __builtin_cpu_supports("avx512bw");
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && bw) return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 // y[rows] = w[rows, cols] @ x[cols] with the kernel of `level` (a lower one than the CPU's may be asked for); returns
@@ -276,8 +284,9 @@ static inline float exp_nonpositive(float x) {
     }
 
 #define AS_IS(x) (x)
-#define AVX512 __attribute__((target("avx512f,avx512bw,fma")))
-ATTEND_ROW(attend_bf16_avx512, AVX512, uint16_t, widen, round_to_bf16)
+#define AVX512 __attribute__((target("avx512f,fma")))
+#define AVX512BW __attribute__((target("avx512f,avx512bw,fma")))  // bfloat16: 16-bit lanes vectorise with BW
+ATTEND_ROW(attend_bf16_avx512, AVX512BW, uint16_t, widen, round_to_bf16)
 ATTEND_ROW(attend_bf16_avx2, AVX2, uint16_t, widen, round_to_bf16)
 ATTEND_ROW(attend_f32_avx512, AVX512, float, AS_IS, AS_IS)
 ATTEND_ROW(attend_f32_avx2, AVX2, float, AS_IS, AS_IS)
@@ -290,7 +299,7 @@ typedef void attend_fn(const void *, const void *, const void *, void *, int64_t
 int attend_one(int bf16, int level, const void *q, const void *keys_t, const void *values, void *out,
                const int64_t *lengths, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t stride,
                float scale) {
-    if (level < 1 || level > gemv_level(0)) return -1;
+    if (level < 1 || level > wide_level(bf16)) return -1;
     attend_fn *fn = (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
                                        : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
     const size_t size = bf16 ? 2 : 4;
@@ -340,14 +349,14 @@ int attend_one(int bf16, int level, const void *q, const void *keys_t, const voi
         }                                                                                                             \
     }
 
-RMS_NORM_ROWS(rms_norm_bf16_avx512, AVX512, uint16_t, widen, round_to_bf16)
+RMS_NORM_ROWS(rms_norm_bf16_avx512, AVX512BW, uint16_t, widen, round_to_bf16)
 RMS_NORM_ROWS(rms_norm_bf16_avx2, AVX2, uint16_t, widen, round_to_bf16)
 RMS_NORM_ROWS(rms_norm_f32_avx512, AVX512, float, AS_IS, AS_IS)
 RMS_NORM_ROWS(rms_norm_f32_avx2, AVX2, float, AS_IS, AS_IS)
 
 // out[rows, dim] = RMSNorm(x[rows, dim]) * w[dim]; returns 0, or -1 where this CPU lacks the level
 int rms_norm(int bf16, int level, const void *x, const void *w, void *out, int64_t rows, int64_t dim, float eps) {
-    if (level < 1 || level > gemv_level(0)) return -1;
+    if (level < 1 || level > wide_level(bf16)) return -1;
     if (bf16) (level == 2 ? rms_norm_bf16_avx512 : rms_norm_bf16_avx2)(x, w, out, rows, dim, eps);
     else (level == 2 ? rms_norm_f32_avx512 : rms_norm_f32_avx2)(x, w, out, rows, dim, eps);
     return 0;

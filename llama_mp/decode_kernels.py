@@ -54,8 +54,15 @@ def build() -> str:
         return path
     os.makedirs(cache_dir(), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        done = None
+    if done is None or done.returncode != 0:
+        if os.path.exists(tmp):  # a failed build leaves nothing behind
+            os.remove(tmp)
+        if done is None:
+            raise OSError(f"{compiler} could not be run to build {SOURCE}")
         raise OSError(f"{compiler} could not build {SOURCE}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     os.replace(tmp, path)
     return path
