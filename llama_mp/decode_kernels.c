@@ -13,6 +13,7 @@
 // competes for the cores.
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -309,10 +310,15 @@ int attend_one(int bf16, int level, const void *q, const void *keys_t, const voi
         longest = lengths[b] > longest ? (lengths[b] < stride ? lengths[b] : stride) : longest;
         work += lengths[b];
     }
-    // threads only where there is work enough to pay for waking them (~100 thousand multiply-adds)
-#pragma omp parallel if (work * heads * dim > (1 << 17))
+    // threads only where there is work enough to pay for waking them (~100 thousand multiply-adds); each thread's
+    // scores in its own slice of one buffer, padded to the lanes
+    const int parallel = work * heads * dim > (1 << 17), threads = parallel ? omp_get_max_threads() : 1;
+    const int64_t slice = longest + LANES;
+    float *buffer = malloc(sizeof(float) * slice * threads);
+    if (!buffer) return -1;
+#pragma omp parallel if (parallel) num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (longest + LANES));  // (padded to the lanes)
+        float *scores = buffer + slice * omp_get_thread_num();
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t b = t / heads, h = t % heads, kv = b * kv_heads + h / group;
@@ -321,8 +327,8 @@ int attend_one(int bf16, int level, const void *q, const void *keys_t, const voi
                (const char *)values + kv * stride * dim * size, (char *)out + t * dim * size, len, dim, stride, scale,
                scores);
         }
-        free(scores);
     }
+    free(buffer);
     return 0;
 }
 
