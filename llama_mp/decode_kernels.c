@@ -163,7 +163,8 @@ AVX2 static void rows_f32_avx2(const void *wp, const void *xp, void *yp, int64_t
 
 // ---- entry points ---------------------------------------------------------------------------------------------------
 // Instruction-set levels: 2 = AVX512 (with AVX512-BF16 for bfloat16), 1 = AVX2 + FMA, 0 = none (the caller keeps
-// torch's kernel). Without AVX512-BF16, bfloat16 is level 1 at most.
+// torch's kernel). Without AVX512-BF16, bfloat16 is level 1 at most. Every entry point takes a `level`: 0 for the best
+// this CPU has, or a lower one (comparisons, tests); it returns -1 where the CPU lacks the level asked for.
 int gemv_level(int bf16) {
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -179,10 +180,11 @@ static int wide_level(int bf16) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-// y[rows] = w[rows, cols] @ x[cols] with the kernel of `level` (a lower one than the CPU's may be asked for); returns
-// 0, or -1 where this CPU lacks that level
+// y[rows] = w[rows, cols] @ x[cols]
 int gemv(int bf16, int level, const void *w, const void *x, void *y, int64_t rows, int64_t cols) {
-    if (level < 1 || level > gemv_level(bf16)) return -1;
+    const int best = gemv_level(bf16);
+    if (level == 0) level = best;
+    if (level < 1 || level > best) return -1;
     rows_fn *fn = bf16 ? (level == 2 ? rows_bf16_avx512 : rows_bf16_avx2)
                        : (level == 2 ? rows_f32_avx512 : rows_f32_avx2);
     // blocks of 64 rows (a multiple of 4, so that a block never splits a group of 4 rows), spread over the threads
@@ -296,11 +298,13 @@ typedef void attend_fn(const void *, const void *, const void *, void *, int64_t
 
 // q [batch, heads, dim]; keys_t [*, kv_heads, dim, stride] and values [*, kv_heads, stride, dim] (the cache buffers:
 // row b at b * kv_heads * dim * stride); out [batch, heads, dim]; row b attends to its positions [0, lengths[b]).
-// Query head h reads kv head h / (heads / kv_heads). Returns 0, or -1 where this CPU lacks the level.
+// Query head h reads kv head h / (heads / kv_heads). Returns -1 also where the scores buffer cannot be had.
 int attend_one(int bf16, int level, const void *q, const void *keys_t, const void *values, void *out,
                const int64_t *lengths, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t stride,
                float scale) {
-    if (level < 1 || level > wide_level(bf16)) return -1;
+    const int best = wide_level(bf16);
+    if (level == 0) level = best;
+    if (level < 1 || level > best) return -1;
     attend_fn *fn = (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
                                        : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
     const size_t size = bf16 ? 2 : 4;
@@ -360,9 +364,11 @@ RMS_NORM_ROWS(rms_norm_bf16_avx2, AVX2, uint16_t, widen, round_to_bf16)
 RMS_NORM_ROWS(rms_norm_f32_avx512, AVX512, float, AS_IS, AS_IS)
 RMS_NORM_ROWS(rms_norm_f32_avx2, AVX2, float, AS_IS, AS_IS)
 
-// out[rows, dim] = RMSNorm(x[rows, dim]) * w[dim]; returns 0, or -1 where this CPU lacks the level
+// out[rows, dim] = RMSNorm(x[rows, dim]) * w[dim]
 int rms_norm(int bf16, int level, const void *x, const void *w, void *out, int64_t rows, int64_t dim, float eps) {
-    if (level < 1 || level > wide_level(bf16)) return -1;
+    const int best = wide_level(bf16);
+    if (level == 0) level = best;
+    if (level < 1 || level > best) return -1;
     if (bf16) (level == 2 ? rms_norm_bf16_avx512 : rms_norm_bf16_avx2)(x, w, out, rows, dim, eps);
     else (level == 2 ? rms_norm_f32_avx512 : rms_norm_f32_avx2)(x, w, out, rows, dim, eps);
     return 0;

@@ -7,13 +7,13 @@
   - `attend_one`: one query per row against the KV cache (every decode step, any batch). torch runs it as two tiny
     batched matmuls and a softmax per layer, ~25 us each in bfloat16 whatever their size.
   - `rms_norm`: a decode step's RMSNorms, one pass a row where torch runs ~9 small ops (~18 us a call, 61 a step).
-Both accumulate in float32, and each output element is one thread's fixed sequence of operations: the results do not
-depend on the thread count.
+All three accumulate in float32, and each output element is one thread's fixed sequence of operations: the results do
+not depend on the thread count.
 
 The library is compiled once with the system's C compiler (`cc`, or $CC) into a cache directory ($LLAMA_MP_CACHE,
 default ~/.cache/llama_mp; the file's name carries a hash of the source and flags) and loaded with ctypes: no torch
 headers, about a second. Where there is no compiler, the build fails, the CPU has no AVX2, or LLAMA_MP_KERNELS=0 is
-set, both return None and the caller keeps torch's kernels. `python -m llama_mp.decode_kernels` builds it and says
+set, each returns None and the caller keeps torch's kernels. `python -m llama_mp.decode_kernels` builds it and says
 which kernels run (the set-up does this).
 """
 
@@ -31,7 +31,8 @@ import torch
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.c")
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 
-_state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None, "levels": {dtype: level}
+_state: dict = {}  # "lib": the loaded library or None, "why": why it is None, "levels": {dtype: gemv level},
+#                   "cap": the level every call asks for (0: the best this CPU has)
 LEVELS = {1: "avx2", 2: "avx512"}  # the kernels' instruction sets (level 0: none, torch's kernel is used)
 
 
@@ -72,7 +73,7 @@ def library() -> Optional[ctypes.CDLL]:
     """The loaded kernel, or None (the reason in `unavailable()`). Built and loaded once per process. LLAMA_MP_KERNELS=0
     keeps torch's kernels; LLAMA_MP_KERNELS=avx2 takes the AVX2 kernels on an AVX512 CPU (for comparisons)."""
     if "lib" not in _state:
-        _state.update(lib=None, why=None, levels={torch.bfloat16: 0, torch.float32: 0})
+        _state.update(lib=None, why=None, levels={torch.bfloat16: 0, torch.float32: 0}, cap=0)
         setting = os.environ.get("LLAMA_MP_KERNELS", "1")
         if setting == "0":
             _state["why"] = "LLAMA_MP_KERNELS=0"
@@ -91,8 +92,8 @@ def library() -> Optional[ctypes.CDLL]:
                                          + [ctypes.c_float])
                 for fn in (lib.gemv, lib.gemv_level, lib.attend_one, lib.rms_norm):
                     fn.restype = ctypes.c_int
-                cap = 1 if setting == "avx2" else 2
-                _state["levels"] = {dtype: min(cap, lib.gemv_level(int(dtype == torch.bfloat16)))
+                _state["cap"] = 1 if setting == "avx2" else 0
+                _state["levels"] = {dtype: min(_state["cap"] or 2, lib.gemv_level(int(dtype == torch.bfloat16)))
                                     for dtype in (torch.bfloat16, torch.float32)}
                 if _state["levels"][torch.float32]:
                     _state["lib"] = lib
@@ -112,22 +113,23 @@ def kernels() -> dict:
     return {str(dtype).split(".")[-1]: LEVELS.get(level) for dtype, level in _state["levels"].items()}
 
 
+def _run(kernel: str, dtype: torch.dtype, level: Optional[int], *args) -> bool:
+    """Call the library's `kernel` for bfloat16 or float32 data at `level` (default: LLAMA_MP_KERNELS's cap, else the
+    best this CPU has); False where the CPU lacks that level (or attend_one could not get its buffer)."""
+    return getattr(_state["lib"], kernel)(int(dtype == torch.bfloat16), level or _state["cap"], *args) == 0
+
+
 def matvec(x: torch.Tensor, weight: torch.Tensor, level: Optional[int] = None) -> Optional[torch.Tensor]:
     """weight [rows, cols] @ x (cols numbers) -> [rows] in x's dtype, or None where the kernel does not apply (not a
     contiguous bfloat16 / float32 CPU pair, autograd wanted, or no kernel here): the caller then uses torch.
     level: a kernel's instruction set (1 AVX2, 2 AVX512) instead of the best this CPU has (tests compare them)."""
     if (x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != x.dtype or x.device.type != "cpu"
             or weight.device.type != "cpu" or weight.dim() != 2 or x.numel() != weight.shape[1]
-            or not (x.is_contiguous() and weight.is_contiguous()) or torch.is_grad_enabled()):
-        return None
-    lib = library()
-    if lib is None:
+            or not (x.is_contiguous() and weight.is_contiguous()) or torch.is_grad_enabled() or library() is None):
         return None
     y = torch.empty(weight.shape[0], dtype=x.dtype)
-    if lib.gemv(int(x.dtype == torch.bfloat16), level or _state["levels"][x.dtype], weight.data_ptr(), x.data_ptr(),
-                y.data_ptr(), weight.shape[0], weight.shape[1]):
-        return None  # this CPU lacks that level
-    return y
+    ok = _run("gemv", x.dtype, level, weight.data_ptr(), x.data_ptr(), y.data_ptr(), weight.shape[0], weight.shape[1])
+    return y if ok else None
 
 
 def attend_one(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -141,20 +143,15 @@ def attend_one(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, leng
     kv_heads, max_len = keys_t.shape[1], keys_t.shape[-1]
     if (q.dtype not in (torch.bfloat16, torch.float32) or keys_t.dtype != q.dtype or values.dtype != q.dtype
             or q.device.type != "cpu" or torch.is_grad_enabled() or heads % kv_heads
-            or not all(t.is_contiguous() for t in (q, keys_t, values)) or keys_t.shape[2] != dim
-            or values.shape[1:] != (kv_heads, max_len, dim) or keys_t.shape[0] < bsz or values.shape[0] < bsz):
-        return None
-    lib = library()
-    if lib is None:
-        return None
-    if lengths.dtype != torch.int64 or not lengths.is_contiguous() or lengths.shape != (bsz,):
+            or not (q.is_contiguous() and keys_t.is_contiguous() and values.is_contiguous()) or keys_t.shape[2] != dim
+            or values.shape[1:] != (kv_heads, max_len, dim) or keys_t.shape[0] < bsz or values.shape[0] < bsz
+            or lengths.dtype != torch.int64 or not lengths.is_contiguous() or lengths.shape != (bsz,)
+            or library() is None):
         return None
     out = torch.empty_like(q)
-    if lib.attend_one(int(q.dtype == torch.bfloat16), level or _state["levels"][torch.float32], q.data_ptr(),
-                      keys_t.data_ptr(), values.data_ptr(), out.data_ptr(), lengths.data_ptr(), bsz, heads, kv_heads,
-                      dim, max_len, dim ** -0.5):
-        return None
-    return out
+    ok = _run("attend_one", q.dtype, level, q.data_ptr(), keys_t.data_ptr(), values.data_ptr(), out.data_ptr(),
+              lengths.data_ptr(), bsz, heads, kv_heads, dim, max_len, dim ** -0.5)
+    return out if ok else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, level: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -162,16 +159,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, level: Optional[
     times weight [dim], rounded again; or None where the kernel does not apply (the caller then uses torch)."""
     if (x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != x.dtype or x.device.type != "cpu"
             or weight.shape != x.shape[-1:] or not (x.is_contiguous() and weight.is_contiguous())
-            or torch.is_grad_enabled()):
-        return None
-    lib = library()
-    if lib is None:
+            or torch.is_grad_enabled() or library() is None):
         return None
     out = torch.empty_like(x)
-    if lib.rms_norm(int(x.dtype == torch.bfloat16), level or _state["levels"][torch.float32], x.data_ptr(),
-                    weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps):
-        return None
-    return out
+    ok = _run("rms_norm", x.dtype, level, x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+              x.shape[-1], eps)
+    return out if ok else None
 
 
 if __name__ == "__main__":

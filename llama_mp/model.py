@@ -207,7 +207,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, decode: bool = False) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps), computed in float32, then scaled by the weight in the input's dtype
-        if decode:  # a decode step: the C kernel where it applies (llama_mp/decode_kernels.py), same roundings
+        if decode:  # a decode step: the C kernel where it applies (llama_mp/decode_kernels.py), the same two roundings
             out = decode_kernels.rms_norm(x, self.weight, self.eps)
             if out is not None:
                 return out

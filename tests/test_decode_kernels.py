@@ -262,3 +262,23 @@ def test_rms_norm_equals_the_float64_norm_within_its_roundings(dtype, shape):
             y = kernels.rms_norm(x, w, eps, level)
             assert y.dtype == dtype and y.shape == x.shape
             assert ((y.double() - exact).abs() <= bound).all(), (level, ((y.double() - exact).abs() / bound).max())
+
+
+@needs_kernel
+def test_llama_mp_kernels_avx2_makes_every_call_take_the_avx2_kernels(monkeypatch):
+    """The comparison setting: the AVX2 kernels' very bits, whatever the CPU has beyond AVX2 (float32, where the AVX512
+    matrix-vector kernel sums in another order, so that the check can tell the two apart)."""
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(130, 93, generator=gen), torch.randn(93, generator=gen)
+    q, keys_t, values, lengths = attention_case(torch.float32, dim=64, heads=9, kv_heads=3)
+    with torch.inference_mode():
+        expected = (kernels.matvec(x, w, 1), kernels.attend_one(q, keys_t, values, lengths, 1),
+                    kernels.rms_norm(x[None], w[0], 1e-5, 1))
+        if 2 in levels(torch.float32):
+            assert not torch.equal(kernels.matvec(x, w), expected[0])
+        monkeypatch.setattr(kernels, "_state", {})
+        monkeypatch.setenv("LLAMA_MP_KERNELS", "avx2")
+        assert kernels.kernels() == {"bfloat16": "avx2", "float32": "avx2"}
+        got = (kernels.matvec(x, w), kernels.attend_one(q, keys_t, values, lengths),
+               kernels.rms_norm(x[None], w[0], 1e-5))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
