@@ -1,14 +1,18 @@
 // CPU kernels for decode steps, built and loaded by llama_mp/decode_kernels.py (plain C, OpenMP, no torch headers):
 //   gemv:       one row times a matrix, y = W x (batch 1): W [rows, cols] row-major, x [cols];
 //   attend_one: one query per row against a KV cache (every decode step): softmax(q K^T / sqrt(d)) V;
+//   rms_norm:   a decode step's RMSNorm;
+//   decode_block: a whole transformer block for one token of one row (a batch-1 decode step), built of the three;
 // in bfloat16 or float32, accumulated in float32.
 //
 // Why gemv: at batch 1 a decode step is bound by reading the weights once, and torch's kernels for one row read them at
-// about half of what the memory delivers on 2 threads (README "Benchmarks"). Here each thread streams 4 rows at a time
-// against one load of x, which keeps the loads in flight.
+// about half of what the memory delivers on 2 threads (README "Benchmarks"). Here each thread reads its rows one after
+// the other, the whole row with two or four independent accumulators: one sequential stream, which the hardware
+// prefetcher follows best. (Four rows at a time against one load of x, session 15's kernel, kept four streams in
+// flight and read 19-20 GB/s in bfloat16 on a 2-core AMD EPYC (Zen 4) where one stream reads 25-31.)
 //
-// Every output row is computed by one thread with one fixed sequence of operations (the same in a block of 4 rows and
-// in the tail), so the result does not depend on the thread count. The parallel regions run on the OpenMP runtime
+// Every output row is computed by one thread with one fixed sequence of operations, so the result does not depend on
+// the thread count. The parallel regions run on the OpenMP runtime
 // torch has loaded (libgomp.so.1, the same soname), so torch.set_num_threads governs them and no second thread pool
 // competes for the cores.
 #include <immintrin.h>
@@ -29,45 +33,29 @@ static uint16_t round_to_bf16(float f) {  // round to nearest even; a NaN stays 
 // ---- AVX512-BF16: 32 bfloat16 products per instruction, pairs summed into 16 float32 lanes --------------------------
 #define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-AVX512BF16 static inline __m512 dot_bf16_step(__m512 acc, const uint16_t *w, __m512i xv, __mmask32 m) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w), (__m512bh)xv);
+AVX512BF16 static inline __m512 dot_bf16_step(__m512 acc, const uint16_t *w, __m512i xv) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)xv);
 }
 
 AVX512BF16 static void rows_bf16_avx512(const void *wp, const void *xp, void *yp, int64_t first, int64_t last,
                                         int64_t cols) {
     const uint16_t *w = wp, *x = xp;
     uint16_t *y = yp;
-    const int64_t full = cols / 32 * 32;
+    const int64_t pairs = cols / 64 * 64, full = cols / 32 * 32;
     const __mmask32 tail = (__mmask32)((1ull << (cols - full)) - 1);
-    int64_t r = first;
-    for (; r + 4 <= last; r += 4) {
-        const uint16_t *w0 = w + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < full; c += 32) {
-            __m512i xv = _mm512_loadu_si512(x + c);
-            a0 = dot_bf16_step(a0, w0 + c, xv, ~(__mmask32)0);
-            a1 = dot_bf16_step(a1, w1 + c, xv, ~(__mmask32)0);
-            a2 = dot_bf16_step(a2, w2 + c, xv, ~(__mmask32)0);
-            a3 = dot_bf16_step(a3, w3 + c, xv, ~(__mmask32)0);
+    for (int64_t r = first; r < last; r++) {
+        const uint16_t *wr = w + r * cols;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int64_t c = 0;
+        for (; c < pairs; c += 64) {
+            a0 = dot_bf16_step(a0, wr + c, _mm512_loadu_si512(x + c));
+            a1 = dot_bf16_step(a1, wr + c + 32, _mm512_loadu_si512(x + c + 32));
         }
-        if (tail) {
-            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + full);
-            a0 = dot_bf16_step(a0, w0 + full, xv, tail);
-            a1 = dot_bf16_step(a1, w1 + full, xv, tail);
-            a2 = dot_bf16_step(a2, w2 + full, xv, tail);
-            a3 = dot_bf16_step(a3, w3 + full, xv, tail);
-        }
-        y[r] = round_to_bf16(_mm512_reduce_add_ps(a0));
-        y[r + 1] = round_to_bf16(_mm512_reduce_add_ps(a1));
-        y[r + 2] = round_to_bf16(_mm512_reduce_add_ps(a2));
-        y[r + 3] = round_to_bf16(_mm512_reduce_add_ps(a3));
-    }
-    for (; r < last; r++) {  // the same operations for one row
-        const uint16_t *w0 = w + r * cols;
-        __m512 a0 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < full; c += 32) a0 = dot_bf16_step(a0, w0 + c, _mm512_loadu_si512(x + c), ~(__mmask32)0);
-        if (tail) a0 = dot_bf16_step(a0, w0 + full, _mm512_maskz_loadu_epi16(tail, x + full), tail);
-        y[r] = round_to_bf16(_mm512_reduce_add_ps(a0));
+        if (c < full) a0 = dot_bf16_step(a0, wr + c, _mm512_loadu_si512(x + c));
+        if (tail)  // (masked loads: nothing read past the row)
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + full),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full));
+        y[r] = round_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
     }
 }
 
@@ -78,39 +66,21 @@ AVX512F static void rows_f32_avx512(const void *wp, const void *xp, void *yp, in
                                     int64_t cols) {
     const float *w = wp, *x = xp;
     float *y = yp;
-    const int64_t full = cols / 16 * 16;
+    const int64_t quads = cols / 64 * 64, full = cols / 16 * 16;
     const __mmask16 tail = (__mmask16)((1u << (cols - full)) - 1);
-    int64_t r = first;
-    for (; r + 4 <= last; r += 4) {
-        const float *w0 = w + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+    for (int64_t r = first; r < last; r++) {
+        const float *wr = w + r * cols;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < full; c += 16) {
-            __m512 xv = _mm512_loadu_ps(x + c);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + c), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + c), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + c), xv, a3);
+        int64_t c = 0;
+        for (; c < quads; c += 64) {
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c), _mm512_loadu_ps(x + c), a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c + 16), _mm512_loadu_ps(x + c + 16), a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c + 32), _mm512_loadu_ps(x + c + 32), a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c + 48), _mm512_loadu_ps(x + c + 48), a3);
         }
-        if (tail) {
-            __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + full), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + full), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + full), xv, a3);
-        }
-        y[r] = _mm512_reduce_add_ps(a0);
-        y[r + 1] = _mm512_reduce_add_ps(a1);
-        y[r + 2] = _mm512_reduce_add_ps(a2);
-        y[r + 3] = _mm512_reduce_add_ps(a3);
-    }
-    for (; r < last; r++) {
-        const float *w0 = w + r * cols;
-        __m512 a0 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < full; c += 16)
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), _mm512_loadu_ps(x + c), a0);
-        if (tail)
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + full), _mm512_maskz_loadu_ps(tail, x + full), a0);
-        y[r] = _mm512_reduce_add_ps(a0);
+        for (; c < full; c += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c), _mm512_loadu_ps(x + c), a0);
+        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr + full), _mm512_maskz_loadu_ps(tail, x + full), a1);
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
 }
 
@@ -371,5 +341,128 @@ int rms_norm(int bf16, int level, const void *x, const void *w, void *out, int64
     if (level < 1 || level > best) return -1;
     if (bf16) (level == 2 ? rms_norm_bf16_avx512 : rms_norm_bf16_avx2)(x, w, out, rows, dim, eps);
     else (level == 2 ? rms_norm_f32_avx512 : rms_norm_f32_avx2)(x, w, out, rows, dim, eps);
+    return 0;
+}
+
+// ---- decode_block: a whole transformer block for one token of one row ----------------------------------------------
+// Why: at batch 1 the block's weight products are ~60% of a SmolLM2 decode step and the rest is ~40 small torch ops a
+// layer (rotary embedding, cache writes, residual adds, SwiGLU, their casts and views) at a few microseconds each plus
+// Python between them: ~8 ms of a 22 ms step on a 2-core AMD EPYC. Here the block is one call and one parallel region:
+//   h   = x + wo @ attention(rope(q), rope(k) and v written to the cache at `pos`)   with q|k|v = wqkv @ norm(x)
+//   out = h + w2 @ (silu(g) * u)                                                    with g|u = w13 @ norm(h)
+// with the kernels above (gemv's rows, attend_one's row, rms_norm's rows) and the roundings of the model's own ops:
+// each op's result is rounded to the dtype as torch rounds it (the rotary product as ATen's complex multiply: two
+// rounded products, then their sum). Only the sigmoid's exp differs from torch's (Cody-Waite + Cephes, ~1e-7 relative).
+static inline float load_as_float(const void *p, int64_t i, int bf16) {
+    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_rounded(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = round_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+static inline float rounded(float v, int bf16) { return bf16 ? widen(round_to_bf16(v)) : v; }
+
+__attribute__((optimize("fp-contract=off")))  // two rounded products, then one rounded sum, as ATen's complex multiply
+static void rotate_pairs(void *x, const float *cos_sin, int64_t heads, int64_t dim, int bf16) {
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t i = 0; i < dim / 2; i++) {
+            const int64_t at = h * dim + 2 * i;
+            const float a = load_as_float(x, at, bf16), b = load_as_float(x, at + 1, bf16);
+            const float c = cos_sin[2 * i], s = cos_sin[2 * i + 1];
+            const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+            store_rounded(x, at, ac - bs, bf16);
+            store_rounded(x, at + 1, as + bc, bf16);
+        }
+}
+
+// silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) <= 1 (no overflow): 1 / (1 + e) for g >= 0, e / (1 + e) below
+static inline float silu(float g) {
+    const float e = exp_nonpositive(g >= 0 ? -g : g);
+    return g * (g >= 0 ? 1.0f / (1.0f + e) : e / (1.0f + e));
+}
+
+// x, out [dim] (the residual in and out; may not alias); attention_norm, ffn_norm [dim]; wqkv [(heads + 2 kv_heads)
+// head_dim, dim]; wo [dim, heads head_dim]; w13 [2 hidden, dim]; w2 [dim, hidden]; cos_sin [head_dim / 2, 2] float32
+// (the position's rotation); keys_t [kv_heads, head_dim, stride] and values [kv_heads, stride, head_dim] (the row's
+// cache): the token's key and value go to position `pos`, and its query attends to positions [0, pos] with its scores
+// scaled by `scale` (1 / sqrt(head_dim)).
+int decode_block(int bf16, int level, const void *x, void *out, const void *attention_norm, const void *ffn_norm,
+                 const void *wqkv, const void *wo, const void *w13, const void *w2, const float *cos_sin,
+                 void *keys_t, void *values, int64_t pos, int64_t stride, int64_t dim, int64_t heads,
+                 int64_t kv_heads, int64_t head_dim, int64_t hidden, float scale, float eps) {
+    const int best = gemv_level(bf16) < wide_level(bf16) ? gemv_level(bf16) : wide_level(bf16);
+    if (level == 0) level = best;
+    if (level < 1 || level > best || pos < 0 || pos >= stride || heads % kv_heads) return -1;
+    rows_fn *gemv_rows = bf16 ? (level == 2 ? rows_bf16_avx512 : rows_bf16_avx2)
+                              : (level == 2 ? rows_f32_avx512 : rows_f32_avx2);
+    attend_fn *attend = (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
+                                           : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
+    void (*norm)(const void *, const void *, void *, int64_t, int64_t, float) =
+        (void (*)(const void *, const void *, void *, int64_t, int64_t, float))(
+            bf16 ? (level == 2 ? (void *)rms_norm_bf16_avx512 : (void *)rms_norm_bf16_avx2)
+                 : (level == 2 ? (void *)rms_norm_f32_avx512 : (void *)rms_norm_f32_avx2));
+    const size_t size = bf16 ? 2 : 4;
+    const int64_t qkv_rows = (heads + 2 * kv_heads) * head_dim, len = pos + 1, group = heads / kv_heads;
+    const int threads = omp_get_max_threads();
+    const int64_t slice = len + LANES;
+    // scratch: the normed input, q|k|v, the attention's output, h, the normed h, g|u, silu(g) * u; each thread's scores
+    char *scratch = malloc(size * (2 * dim + qkv_rows + heads * head_dim + dim + 3 * hidden));
+    float *scores = malloc(sizeof(float) * slice * threads);
+    if (!scratch || !scores) {
+        free(scratch);
+        free(scores);
+        return -1;
+    }
+    char *normed = scratch, *qkv = normed + size * dim, *attended = qkv + size * qkv_rows;
+    char *h = attended + size * heads * head_dim, *gu = h + size * dim, *act = gu + size * 2 * hidden;
+    const int64_t block = 64;  // gemv's blocks of rows
+#define GEMV(W, IN, OUT, ROWS, COLS)                                                                                \
+    _Pragma("omp for schedule(static)") for (int64_t b = 0; b < ((ROWS) + block - 1) / block; b++)                  \
+        gemv_rows(W, IN, OUT, b * block, b * block + block < (ROWS) ? b * block + block : (ROWS), COLS);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp single
+        norm(x, attention_norm, normed, 1, dim, eps);
+        GEMV(wqkv, normed, qkv, qkv_rows, dim)
+#pragma omp single
+        {
+            rotate_pairs(qkv, cos_sin, heads + kv_heads, head_dim, bf16);  // q's heads, then k's
+            for (int64_t kv = 0; kv < kv_heads; kv++)
+                for (int64_t d = 0; d < head_dim; d++) {
+                    const int64_t k_at = (heads + kv) * head_dim + d, v_at = k_at + kv_heads * head_dim;
+                    memcpy((char *)keys_t + size * ((kv * head_dim + d) * stride + pos), qkv + size * k_at, size);
+                    memcpy((char *)values + size * ((kv * stride + pos) * head_dim + d), qkv + size * v_at, size);
+                }
+        }
+        float *own_scores = scores + slice * omp_get_thread_num();
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < heads; t++) {
+            const int64_t kv = t / group;
+            attend(qkv + size * t * head_dim, (const char *)keys_t + size * kv * head_dim * stride,
+                   (const char *)values + size * kv * stride * head_dim, attended + size * t * head_dim, len,
+                   head_dim, stride, scale, own_scores);
+        }
+        GEMV(wo, attended, h, dim, heads * head_dim)  // h = wo @ attended, then += x below
+#pragma omp single
+        {
+            for (int64_t d = 0; d < dim; d++)
+                store_rounded(h, d, load_as_float(x, d, bf16) + load_as_float(h, d, bf16), bf16);
+            norm(h, ffn_norm, normed, 1, dim, eps);
+        }
+        GEMV(w13, normed, gu, 2 * hidden, dim)
+#pragma omp single
+        for (int64_t j = 0; j < hidden; j++)
+            store_rounded(act, j, rounded(silu(load_as_float(gu, j, bf16)), bf16) * load_as_float(gu, hidden + j, bf16),
+                          bf16);
+        GEMV(w2, act, out, dim, hidden)
+#pragma omp single
+        for (int64_t d = 0; d < dim; d++)
+            store_rounded(out, d, load_as_float(h, d, bf16) + load_as_float(out, d, bf16), bf16);
+    }
+#undef GEMV
+    free(scratch);
+    free(scores);
     return 0;
 }

@@ -2,13 +2,16 @@
   - `matvec`: one row times a weight matrix (batch 1). A batch-1 step reads every weight once, and torch's kernels
     for a single row read them at about half of what the memory delivers (bfloat16 13-27 GB/s, float32 17-21 GB/s,
     against 52 GB/s of a plain sum on 2 threads of an AMD EPYC with AVX512-BF16; README "Benchmarks"). The kernel
-    streams 4 rows at a time against one load of the vector, in AVX512 (AVX512-BF16's paired bfloat16 products) or
-    AVX2 + FMA.
+    reads each thread's rows as one sequential stream, in AVX512 (AVX512-BF16's paired bfloat16 products) or AVX2 +
+    FMA.
   - `attend_one`: one query per row against the KV cache (every decode step, any batch). torch runs it as two tiny
     batched matmuls and a softmax per layer, ~25 us each in bfloat16 whatever their size.
   - `rms_norm`: a decode step's RMSNorms, one pass a row where torch runs ~9 small ops (~18 us a call, 61 a step).
-All three accumulate in float32, and each output element is one thread's fixed sequence of operations: the results do
-not depend on the thread count.
+  - `decode_block`: a whole transformer block at a batch-1 decode step in one call, made of the three and the block's
+    small ops (rotary embedding, cache write, residual adds, SwiGLU), each rounded as the model's ops round: torch's
+    ~40 small ops and the Python between them were ~40% of a SmolLM2 batch-1 step (README "Benchmarks").
+All of them accumulate in float32, and each output element is one thread's fixed sequence of operations: the results
+do not depend on the thread count.
 
 The library is compiled once with the system's C compiler (`cc`, or $CC) into a cache directory ($LLAMA_MP_CACHE,
 default ~/.cache/llama_mp; the file's name carries a hash of the source and flags) and loaded with ctypes: no torch
@@ -90,7 +93,9 @@ def library() -> Optional[ctypes.CDLL]:
                                            + [ctypes.c_int64] * 5 + [ctypes.c_float])
                 lib.rms_norm.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
                                          + [ctypes.c_float])
-                for fn in (lib.gemv, lib.gemv_level, lib.attend_one, lib.rms_norm):
+                lib.decode_block.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 11
+                                             + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2)
+                for fn in (lib.gemv, lib.gemv_level, lib.attend_one, lib.rms_norm, lib.decode_block):
                     fn.restype = ctypes.c_int
                 _state["cap"] = 1 if setting == "avx2" else 0
                 _state["levels"] = {dtype: min(_state["cap"] or 2, lib.gemv_level(int(dtype == torch.bfloat16)))
@@ -164,6 +169,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, level: Optional[
     out = torch.empty_like(x)
     ok = _run("rms_norm", x.dtype, level, x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
               x.shape[-1], eps)
+    return out if ok else None
+
+
+def decode_block(x: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, wqkv: torch.Tensor,
+                 wo: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cos_sin: torch.Tensor, keys_t: torch.Tensor,
+                 values: torch.Tensor, pos: int, heads: int, eps: float,
+                 level: Optional[int] = None) -> Optional[torch.Tensor]:
+    """One transformer block for one token of one row (a batch-1 decode step), in one call:
+        h = x + wo @ attention(q, cache), q|k|v = wqkv @ norm(x) rotated by cos_sin, k and v written at `pos`;
+        out = h + w2 @ (silu(g) * u), g|u = w13 @ norm(h)
+    x [dim]; the norms' weights [dim]; wqkv [(heads + 2 kv_heads) head_dim, dim] (q's heads, k's, v's), wo [dim,
+    heads head_dim], w13 [2 hidden, dim] (w1's rows, w3's), w2 [dim, hidden]; cos_sin [head_dim / 2, 2] float32 (the
+    position's rotation, torch.view_as_real of its freqs_cis row); keys_t [kv_heads, head_dim, max_len] and values
+    [kv_heads, max_len, head_dim] (the row's own cache buffers: written at pos, read at [0, pos]). -> out [dim] in x's
+    dtype, every op rounded as the model's ops round (llama_mp/decode_kernels.c); or None where the kernel does not
+    apply (the caller then runs the block's own ops)."""
+    if library() is None or torch.is_grad_enabled() or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    tensors = (x, attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values)
+    for t in tensors:  # (a plain loop: this runs for every layer of every batch-1 decode step)
+        if t.dtype != x.dtype or not t.is_cpu or not t.is_contiguous():
+            return None
+    if cos_sin.dtype != torch.float32 or not cos_sin.is_cpu or not cos_sin.is_contiguous() or keys_t.dim() != 3:
+        return None
+    dim, (kv_heads, head_dim, max_len) = x.shape[-1], keys_t.shape
+    hidden = w2.shape[-1]
+    if (x.numel() != dim or heads % kv_heads or attention_norm.shape != (dim,) or ffn_norm.shape != (dim,)
+            or wqkv.shape != ((heads + 2 * kv_heads) * head_dim, dim) or wo.shape != (dim, heads * head_dim)
+            or w13.shape != (2 * hidden, dim) or w2.shape != (dim, hidden) or cos_sin.numel() != head_dim
+            or values.shape != (kv_heads, max_len, head_dim) or not 0 <= pos < max_len):
+        return None
+    out = torch.empty_like(x)
+    ok = _run("decode_block", x.dtype, level, *(t.data_ptr() for t in (x, out, attention_norm, ffn_norm, wqkv, wo, w13,
+                                                                      w2, cos_sin, keys_t, values)),
+              pos, max_len, dim, heads, kv_heads, head_dim, hidden, head_dim ** -0.5, eps)
     return out if ok else None
 
 

@@ -1,6 +1,6 @@
 """The decode-step kernels (llama_mp/decode_kernels.c, loaded by llama_mp/decode_kernels.py): the batch-1
-matrix-vector product and the single-query attention, against float64 computations, torch's own rounding, and
-themselves on other thread counts."""
+matrix-vector product, the single-query attention, the RMSNorm and the whole batch-1 block, against float64
+computations, torch's own rounding, the model's own ops, and themselves on other thread counts."""
 
 import math
 import platform
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from llama_mp import decode_kernels as kernels
+from conftest import random_state
 from llama_mp.checkpoint import load_model
-from llama_mp.model import KVCache, linear
+from llama_mp.lora import apply_lora
+from llama_mp.model import KVCache, ModelArgs, Transformer, linear
 
 BUILDABLE = platform.machine() in ("x86_64", "AMD64") and bool(shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(kernels.library() is None, reason=f"no kernel here: {kernels.unavailable()}")
@@ -186,7 +188,7 @@ def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_di
     logit: a wrong head, position or length is off by O(1))."""
     model = load_model(gqa_dir)
     model.fuse_projections()
-    calls = {"attend_one": [], "matvec": [], "rms_norm": []}
+    calls = {"attend_one": [], "matvec": [], "rms_norm": [], "decode_block": []}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -208,7 +210,7 @@ def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_di
         for t in range(3):
             position = torch.tensor(lengths) + t if per_row else lengths[0] + t
             steps.append(model(torch.stack([r[n + t] for r, n in zip(rows, lengths)])[:, None], position, cache))
-        single = KVCache(model.args, 1, 32)  # batch 1: the matrix-vector kernel too
+        single = KVCache(model.args, 1, 32)  # batch 1: the whole-block kernel and the matrix-vector kernel too
         model(rows[0][None, :lengths[0]], 0, single)
         alone = model(rows[0][None, lengths[0]:lengths[0] + 1], lengths[0], single)
     assert all(calls[name] and all(calls[name]) for name in calls), calls
@@ -282,3 +284,137 @@ def test_llama_mp_kernels_avx2_makes_every_call_take_the_avx2_kernels(monkeypatc
         got = (kernels.matvec(x, w), kernels.attend_one(q, keys_t, values, lengths),
                kernels.rms_norm(x[None], w[0], 1e-5))
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@needs_kernel
+def test_llama_mp_kernels_avx2_makes_the_block_kernel_take_its_avx2_parts(world1, monkeypatch):
+    model, x, new_cache, pos = block_case(torch.float32)
+    expected = run_block(model, x, new_cache(), pos, one_call=True, level=1)
+    if 2 in levels(torch.float32):
+        assert not torch.equal(run_block(model, x, new_cache(), pos, one_call=True)[0], expected[0])
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("LLAMA_MP_KERNELS", "avx2")
+    got = run_block(model, x, new_cache(), pos, one_call=True)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+# sizes that leave every vector loop of the block a tail (40 and 72 columns, 5 query heads on 1 kv head of 8)
+BLOCK_ARGS = dict(dim=40, n_layers=1, n_heads=5, n_kv_heads=1, hidden_dim=72, vocab_size=64, max_seq_len=32)
+
+
+def block_case(dtype, pos=11, seed=0):
+    """A random block in `dtype` with fused projections (as at sampling), a residual x [1, 1, dim] at position pos, and
+    a maker of caches whose positions [0, pos) hold the same random keys and values (the rest NaN: never read)."""
+    args = ModelArgs(**BLOCK_ARGS)
+    model = Transformer(args)
+    model.load_state_dict(random_state(args, seed))
+    model.to(dtype).fuse_projections()
+    gen = torch.Generator().manual_seed(seed + 1)
+    keys = torch.randn(1, args.kv_heads, args.head_dim, pos, generator=gen)
+    values = torch.randn(1, args.kv_heads, pos, args.head_dim, generator=gen)
+    x = (torch.randn(1, 1, args.dim, generator=gen) * 2).to(dtype)
+
+    def new_cache(cache_dtype=dtype):
+        cache = KVCache(args, 1, args.max_seq_len, dtype=cache_dtype)
+        cache.keys[0].fill_(float("nan"))
+        cache.values[0].fill_(float("nan"))
+        cache.keys[0][..., :pos] = keys.to(dtype)
+        cache.values[0][:, :, :pos] = values.to(dtype)
+        return cache
+    return model, x, new_cache, pos
+
+
+def run_block(model, x, cache, pos, one_call: bool, level=None):
+    """The block at a decode step: through decode_block (one call), or through its own ops (forward); -> the output
+    and the cache's key and value rows written at pos."""
+    block, freqs_cis = model.layers[0], model.freqs_cis[pos:pos + 1]
+    with torch.inference_mode():
+        if one_call:
+            a, f = block.attention, block.feed_forward
+            out = kernels.decode_block(x.view(-1), block.attention_norm.weight, block.ffn_norm.weight, a.wqkv,
+                                       a.wo.weight, f.w13, f.w2.weight, torch.view_as_real(freqs_cis).view(-1),
+                                       cache.keys[0][0], cache.values[0][0], pos, a.n_local_heads,
+                                       block.attention_norm.eps, level)
+            out = out.view_as(x)
+        else:
+            out = block(x, freqs_cis, pos, cache, None, torch.tensor([pos + 1]))
+    return out, cache.keys[0][0, :, :, pos].clone(), cache.values[0][0, :, pos].clone()
+
+
+def float64_block(model, x, cache, pos):
+    """The same block, cache and input in float64 (torch's ops: no kernel takes float64)."""
+    model64 = Transformer(model.args)
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    return run_block(model64.double(), x.double(), cache, pos, one_call=False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_block_computes_the_blocks_own_ops(world1, dtype):
+    """One call = the block's forward at a decode step: its output and the key and value it writes at pos.
+    float32: within 2^-16 of the largest value of a float64 run of the same block (float32's 2^-24 amplified by sums of
+    at most 72 terms and a softmax; a wrong head, position, rotation or rounding is off by O(1) or by bfloat16's
+    2^-8). bfloat16: the key and value are the same bits as the block's own ops write (every op before them rounds as
+    torch's), and each output is within one bfloat16 unit (2^-7 relative) of forward's: only silu's exp is not torch's,
+    so an activation's rounding may flip by one unit, which moves an output by less than a unit of its own. Every
+    kernel this CPU runs."""
+    model, x, new_cache, pos = block_case(dtype)
+    own = run_block(model, x, new_cache(), pos, one_call=False)
+    exact = float64_block(model, x, new_cache(torch.float64), pos)
+    for level in levels(dtype):
+        got = run_block(model, x, new_cache(), pos, one_call=True, level=level)
+        assert got[0].dtype == dtype and got[0].shape == x.shape
+        if dtype == torch.float32:
+            for g, e in zip(got, exact):
+                assert (g.double() - e).abs().max() <= 2 ** -16 * e.abs().max(), level
+        else:
+            assert torch.equal(got[1], own[1]) and torch.equal(got[2], own[2]), level
+            assert ((got[0].double() - own[0].double()).abs() <= 2 ** -7 * own[0].double().abs()).all(), level
+
+
+@needs_kernel
+def test_decode_block_does_not_depend_on_the_thread_count_and_declines_what_it_does_not_compute(world1):
+    model, x, new_cache, pos = block_case(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_block(model, x, new_cache(), pos, one_call=True)
+        torch.set_num_threads(1)
+        one = run_block(model, x, new_cache(), pos, one_call=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    block, cache = model.layers[0], new_cache()
+    a, f = block.attention, block.feed_forward
+    cos_sin = torch.view_as_real(model.freqs_cis[pos:pos + 1]).view(-1)
+    good = dict(x=x.view(-1), attention_norm=block.attention_norm.weight, ffn_norm=block.ffn_norm.weight,
+                wqkv=a.wqkv, wo=a.wo.weight, w13=f.w13, w2=f.w2.weight, cos_sin=cos_sin, keys_t=cache.keys[0][0],
+                values=cache.values[0][0], pos=pos, heads=a.n_local_heads, eps=1e-5)
+    with torch.inference_mode():
+        assert kernels.decode_block(**good) is not None
+        for change in [dict(x=x.view(-1).float()), dict(pos=model.args.max_seq_len), dict(pos=-1),
+                       dict(keys_t=cache.keys[0][0].transpose(1, 2)), dict(heads=4), dict(cos_sin=cos_sin[:-2]),
+                       dict(w13=f.w13[:-2])]:
+            assert kernels.decode_block(**{**good, **change}) is None, change
+    assert kernels.decode_block(**good) is None  # autograd wanted
+
+
+@needs_kernel
+def test_a_batch_1_decode_step_keeps_adapters_the_block_kernel_would_skip(world1, gqa_dir):
+    """LoRA on wo and w2 only (q/k/v and w1/w3 stay fused): the block kernel declines (it would skip the adapters'
+    hooks) and the step equals the model's full forward, adapters included (non-zero, so that skipping them shows)."""
+    model = load_model(gqa_dir)
+    apply_lora(model, rank=4, alpha=8.0, targets="wo,w2")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora." in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    model.fuse_projections()
+    assert model.layers[0].attention.wqkv is not None and model.layers[0].feed_forward.w13 is not None
+    tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        full = model(tokens)[0, -1]
+        cache = KVCache(model.args, 1, 32)
+        model(tokens[:, :8], 0, cache)
+        step = model(tokens[:, 8:], 8, cache)[0, 0]
+    assert (step - full).abs().max() <= 2 ** -16 * full.abs().max()
