@@ -2,7 +2,7 @@
 //   gemv:       one row times a matrix, y = W x (batch 1): W [rows, cols] row-major, x [cols];
 //   attend_one: one query per row against a KV cache (every decode step): softmax(q K^T / sqrt(d)) V;
 //   rms_norm:   a decode step's RMSNorm;
-//   decode_block: a whole transformer block for one token of one row (a batch-1 decode step), built of the three;
+//   decode_layers: the transformer blocks for one token of one row (a batch-1 decode step), built of the three;
 // in bfloat16 or float32, accumulated in float32.
 //
 // Why gemv: at batch 1 a decode step is bound by reading the weights once, and torch's kernels for one row read them at
@@ -344,10 +344,11 @@ int rms_norm(int bf16, int level, const void *x, const void *w, void *out, int64
     return 0;
 }
 
-// ---- decode_block: a whole transformer block for one token of one row ----------------------------------------------
-// Why: at batch 1 the block's weight products are ~60% of a SmolLM2 decode step and the rest is ~40 small torch ops a
-// layer (rotary embedding, cache writes, residual adds, SwiGLU, their casts and views) at a few microseconds each plus
-// Python between them: ~8 ms of a 22 ms step on a 2-core AMD EPYC. Here the block is one call and one parallel region:
+// ---- decode_layers: the transformer blocks for one token of one row ------------------------------------------------
+// Why: at batch 1 the blocks' weight products are ~60% of a SmolLM2 decode step and the rest was ~40 small torch ops a
+// block (rotary embedding, cache writes, residual adds, SwiGLU, their casts and views) at a few microseconds each plus
+// Python between them: ~8 ms of a 22 ms step on a 2-core AMD EPYC (Zen 4). Here every block of the step is one call and
+// one parallel region:
 //   h   = x + wo @ attention(rope(q), rope(k) and v written to the cache at `pos`)   with q|k|v = wqkv @ norm(x)
 //   out = h + w2 @ (silu(g) * u)                                                    with g|u = w13 @ norm(h)
 // with the kernels above (gemv's rows, attend_one's row, rms_norm's rows) and the roundings of the model's own ops:
@@ -362,8 +363,6 @@ static inline void store_rounded(void *p, int64_t i, float v, int bf16) {
     else ((float *)p)[i] = v;
 }
 
-static inline float rounded(float v, int bf16) { return bf16 ? widen(round_to_bf16(v)) : v; }
-
 __attribute__((optimize("fp-contract=off")))  // two rounded products, then one rounded sum, as ATen's complex multiply
 static void rotate_pairs(void *x, const float *cos_sin, int64_t heads, int64_t dim, int bf16) {
     for (int64_t h = 0; h < heads; h++)
@@ -377,89 +376,113 @@ static void rotate_pairs(void *x, const float *cos_sin, int64_t heads, int64_t d
         }
 }
 
-// silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) <= 1 (no overflow): 1 / (1 + e) for g >= 0, e / (1 + e) below
-static inline float silu(float g) {
-    const float e = exp_nonpositive(g >= 0 ? -g : g);
-    return g * (g >= 0 ? 1.0f / (1.0f + e) : e / (1.0f + e));
-}
+// the block's elementwise ops, typed so that the compiler vectorises them: out = a + b; act = silu(g) * u with
+// silu(g) = g * sigmoid(g), the sigmoid from e = exp(-|g|) <= 1 (no overflow): 1 / (1 + e) for g >= 0, e / (1 + e)
+#define ELEMENTWISE(ADD, SWIGLU, TARGET, T, TO_FLOAT, FROM_FLOAT)                                                     \
+    TARGET static void ADD(const T *a, const T *b, T *out, int64_t n) {                                               \
+        for (int64_t i = 0; i < n; i++) out[i] = FROM_FLOAT(TO_FLOAT(a[i]) + TO_FLOAT(b[i]));                         \
+    }                                                                                                                 \
+    TARGET static void SWIGLU(const T *gu, T *act, int64_t hidden) {                                                  \
+        for (int64_t j = 0; j < hidden; j++) {                                                                        \
+            const float g = TO_FLOAT(gu[j]), e = exp_nonpositive(-fabsf(g));                                          \
+            const float silu = g * ((g >= 0.0f ? 1.0f : e) / (1.0f + e));                                             \
+            act[j] = FROM_FLOAT(TO_FLOAT(FROM_FLOAT(silu)) * TO_FLOAT(gu[hidden + j]));                              \
+        }                                                                                                             \
+    }
 
-// x, out [dim] (the residual in and out; may not alias); attention_norm, ffn_norm [dim]; wqkv [(heads + 2 kv_heads)
-// head_dim, dim]; wo [dim, heads head_dim]; w13 [2 hidden, dim]; w2 [dim, hidden]; cos_sin [head_dim / 2, 2] float32
-// (the position's rotation); keys_t [kv_heads, head_dim, stride] and values [kv_heads, stride, head_dim] (the row's
-// cache): the token's key and value go to position `pos`, and its query attends to positions [0, pos] with its scores
-// scaled by `scale` (1 / sqrt(head_dim)).
-int decode_block(int bf16, int level, const void *x, void *out, const void *attention_norm, const void *ffn_norm,
-                 const void *wqkv, const void *wo, const void *w13, const void *w2, const float *cos_sin,
-                 void *keys_t, void *values, int64_t pos, int64_t stride, int64_t dim, int64_t heads,
-                 int64_t kv_heads, int64_t head_dim, int64_t hidden, float scale, float eps) {
+ELEMENTWISE(add_bf16_avx512, swiglu_bf16_avx512, AVX512BW, uint16_t, widen, round_to_bf16)
+ELEMENTWISE(add_bf16_avx2, swiglu_bf16_avx2, AVX2, uint16_t, widen, round_to_bf16)
+ELEMENTWISE(add_f32_avx512, swiglu_f32_avx512, AVX512, float, AS_IS, AS_IS)
+ELEMENTWISE(add_f32_avx2, swiglu_f32_avx2, AVX2, float, AS_IS, AS_IS)
+
+#define LAYER_POINTERS 8  // per layer: attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values
+
+// x, out [dim] (the residual into the first block and out of the last; may not alias); weights: n_layers x
+// LAYER_POINTERS pointers, per layer attention_norm and ffn_norm [dim], wqkv [(heads + 2 kv_heads) head_dim, dim] (q's
+// heads, then k's, then v's), wo [dim, heads head_dim], w13 [2 hidden, dim] (w1's rows, then w3's), w2 [dim, hidden],
+// keys_t [kv_heads, head_dim, stride] and values [kv_heads, stride, head_dim] (the row's cache: the token's key and value
+// go to position `pos`, and its query attends to positions [0, pos] with its scores scaled by `scale`); cos_sin
+// [head_dim / 2, 2] float32, the position's rotation.
+int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layers, const void *const *weights,
+                  const float *cos_sin, int64_t pos, int64_t stride, int64_t dim, int64_t heads, int64_t kv_heads,
+                  int64_t head_dim, int64_t hidden, float scale, float eps) {
     const int best = gemv_level(bf16) < wide_level(bf16) ? gemv_level(bf16) : wide_level(bf16);
     if (level == 0) level = best;
-    if (level < 1 || level > best || pos < 0 || pos >= stride || heads % kv_heads) return -1;
-    rows_fn *gemv_rows = bf16 ? (level == 2 ? rows_bf16_avx512 : rows_bf16_avx2)
-                              : (level == 2 ? rows_f32_avx512 : rows_f32_avx2);
-    attend_fn *attend = (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
-                                           : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
-    void (*norm)(const void *, const void *, void *, int64_t, int64_t, float) =
-        (void (*)(const void *, const void *, void *, int64_t, int64_t, float))(
-            bf16 ? (level == 2 ? (void *)rms_norm_bf16_avx512 : (void *)rms_norm_bf16_avx2)
-                 : (level == 2 ? (void *)rms_norm_f32_avx512 : (void *)rms_norm_f32_avx2));
+    if (level < 1 || level > best || pos < 0 || pos >= stride || n_layers < 1 || heads % kv_heads) return -1;
+    const int wide = level == 2;
+    rows_fn *gemv_rows = bf16 ? (wide ? rows_bf16_avx512 : rows_bf16_avx2) : (wide ? rows_f32_avx512 : rows_f32_avx2);
+    attend_fn *attend = (attend_fn *)(bf16 ? (wide ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
+                                           : (wide ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
+    typedef void norm_fn(const void *, const void *, void *, int64_t, int64_t, float);
+    typedef void add_fn(const void *, const void *, void *, int64_t);
+    typedef void swiglu_fn(const void *, void *, int64_t);
+    norm_fn *norm = (norm_fn *)(bf16 ? (wide ? (void *)rms_norm_bf16_avx512 : (void *)rms_norm_bf16_avx2)
+                                     : (wide ? (void *)rms_norm_f32_avx512 : (void *)rms_norm_f32_avx2));
+    add_fn *add = (add_fn *)(bf16 ? (wide ? (void *)add_bf16_avx512 : (void *)add_bf16_avx2)
+                                  : (wide ? (void *)add_f32_avx512 : (void *)add_f32_avx2));
+    swiglu_fn *swiglu = (swiglu_fn *)(bf16 ? (wide ? (void *)swiglu_bf16_avx512 : (void *)swiglu_bf16_avx2)
+                                           : (wide ? (void *)swiglu_f32_avx512 : (void *)swiglu_f32_avx2));
     const size_t size = bf16 ? 2 : 4;
     const int64_t qkv_rows = (heads + 2 * kv_heads) * head_dim, len = pos + 1, group = heads / kv_heads;
     const int threads = omp_get_max_threads();
     const int64_t slice = len + LANES;
-    // scratch: the normed input, q|k|v, the attention's output, h, the normed h, g|u, silu(g) * u; each thread's scores
-    char *scratch = malloc(size * (2 * dim + qkv_rows + heads * head_dim + dim + 3 * hidden));
+    // scratch: two residuals (between blocks), the normed input, q|k|v, the attention's output, h, g|u, silu(g) * u;
+    // each thread's attention scores
+    char *scratch = malloc(size * (4 * dim + qkv_rows + heads * head_dim + 3 * hidden));
     float *scores = malloc(sizeof(float) * slice * threads);
     if (!scratch || !scores) {
         free(scratch);
         free(scores);
         return -1;
     }
-    char *normed = scratch, *qkv = normed + size * dim, *attended = qkv + size * qkv_rows;
-    char *h = attended + size * heads * head_dim, *gu = h + size * dim, *act = gu + size * 2 * hidden;
+    char *residual[2] = {scratch, scratch + size * dim}, *normed = residual[1] + size * dim;
+    char *qkv = normed + size * dim, *attended = qkv + size * qkv_rows, *h = attended + size * heads * head_dim;
+    char *gu = h + size * dim, *act = gu + size * 2 * hidden;
     const int64_t block = 64;  // gemv's blocks of rows
 #define GEMV(W, IN, OUT, ROWS, COLS)                                                                                \
     _Pragma("omp for schedule(static)") for (int64_t b = 0; b < ((ROWS) + block - 1) / block; b++)                  \
         gemv_rows(W, IN, OUT, b * block, b * block + block < (ROWS) ? b * block + block : (ROWS), COLS);
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        norm(x, attention_norm, normed, 1, dim, eps);
-        GEMV(wqkv, normed, qkv, qkv_rows, dim)
-#pragma omp single
-        {
-            rotate_pairs(qkv, cos_sin, heads + kv_heads, head_dim, bf16);  // q's heads, then k's
-            for (int64_t kv = 0; kv < kv_heads; kv++)
-                for (int64_t d = 0; d < head_dim; d++) {
-                    const int64_t k_at = (heads + kv) * head_dim + d, v_at = k_at + kv_heads * head_dim;
-                    memcpy((char *)keys_t + size * ((kv * head_dim + d) * stride + pos), qkv + size * k_at, size);
-                    memcpy((char *)values + size * ((kv * stride + pos) * head_dim + d), qkv + size * v_at, size);
-                }
-        }
         float *own_scores = scores + slice * omp_get_thread_num();
+        for (int64_t layer = 0; layer < n_layers; layer++) {
+            const void *const *w = weights + layer * LAYER_POINTERS;
+            char *keys_t = (char *)w[6], *values = (char *)w[7];
+            const void *in = layer == 0 ? x : residual[(layer - 1) % 2];
+            void *next = layer == n_layers - 1 ? out : residual[layer % 2];
+#pragma omp single
+            norm(in, w[0], normed, 1, dim, eps);
+            GEMV(w[2], normed, qkv, qkv_rows, dim)
+#pragma omp single
+            {
+                rotate_pairs(qkv, cos_sin, heads + kv_heads, head_dim, bf16);  // q's heads, then k's
+                for (int64_t kv = 0; kv < kv_heads; kv++)
+                    for (int64_t d = 0; d < head_dim; d++) {
+                        const int64_t k_at = (heads + kv) * head_dim + d, v_at = k_at + kv_heads * head_dim;
+                        memcpy(keys_t + size * ((kv * head_dim + d) * stride + pos), qkv + size * k_at, size);
+                        memcpy(values + size * ((kv * stride + pos) * head_dim + d), qkv + size * v_at, size);
+                    }
+            }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < heads; t++) {
-            const int64_t kv = t / group;
-            attend(qkv + size * t * head_dim, (const char *)keys_t + size * kv * head_dim * stride,
-                   (const char *)values + size * kv * stride * head_dim, attended + size * t * head_dim, len,
-                   head_dim, stride, scale, own_scores);
+            for (int64_t t = 0; t < heads; t++) {
+                const int64_t kv = t / group;
+                attend(qkv + size * t * head_dim, keys_t + size * kv * head_dim * stride,
+                       values + size * kv * stride * head_dim, attended + size * t * head_dim, len, head_dim, stride,
+                       scale, own_scores);
+            }
+            GEMV(w[3], attended, next, dim, heads * head_dim)  // wo @ attended, then h = in + it
+#pragma omp single
+            {
+                add(in, next, h, dim);
+                norm(h, w[1], normed, 1, dim, eps);
+            }
+            GEMV(w[4], normed, gu, 2 * hidden, dim)
+#pragma omp single
+            swiglu(gu, act, hidden);
+            GEMV(w[5], act, next, dim, hidden)
+#pragma omp single
+            add(h, next, next, dim);
         }
-        GEMV(wo, attended, h, dim, heads * head_dim)  // h = wo @ attended, then += x below
-#pragma omp single
-        {
-            for (int64_t d = 0; d < dim; d++)
-                store_rounded(h, d, load_as_float(x, d, bf16) + load_as_float(h, d, bf16), bf16);
-            norm(h, ffn_norm, normed, 1, dim, eps);
-        }
-        GEMV(w13, normed, gu, 2 * hidden, dim)
-#pragma omp single
-        for (int64_t j = 0; j < hidden; j++)
-            store_rounded(act, j, rounded(silu(load_as_float(gu, j, bf16)), bf16) * load_as_float(gu, hidden + j, bf16),
-                          bf16);
-        GEMV(w2, act, out, dim, hidden)
-#pragma omp single
-        for (int64_t d = 0; d < dim; d++)
-            store_rounded(out, d, load_as_float(h, d, bf16) + load_as_float(out, d, bf16), bf16);
     }
 #undef GEMV
     free(scratch);

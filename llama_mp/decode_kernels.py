@@ -7,9 +7,9 @@
   - `attend_one`: one query per row against the KV cache (every decode step, any batch). torch runs it as two tiny
     batched matmuls and a softmax per layer, ~25 us each in bfloat16 whatever their size.
   - `rms_norm`: a decode step's RMSNorms, one pass a row where torch runs ~9 small ops (~18 us a call, 61 a step).
-  - `decode_block`: a whole transformer block at a batch-1 decode step in one call, made of the three and the block's
+  - `decode_layers`: every transformer block of a batch-1 decode step in one call, made of the three and the blocks'
     small ops (rotary embedding, cache write, residual adds, SwiGLU), each rounded as the model's ops round: torch's
-    ~40 small ops and the Python between them were ~40% of a SmolLM2 batch-1 step (README "Benchmarks").
+    ~40 small ops a block and the Python between them were ~40% of a SmolLM2 batch-1 step (README "Benchmarks").
 All of them accumulate in float32, and each output element is one thread's fixed sequence of operations: the results
 do not depend on the thread count.
 
@@ -93,9 +93,9 @@ def library() -> Optional[ctypes.CDLL]:
                                            + [ctypes.c_int64] * 5 + [ctypes.c_float])
                 lib.rms_norm.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
                                          + [ctypes.c_float])
-                lib.decode_block.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 11
-                                             + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2)
-                for fn in (lib.gemv, lib.gemv_level, lib.attend_one, lib.rms_norm, lib.decode_block):
+                lib.decode_layers.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                                              + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2)
+                for fn in (lib.gemv, lib.gemv_level, lib.attend_one, lib.rms_norm, lib.decode_layers):
                     fn.restype = ctypes.c_int
                 _state["cap"] = 1 if setting == "avx2" else 0
                 _state["levels"] = {dtype: min(_state["cap"] or 2, lib.gemv_level(int(dtype == torch.bfloat16)))
@@ -172,38 +172,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, level: Optional[
     return out if ok else None
 
 
-def decode_block(x: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, wqkv: torch.Tensor,
-                 wo: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cos_sin: torch.Tensor, keys_t: torch.Tensor,
-                 values: torch.Tensor, pos: int, heads: int, eps: float,
-                 level: Optional[int] = None) -> Optional[torch.Tensor]:
-    """One transformer block for one token of one row (a batch-1 decode step), in one call:
+LayerWeights = tuple  # (attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values) of one block, see decode_layers
+
+
+def decode_layers(x: torch.Tensor, layers: list, cos_sin: torch.Tensor, pos: int, heads: int, eps: float,
+                  level: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Transformer blocks for one token of one row (a batch-1 decode step), all in one call; per block
         h = x + wo @ attention(q, cache), q|k|v = wqkv @ norm(x) rotated by cos_sin, k and v written at `pos`;
-        out = h + w2 @ (silu(g) * u), g|u = w13 @ norm(h)
-    x [dim]; the norms' weights [dim]; wqkv [(heads + 2 kv_heads) head_dim, dim] (q's heads, k's, v's), wo [dim,
-    heads head_dim], w13 [2 hidden, dim] (w1's rows, w3's), w2 [dim, hidden]; cos_sin [head_dim / 2, 2] float32 (the
-    position's rotation, torch.view_as_real of its freqs_cis row); keys_t [kv_heads, head_dim, max_len] and values
-    [kv_heads, max_len, head_dim] (the row's own cache buffers: written at pos, read at [0, pos]). -> out [dim] in x's
-    dtype, every op rounded as the model's ops round (llama_mp/decode_kernels.c); or None where the kernel does not
-    apply (the caller then runs the block's own ops)."""
-    if library() is None or torch.is_grad_enabled() or x.dtype not in (torch.bfloat16, torch.float32):
+        x' = h + w2 @ (silu(g) * u), g|u = w13 @ norm(h).
+    x [dim]; layers: per block (attention_norm [dim], ffn_norm [dim], wqkv [(heads + 2 kv_heads) head_dim, dim] (q's
+    heads, k's, v's), wo [dim, heads head_dim], w13 [2 hidden, dim] (w1's rows, w3's), w2 [dim, hidden], keys_t
+    [kv_heads, head_dim, max_len], values [kv_heads, max_len, head_dim]: the row's own cache buffers, written at pos
+    and read at [0, pos]); cos_sin [head_dim / 2, 2] float32 (the position's rotation: torch.view_as_real of its
+    freqs_cis row). -> the last block's output [dim] in x's dtype, every op rounded as the model's ops round
+    (llama_mp/decode_kernels.c); or None where the kernel does not apply (the caller then runs the blocks' own ops)."""
+    dtype = x.dtype
+    if (library() is None or torch.is_grad_enabled() or dtype not in (torch.bfloat16, torch.float32) or not layers
+            or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous() or not cos_sin.is_cpu):
         return None
-    tensors = (x, attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values)
-    for t in tensors:  # (a plain loop: this runs for every layer of every batch-1 decode step)
-        if t.dtype != x.dtype or not t.is_cpu or not t.is_contiguous():
+    attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values = layers[0]
+    if keys_t.dim() != 3 or w2.dim() != 2:
+        return None
+    dim, (kv_heads, head_dim, max_len), hidden = x.shape[-1], keys_t.shape, w2.shape[1]
+    shapes = ((dim,), (dim,), ((heads + 2 * kv_heads) * head_dim, dim), (dim, heads * head_dim), (2 * hidden, dim),
+              (dim, hidden), (kv_heads, head_dim, max_len), (kv_heads, max_len, head_dim))
+    if (x.numel() != dim or not x.is_contiguous() or not x.is_cpu or heads % kv_heads or cos_sin.numel() != head_dim
+            or not 0 <= pos < max_len):
+        return None
+    pointers = []
+    for weights in layers:  # (plain loops: this runs at every batch-1 decode step)
+        if len(weights) != len(shapes):
             return None
-    if cos_sin.dtype != torch.float32 or not cos_sin.is_cpu or not cos_sin.is_contiguous() or keys_t.dim() != 3:
-        return None
-    dim, (kv_heads, head_dim, max_len) = x.shape[-1], keys_t.shape
-    hidden = w2.shape[-1]
-    if (x.numel() != dim or heads % kv_heads or attention_norm.shape != (dim,) or ffn_norm.shape != (dim,)
-            or wqkv.shape != ((heads + 2 * kv_heads) * head_dim, dim) or wo.shape != (dim, heads * head_dim)
-            or w13.shape != (2 * hidden, dim) or w2.shape != (dim, hidden) or cos_sin.numel() != head_dim
-            or values.shape != (kv_heads, max_len, head_dim) or not 0 <= pos < max_len):
-        return None
+        for t, shape in zip(weights, shapes):
+            if t.dtype != dtype or t.shape != shape or not t.is_contiguous() or not t.is_cpu:
+                return None
+            pointers.append(t.data_ptr())
     out = torch.empty_like(x)
-    ok = _run("decode_block", x.dtype, level, *(t.data_ptr() for t in (x, out, attention_norm, ffn_norm, wqkv, wo, w13,
-                                                                      w2, cos_sin, keys_t, values)),
-              pos, max_len, dim, heads, kv_heads, head_dim, hidden, head_dim ** -0.5, eps)
+    ok = _run("decode_layers", dtype, level, x.data_ptr(), out.data_ptr(), len(layers),
+              (ctypes.c_void_p * len(pointers))(*pointers), cos_sin.data_ptr(), pos, max_len, dim, heads, kv_heads,
+              head_dim, hidden, head_dim ** -0.5, eps)
     return out if ok else None
 
 

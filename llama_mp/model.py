@@ -3,7 +3,7 @@
 One class serves inference and training:
   - inference: `forward(tokens, start_pos, cache)` appends keys/values to a `KVCache` and attends over it (a decode
     step on an x86 CPU through the C kernels of llama_mp/decode_kernels.py: one-row products, single-query attention,
-    RMSNorm, and at batch 1 each whole block in one call);
+    RMSNorm, and at batch 1 all the blocks in one call);
   - training: `forward(tokens)` without a cache is a plain causal forward with autograd;
   - `return_hidden=True` gives the final-norm hidden states instead of logits (scalar heads read them, and training
     losses take token log-probs from them through llama_mp/logprobs.py, never [batch, time, vocab] logits);
@@ -399,21 +399,17 @@ class TransformerBlock(nn.Module):
                                lengths)
         return h + self.feed_forward(self.ffn_norm(h, decode), fused=cache is not None)
 
-    def decode_one(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: KVCache, pos: int) -> Optional[torch.Tensor]:
-        """forward() for one token of one row at position `pos` (cos_sin: its rotation, torch.view_as_real of its
-        freqs_cis row), as one call of llama_mp/decode_kernels.py's decode_block: the same ops and roundings, without
-        the ~40 small torch ops of a block (~40% of a batch-1 decode step). None where it does not apply: the
+    def decode_weights(self, cache: KVCache) -> Optional[tuple]:
+        """This block's tensors for llama_mp/decode_kernels.py's decode_layers (a batch-1 decode step in one call: the
+        same ops and roundings as forward's, without its ~40 small torch ops), or None where that does not apply: the
         projections not fused (Transformer.fuse_projections: not sampling, or adapters on q/k/v or w1/w3), tensor
-        parallelism, hooks on wo or w2 (LoRA adapters), autocast, or no kernel here."""
+        parallelism, or hooks on wo or w2 (LoRA adapters)."""
         attention, ffn = self.attention, self.feed_forward
         wqkv, w13, wo, w2 = attention.wqkv, ffn.w13, attention.wo, ffn.w2
         if wqkv is None or w13 is None or not (wo.single and w2.single) or wo._forward_hooks or w2._forward_hooks:
             return None
-        out = decode_kernels.decode_block(x.view(-1), self.attention_norm.weight, self.ffn_norm.weight, wqkv,
-                                          wo.weight, w13, w2.weight, cos_sin, cache.keys[self.layer_id][0],
-                                          cache.values[self.layer_id][0], pos, attention.n_local_heads,
-                                          self.attention_norm.eps)
-        return None if out is None else out.view_as(x)
+        return (self.attention_norm.weight, self.ffn_norm.weight, wqkv, wo.weight, w13, w2.weight,
+                cache.keys[self.layer_id][0], cache.values[self.layer_id][0])
 
 
 def no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -495,15 +491,21 @@ class Transformer(nn.Module):
             if end > cache.max_len:
                 raise ValueError(f"sequence end {end} exceeds the KV cache's length {cache.max_len}")
             lengths = start_pos[:, 0] + 1 if per_row else torch.full((bsz,), end, dtype=torch.long)
-        one_row = lengths is not None and bsz == 1  # a batch-1 decode step: each block in one C call where it applies
-        if one_row:
-            pos, cos_sin = int(lengths[0]) - 1, torch.view_as_real(freqs_cis).view(-1)
-        for layer in self.layers:
-            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                h = checkpoint(layer, h, freqs_cis, start_pos, cache, mask, use_reentrant=False)
-            else:
-                out = layer.decode_one(h, cos_sin, cache, pos) if one_row else None
-                h = layer(h, freqs_cis, start_pos, cache, mask, lengths) if out is None else out
+        out = None  # a batch-1 decode step: every block in one C call where it applies
+        if lengths is not None and bsz == 1:
+            layers = [layer.decode_weights(cache) for layer in self.layers]
+            if all(weights is not None for weights in layers):
+                out = decode_kernels.decode_layers(h.view(-1), layers, torch.view_as_real(freqs_cis).view(-1),
+                                                   int(lengths[0]) - 1, self.layers[0].attention.n_local_heads,
+                                                   self.layers[0].attention_norm.eps)
+        if out is not None:
+            h = out.view_as(h)
+        else:
+            for layer in self.layers:
+                if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                    h = checkpoint(layer, h, freqs_cis, start_pos, cache, mask, use_reentrant=False)
+                else:
+                    h = layer(h, freqs_cis, start_pos, cache, mask, lengths)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h, decode=lengths is not None)

@@ -1,5 +1,5 @@
 """The decode-step kernels (llama_mp/decode_kernels.c, loaded by llama_mp/decode_kernels.py): the batch-1
-matrix-vector product, the single-query attention, the RMSNorm and the whole batch-1 block, against float64
+matrix-vector product, the single-query attention, the RMSNorm and the blocks of a batch-1 step, against float64
 computations, torch's own rounding, the model's own ops, and themselves on other thread counts."""
 
 import math
@@ -188,7 +188,7 @@ def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_di
     logit: a wrong head, position or length is off by O(1))."""
     model = load_model(gqa_dir)
     model.fuse_projections()
-    calls = {"attend_one": [], "matvec": [], "rms_norm": [], "decode_block": []}
+    calls = {"attend_one": [], "matvec": [], "rms_norm": [], "decode_layers": []}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -210,7 +210,7 @@ def test_decode_steps_take_the_kernels_and_equal_the_full_forward(world1, gqa_di
         for t in range(3):
             position = torch.tensor(lengths) + t if per_row else lengths[0] + t
             steps.append(model(torch.stack([r[n + t] for r, n in zip(rows, lengths)])[:, None], position, cache))
-        single = KVCache(model.args, 1, 32)  # batch 1: the whole-block kernel and the matrix-vector kernel too
+        single = KVCache(model.args, 1, 32)  # batch 1: the all-blocks kernel and the matrix-vector kernel too
         model(rows[0][None, :lengths[0]], 0, single)
         alone = model(rows[0][None, lengths[0]:lengths[0] + 1], lengths[0], single)
     assert all(calls[name] and all(calls[name]) for name in calls), calls
@@ -287,7 +287,7 @@ def test_llama_mp_kernels_avx2_makes_every_call_take_the_avx2_kernels(monkeypatc
 
 
 @needs_kernel
-def test_llama_mp_kernels_avx2_makes_the_block_kernel_take_its_avx2_parts(world1, monkeypatch):
+def test_llama_mp_kernels_avx2_makes_the_blocks_kernel_take_its_avx2_parts(world1, monkeypatch):
     model, x, new_cache, pos = block_case(torch.float32)
     expected = run_block(model, x, new_cache(), pos, one_call=True, level=1)
     if 2 in levels(torch.float32):
@@ -325,17 +325,14 @@ def block_case(dtype, pos=11, seed=0):
 
 
 def run_block(model, x, cache, pos, one_call: bool, level=None):
-    """The block at a decode step: through decode_block (one call), or through its own ops (forward); -> the output
+    """The block at a decode step: through decode_layers (one call), or through its own ops (forward); -> the output
     and the cache's key and value rows written at pos."""
     block, freqs_cis = model.layers[0], model.freqs_cis[pos:pos + 1]
     with torch.inference_mode():
         if one_call:
-            a, f = block.attention, block.feed_forward
-            out = kernels.decode_block(x.view(-1), block.attention_norm.weight, block.ffn_norm.weight, a.wqkv,
-                                       a.wo.weight, f.w13, f.w2.weight, torch.view_as_real(freqs_cis).view(-1),
-                                       cache.keys[0][0], cache.values[0][0], pos, a.n_local_heads,
-                                       block.attention_norm.eps, level)
-            out = out.view_as(x)
+            out = kernels.decode_layers(x.view(-1), [block.decode_weights(cache)],
+                                        torch.view_as_real(freqs_cis).view(-1), pos, block.attention.n_local_heads,
+                                        block.attention_norm.eps, level).view_as(x)
         else:
             out = block(x, freqs_cis, pos, cache, None, torch.tensor([pos + 1]))
     return out, cache.keys[0][0, :, :, pos].clone(), cache.values[0][0, :, pos].clone()
@@ -350,7 +347,7 @@ def float64_block(model, x, cache, pos):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_block_computes_the_blocks_own_ops(world1, dtype):
+def test_decode_layers_computes_the_blocks_own_ops(world1, dtype):
     """One call = the block's forward at a decode step: its output and the key and value it writes at pos.
     float32: within 2^-16 of the largest value of a float64 run of the same block (float32's 2^-24 amplified by sums of
     at most 72 terms and a softmax; a wrong head, position, rotation or rounding is off by O(1) or by bfloat16's
@@ -373,7 +370,7 @@ def test_decode_block_computes_the_blocks_own_ops(world1, dtype):
 
 
 @needs_kernel
-def test_decode_block_does_not_depend_on_the_thread_count_and_declines_what_it_does_not_compute(world1):
+def test_decode_layers_does_not_depend_on_the_thread_count_and_declines_what_it_does_not_compute(world1):
     model, x, new_cache, pos = block_case(torch.bfloat16)
     threads = torch.get_num_threads()
     try:
@@ -385,23 +382,23 @@ def test_decode_block_does_not_depend_on_the_thread_count_and_declines_what_it_d
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     block, cache = model.layers[0], new_cache()
-    a, f = block.attention, block.feed_forward
+    weights = block.decode_weights(cache)
     cos_sin = torch.view_as_real(model.freqs_cis[pos:pos + 1]).view(-1)
-    good = dict(x=x.view(-1), attention_norm=block.attention_norm.weight, ffn_norm=block.ffn_norm.weight,
-                wqkv=a.wqkv, wo=a.wo.weight, w13=f.w13, w2=f.w2.weight, cos_sin=cos_sin, keys_t=cache.keys[0][0],
-                values=cache.values[0][0], pos=pos, heads=a.n_local_heads, eps=1e-5)
+    good = dict(x=x.view(-1), layers=[weights], cos_sin=cos_sin, pos=pos, heads=block.attention.n_local_heads,
+                eps=1e-5)
     with torch.inference_mode():
-        assert kernels.decode_block(**good) is not None
-        for change in [dict(x=x.view(-1).float()), dict(pos=model.args.max_seq_len), dict(pos=-1),
-                       dict(keys_t=cache.keys[0][0].transpose(1, 2)), dict(heads=4), dict(cos_sin=cos_sin[:-2]),
-                       dict(w13=f.w13[:-2])]:
-            assert kernels.decode_block(**{**good, **change}) is None, change
-    assert kernels.decode_block(**good) is None  # autograd wanted
+        assert kernels.decode_layers(**good) is not None
+        for change in [dict(x=x.view(-1).float()), dict(pos=model.args.max_seq_len), dict(pos=-1), dict(heads=4),
+                       dict(cos_sin=cos_sin[:-2]), dict(layers=[]), dict(layers=[weights, weights[:-1]]),
+                       dict(layers=[weights, weights[:6] + (weights[6].transpose(1, 2),) + weights[7:]]),
+                       dict(layers=[weights[:4] + (weights[4][:-2],) + weights[5:]])]:
+            assert kernels.decode_layers(**{**good, **change}) is None, change
+    assert kernels.decode_layers(**good) is None  # autograd wanted
 
 
 @needs_kernel
 def test_a_batch_1_decode_step_keeps_adapters_the_block_kernel_would_skip(world1, gqa_dir):
-    """LoRA on wo and w2 only (q/k/v and w1/w3 stay fused): the block kernel declines (it would skip the adapters'
+    """LoRA on wo and w2 only (q/k/v and w1/w3 stay fused): the blocks' kernel is not used (it would skip the adapters'
     hooks) and the step equals the model's full forward, adapters included (non-zero, so that skipping them shows)."""
     model = load_model(gqa_dir)
     apply_lora(model, rank=4, alpha=8.0, targets="wo,w2")
