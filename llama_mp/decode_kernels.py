@@ -172,9 +172,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, level: Optional[
     return out if ok else None
 
 
-LayerWeights = tuple  # (attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values) of one block, see decode_layers
-
-
 def decode_layers(x: torch.Tensor, layers: list, cos_sin: torch.Tensor, pos: int, heads: int, eps: float,
                   level: Optional[int] = None) -> Optional[torch.Tensor]:
     """Transformer blocks for one token of one row (a batch-1 decode step), all in one call; per block

@@ -491,15 +491,9 @@ class Transformer(nn.Module):
             if end > cache.max_len:
                 raise ValueError(f"sequence end {end} exceeds the KV cache's length {cache.max_len}")
             lengths = start_pos[:, 0] + 1 if per_row else torch.full((bsz,), end, dtype=torch.long)
-        out = None  # a batch-1 decode step: every block in one C call where it applies
-        if lengths is not None and bsz == 1:
-            layers = [layer.decode_weights(cache) for layer in self.layers]
-            if all(weights is not None for weights in layers):
-                out = decode_kernels.decode_layers(h.view(-1), layers, torch.view_as_real(freqs_cis).view(-1),
-                                                   int(lengths[0]) - 1, self.layers[0].attention.n_local_heads,
-                                                   self.layers[0].attention_norm.eps)
+        out = self.decode_one_row(h, freqs_cis, cache, lengths) if lengths is not None and bsz == 1 else None
         if out is not None:
-            h = out.view_as(h)
+            h = out
         else:
             for layer in self.layers:
                 if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
@@ -512,6 +506,18 @@ class Transformer(nn.Module):
         if return_hidden:
             return h
         return self.output(h).float()
+
+    def decode_one_row(self, h: torch.Tensor, freqs_cis: torch.Tensor, cache: KVCache,
+                       lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """Every block of a batch-1 decode step in one call of llama_mp/decode_kernels.py's decode_layers (the blocks'
+        own ops and roundings, without their ~40 small torch ops each), or None where it does not apply to some block
+        (TransformerBlock.decode_weights) or here (autocast, no kernel): the blocks then run one by one."""
+        layers = [layer.decode_weights(cache) for layer in self.layers]
+        if any(weights is None for weights in layers):
+            return None
+        out = decode_kernels.decode_layers(h.view(-1), layers, torch.view_as_real(freqs_cis).view(-1),
+                                           int(lengths[0]) - 1, self.args.n_heads, self.args.norm_eps)
+        return None if out is None else out.view_as(h)
 
 
 def _share_storage(linears: list[nn.Module]) -> torch.Tensor:
