@@ -79,7 +79,8 @@ AVX512F static void rows_f32_avx512(const void *wp, const void *xp, void *yp, in
             a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c + 48), _mm512_loadu_ps(x + c + 48), a3);
         }
         for (; c < full; c += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c), _mm512_loadu_ps(x + c), a0);
-        if (tail) a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr + full), _mm512_maskz_loadu_ps(tail, x + full), a1);
+        if (tail)
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr + full), _mm512_maskz_loadu_ps(tail, x + full), a1);
         y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
 }
@@ -150,20 +151,27 @@ static int wide_level(int bf16) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+static rows_fn *gemv_kernel(int bf16, int level) {
+    return bf16 ? (level == 2 ? rows_bf16_avx512 : rows_bf16_avx2) : (level == 2 ? rows_f32_avx512 : rows_f32_avx2);
+}
+
+// Inside a parallel region: y[rows] = w[rows, cols] @ x[cols], blocks of 64 rows dealt out to its threads
+static void gemv_blocks(rows_fn *fn, const void *w, const void *x, void *y, int64_t rows, int64_t cols) {
+    const int64_t block = 64, blocks = (rows + block - 1) / block;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t first = b * block, last = first + block < rows ? first + block : rows;
+        fn(w, x, y, first, last, cols);
+    }
+}
+
 // y[rows] = w[rows, cols] @ x[cols]
 int gemv(int bf16, int level, const void *w, const void *x, void *y, int64_t rows, int64_t cols) {
     const int best = gemv_level(bf16);
     if (level == 0) level = best;
     if (level < 1 || level > best) return -1;
-    rows_fn *fn = bf16 ? (level == 2 ? rows_bf16_avx512 : rows_bf16_avx2)
-                       : (level == 2 ? rows_f32_avx512 : rows_f32_avx2);
-    // blocks of 64 rows (a multiple of 4, so that a block never splits a group of 4 rows), spread over the threads
-    const int64_t block = 64, blocks = (rows + block - 1) / block;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t first = b * block, last = first + block < rows ? first + block : rows;
-        fn(w, x, y, first, last, cols);
-    }
+#pragma omp parallel
+    gemv_blocks(gemv_kernel(bf16, level), w, x, y, rows, cols);
     return 0;
 }
 
@@ -266,6 +274,11 @@ ATTEND_ROW(attend_f32_avx2, AVX2, float, AS_IS, AS_IS)
 
 typedef void attend_fn(const void *, const void *, const void *, void *, int64_t, int64_t, int64_t, float, float *);
 
+static attend_fn *attend_kernel(int bf16, int level) {
+    return (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
+                              : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
+}
+
 // q [batch, heads, dim]; keys_t [*, kv_heads, dim, stride] and values [*, kv_heads, stride, dim] (the cache buffers:
 // row b at b * kv_heads * dim * stride); out [batch, heads, dim]; row b attends to its positions [0, lengths[b]).
 // Query head h reads kv head h / (heads / kv_heads). Returns -1 also where the scores buffer cannot be had.
@@ -275,8 +288,7 @@ int attend_one(int bf16, int level, const void *q, const void *keys_t, const voi
     const int best = wide_level(bf16);
     if (level == 0) level = best;
     if (level < 1 || level > best) return -1;
-    attend_fn *fn = (attend_fn *)(bf16 ? (level == 2 ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
-                                       : (level == 2 ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
+    attend_fn *fn = attend_kernel(bf16, level);
     const size_t size = bf16 ? 2 : 4;
     const int64_t group = heads / kv_heads, tasks = batch * heads;
     int64_t longest = 0, work = 0;
@@ -334,13 +346,19 @@ RMS_NORM_ROWS(rms_norm_bf16_avx2, AVX2, uint16_t, widen, round_to_bf16)
 RMS_NORM_ROWS(rms_norm_f32_avx512, AVX512, float, AS_IS, AS_IS)
 RMS_NORM_ROWS(rms_norm_f32_avx2, AVX2, float, AS_IS, AS_IS)
 
+typedef void norm_fn(const void *, const void *, void *, int64_t, int64_t, float);
+
+static norm_fn *norm_kernel(int bf16, int level) {
+    return (norm_fn *)(bf16 ? (level == 2 ? (void *)rms_norm_bf16_avx512 : (void *)rms_norm_bf16_avx2)
+                            : (level == 2 ? (void *)rms_norm_f32_avx512 : (void *)rms_norm_f32_avx2));
+}
+
 // out[rows, dim] = RMSNorm(x[rows, dim]) * w[dim]
 int rms_norm(int bf16, int level, const void *x, const void *w, void *out, int64_t rows, int64_t dim, float eps) {
     const int best = wide_level(bf16);
     if (level == 0) level = best;
     if (level < 1 || level > best) return -1;
-    if (bf16) (level == 2 ? rms_norm_bf16_avx512 : rms_norm_bf16_avx2)(x, w, out, rows, dim, eps);
-    else (level == 2 ? rms_norm_f32_avx512 : rms_norm_f32_avx2)(x, w, out, rows, dim, eps);
+    norm_kernel(bf16, level)(x, w, out, rows, dim, eps);
     return 0;
 }
 
@@ -400,9 +418,9 @@ ELEMENTWISE(add_f32_avx2, swiglu_f32_avx2, AVX2, float, AS_IS, AS_IS)
 // x, out [dim] (the residual into the first block and out of the last; may not alias); weights: n_layers x
 // LAYER_POINTERS pointers, per layer attention_norm and ffn_norm [dim], wqkv [(heads + 2 kv_heads) head_dim, dim] (q's
 // heads, then k's, then v's), wo [dim, heads head_dim], w13 [2 hidden, dim] (w1's rows, then w3's), w2 [dim, hidden],
-// keys_t [kv_heads, head_dim, stride] and values [kv_heads, stride, head_dim] (the row's cache: the token's key and value
-// go to position `pos`, and its query attends to positions [0, pos] with its scores scaled by `scale`); cos_sin
-// [head_dim / 2, 2] float32, the position's rotation.
+// keys_t [kv_heads, head_dim, stride] and values [kv_heads, stride, head_dim] (the row's cache: the token's key and
+// value go to position `pos`, and its query attends to positions [0, pos] with its scores scaled by `scale`);
+// cos_sin [head_dim / 2, 2] float32, the position's rotation.
 int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layers, const void *const *weights,
                   const float *cos_sin, int64_t pos, int64_t stride, int64_t dim, int64_t heads, int64_t kv_heads,
                   int64_t head_dim, int64_t hidden, float scale, float eps) {
@@ -410,14 +428,11 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
     if (level == 0) level = best;
     if (level < 1 || level > best || pos < 0 || pos >= stride || n_layers < 1 || heads % kv_heads) return -1;
     const int wide = level == 2;
-    rows_fn *gemv_rows = bf16 ? (wide ? rows_bf16_avx512 : rows_bf16_avx2) : (wide ? rows_f32_avx512 : rows_f32_avx2);
-    attend_fn *attend = (attend_fn *)(bf16 ? (wide ? (void *)attend_bf16_avx512 : (void *)attend_bf16_avx2)
-                                           : (wide ? (void *)attend_f32_avx512 : (void *)attend_f32_avx2));
-    typedef void norm_fn(const void *, const void *, void *, int64_t, int64_t, float);
+    rows_fn *gemv_rows = gemv_kernel(bf16, level);
+    attend_fn *attend = attend_kernel(bf16, level);
+    norm_fn *norm = norm_kernel(bf16, level);
     typedef void add_fn(const void *, const void *, void *, int64_t);
     typedef void swiglu_fn(const void *, void *, int64_t);
-    norm_fn *norm = (norm_fn *)(bf16 ? (wide ? (void *)rms_norm_bf16_avx512 : (void *)rms_norm_bf16_avx2)
-                                     : (wide ? (void *)rms_norm_f32_avx512 : (void *)rms_norm_f32_avx2));
     add_fn *add = (add_fn *)(bf16 ? (wide ? (void *)add_bf16_avx512 : (void *)add_bf16_avx2)
                                   : (wide ? (void *)add_f32_avx512 : (void *)add_f32_avx2));
     swiglu_fn *swiglu = (swiglu_fn *)(bf16 ? (wide ? (void *)swiglu_bf16_avx512 : (void *)swiglu_bf16_avx2)
@@ -438,10 +453,6 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
     char *residual[2] = {scratch, scratch + size * dim}, *normed = residual[1] + size * dim;
     char *qkv = normed + size * dim, *attended = qkv + size * qkv_rows, *h = attended + size * heads * head_dim;
     char *gu = h + size * dim, *act = gu + size * 2 * hidden;
-    const int64_t block = 64;  // gemv's blocks of rows
-#define GEMV(W, IN, OUT, ROWS, COLS)                                                                                \
-    _Pragma("omp for schedule(static)") for (int64_t b = 0; b < ((ROWS) + block - 1) / block; b++)                  \
-        gemv_rows(W, IN, OUT, b * block, b * block + block < (ROWS) ? b * block + block : (ROWS), COLS);
 #pragma omp parallel num_threads(threads)
     {
         float *own_scores = scores + slice * omp_get_thread_num();
@@ -452,7 +463,7 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
             void *next = layer == n_layers - 1 ? out : residual[layer % 2];
 #pragma omp single
             norm(in, w[0], normed, 1, dim, eps);
-            GEMV(w[2], normed, qkv, qkv_rows, dim)
+            gemv_blocks(gemv_rows, w[2], normed, qkv, qkv_rows, dim);
 #pragma omp single
             {
                 rotate_pairs(qkv, cos_sin, heads + kv_heads, head_dim, bf16);  // q's heads, then k's
@@ -470,21 +481,20 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
                        values + size * kv * stride * head_dim, attended + size * t * head_dim, len, head_dim, stride,
                        scale, own_scores);
             }
-            GEMV(w[3], attended, next, dim, heads * head_dim)  // wo @ attended, then h = in + it
+            gemv_blocks(gemv_rows, w[3], attended, next, dim, heads * head_dim);  // wo @ attended, then h = in + it
 #pragma omp single
             {
                 add(in, next, h, dim);
                 norm(h, w[1], normed, 1, dim, eps);
             }
-            GEMV(w[4], normed, gu, 2 * hidden, dim)
+            gemv_blocks(gemv_rows, w[4], normed, gu, 2 * hidden, dim);
 #pragma omp single
             swiglu(gu, act, hidden);
-            GEMV(w[5], act, next, dim, hidden)
+            gemv_blocks(gemv_rows, w[5], act, next, dim, hidden);
 #pragma omp single
             add(h, next, next, dim);
         }
     }
-#undef GEMV
     free(scratch);
     free(scores);
     return 0;
