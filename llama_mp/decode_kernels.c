@@ -362,6 +362,143 @@ int rms_norm(int bf16, int level, const void *x, const void *w, void *out, int64
     return 0;
 }
 
+// ---- Q8_0 weights: gemv reading int8 copies of the matrices ---------------------------------------------------------
+// Why: a batch-1 step reads every weight once, so its time is the weights' bytes over the memory's bandwidth. Q8_0
+// (llama.cpp's name) holds each block of 32 consecutive weights of a row as 32 int8 numbers q and one float32 scale s
+// (w ~ s q, s = max |w| / 127 over the block): 1.125 bytes a weight against bfloat16's 2. Its rounding error, at most
+// s / 2 = max |w| / 254 per weight, is of bfloat16's size (2^-9 of each weight).
+// Widening each int8 weight to a float32 product costs ~7 vector instructions per 32 weights, which on 2 Zen 4 cores
+// read ~29 weights a nanosecond (int16 inputs and vpmaddwd: ~31): compute-bound below the memory's ~40. So the input
+// is quantized as the weights are, Q8_0 per block of 32 (xq = rint(x / t), t = max |x| / 127: each input off by at most
+// 1/254 of its block's largest), as llama.cpp does, and a block's 32 products are integer dot products, exact in int32
+// (the signs moved onto the weights, as the unsigned-by-signed instructions need: |xq| (sign(xq) q)):
+//   y[r] = sum over blocks b of (s[r, b] t[b]) * (sum over the block's i of q[r, i] xq[i])   in float32, blocks in order
+// Each thread quantizes its own copy of x (a few thousand numbers). A last block shorter than 32 (cols not a multiple
+// of 32) is summed in scalar code after the full ones.
+typedef void q8_rows_fn(const int8_t *q, const float *scales, const int8_t *xq, const float *xt, void *y,
+                        int64_t first, int64_t last, int64_t cols, int bf16);
+
+#define Q8_BLOCK 32
+
+static inline void store_row(void *y, int64_t r, float v, int bf16) {
+    if (bf16) ((uint16_t *)y)[r] = round_to_bf16(v);
+    else ((float *)y)[r] = v;
+}
+
+static inline float q8_tail(const int8_t *q, const int8_t *xq, int64_t from, int64_t cols, float scale) {
+    int32_t t = 0;
+    for (int64_t c = from; c < cols; c++) t += (int32_t)q[c] * xq[c];
+    return scale * (float)t;
+}
+
+// x[cols] (bfloat16 or float32) -> xq[cols] int8 and t[ceil(cols / 32)] float32, per block xq = rint(x / t) with
+// t = max |x| / 127 (t = 0 and xq = 0 for a block of zeros)
+static void quantize_input(const void *x, int8_t *xq, float *t, int64_t cols, int bf16) {
+    for (int64_t from = 0; from < cols; from += Q8_BLOCK) {
+        const int64_t n = cols - from < Q8_BLOCK ? cols - from : Q8_BLOCK;
+        float v[Q8_BLOCK], top = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            v[i] = bf16 ? widen(((const uint16_t *)x)[from + i]) : ((const float *)x)[from + i];
+            top = fabsf(v[i]) > top ? fabsf(v[i]) : top;
+        }
+        const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const float r = __builtin_rintf(v[i] * inverse);
+            xq[from + i] = (int8_t)(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+        }
+        t[from / Q8_BLOCK] = top / 127.0f;
+    }
+}
+
+// one block's 32 products q . xq in 8 int32 lanes: AVX512-VNNI's dot product on 256 bits, or AVX2's two steps
+#define AVX512VNNI __attribute__((target("avx512f,avx512vl,avx512vnni,avx2,fma")))
+
+AVX512VNNI static inline __m256i block_dot_vnni(const int8_t *q, const int8_t *xq) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(x, x),
+                               _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), x));
+}
+
+AVX2 static inline __m256i block_dot_avx2(const int8_t *q, const int8_t *xq) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x),  // |x| <= 127: a pair's sum fits int16
+                                               _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)q), x));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+#define Q8_ROWS(NAME, TARGET, BLOCK_DOT)                                                                              \
+    TARGET static void NAME(const int8_t *q, const float *scales, const int8_t *xq, const float *xt, void *y,         \
+                            int64_t first, int64_t last, int64_t cols, int bf16) {                                    \
+        const int64_t full = cols / Q8_BLOCK, blocks = (cols + Q8_BLOCK - 1) / Q8_BLOCK;                              \
+        for (int64_t r = first; r < last; r++) {                                                                      \
+            const int8_t *qr = q + r * cols;                                                                          \
+            const float *sr = scales + r * blocks;                                                                    \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                                                 \
+            int64_t b = 0;                                                                                            \
+            for (; b + 2 <= full; b += 2) { /* two blocks a pass: two independent accumulators */                     \
+                const __m256i d0 = BLOCK_DOT(qr + b * Q8_BLOCK, xq + b * Q8_BLOCK);                                   \
+                const __m256i d1 = BLOCK_DOT(qr + (b + 1) * Q8_BLOCK, xq + (b + 1) * Q8_BLOCK);                       \
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(sr[b] * xt[b]), a0);                      \
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(sr[b + 1] * xt[b + 1]), a1);              \
+            }                                                                                                         \
+            if (b < full)                                                                                             \
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK_DOT(qr + b * Q8_BLOCK, xq + b * Q8_BLOCK)),             \
+                                     _mm256_set1_ps(sr[b] * xt[b]), a0);                                              \
+            float sum = sum8(_mm256_add_ps(a0, a1));                                                                  \
+            if (full < blocks) sum += q8_tail(qr, xq, full * Q8_BLOCK, cols, sr[full] * xt[full]);                    \
+            store_row(y, r, sum, bf16);                                                                               \
+        }                                                                                                             \
+    }
+
+Q8_ROWS(rows_q8_vnni, AVX512VNNI, block_dot_vnni)
+Q8_ROWS(rows_q8_avx2, AVX2, block_dot_avx2)
+
+static q8_rows_fn *q8_kernel(int level) { return level == 2 ? rows_q8_vnni : rows_q8_avx2; }
+
+// a thread's room for a quantized input of up to `cols` numbers: its float32 scales, then its int8 numbers
+static int64_t q8_input_bytes(int64_t cols) {
+    return (int64_t)((cols + 31) / 32 * 32) + (int64_t)sizeof(float) * ((cols + 31) / 32);
+}
+
+// Inside a parallel region: y[rows] (x's dtype) = (q, scales) @ x[cols]; room: this thread's q8_input_bytes(cols)
+static void q8_blocks(q8_rows_fn *fn, const int8_t *q, const float *scales, const void *x, void *room, void *y,
+                      int64_t rows, int64_t cols, int bf16) {
+    float *xt = room;
+    int8_t *xq = (int8_t *)(xt + (cols + 31) / 32);
+    quantize_input(x, xq, xt, cols, bf16);
+    const int64_t block = 64, blocks = (rows + block - 1) / block;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t first = b * block, last = first + block < rows ? first + block : rows;
+        fn(q, scales, xq, xt, y, first, last, cols, bf16);
+    }
+}
+
+// The level the Q8_0 kernels can run: 2 with AVX512-VNNI (on 256 bits), 1 with AVX2 + FMA.
+int q8_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2")
+        && __builtin_cpu_supports("fma"))
+        return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// y[rows] = (q [rows, cols] int8, scales [rows, ceil(cols / 32)] float32) @ x[cols]; x and y bfloat16 or float32
+int gemv_q8(int bf16, int level, const int8_t *q, const float *scales, const void *x, void *y, int64_t rows,
+            int64_t cols) {
+    const int best = q8_level();
+    if (level == 0) level = best;
+    if (level < 1 || level > best) return -1;
+    const int threads = omp_get_max_threads();
+    const int64_t room = q8_input_bytes(cols);
+    char *buffer = malloc(room * threads);
+    if (!buffer) return -1;
+#pragma omp parallel num_threads(threads)
+    q8_blocks(q8_kernel(level), q, scales, x, buffer + room * omp_get_thread_num(), y, rows, cols, bf16);
+    free(buffer);
+    return 0;
+}
+
 // ---- decode_layers: the transformer blocks for one token of one row ------------------------------------------------
 // Why: at batch 1 the blocks' weight products are ~60% of a SmolLM2 decode step and the rest was ~40 small torch ops a
 // block (rotary embedding, cache writes, residual adds, SwiGLU, their casts and views) at a few microseconds each plus
@@ -414,21 +551,32 @@ ELEMENTWISE(add_f32_avx512, swiglu_f32_avx512, AVX512, float, AS_IS, AS_IS)
 ELEMENTWISE(add_f32_avx2, swiglu_f32_avx2, AVX2, float, AS_IS, AS_IS)
 
 #define LAYER_POINTERS 8  // per layer: attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values
+#define Q8_LAYER_POINTERS 12  // with Q8_0 matrices: the four matrices' int8 numbers, then (after values) their scales
+
+// one of a block's four products (k: 0 wqkv, 1 wo, 2 w13, 3 w2), from its weights or their Q8_0 copy
+static inline void product(const void *const *w, int k, int q8, rows_fn *gemv_rows, q8_rows_fn *q8_rows,
+                           const void *x, void *room, void *y, int64_t rows, int64_t cols, int bf16) {
+    if (q8) q8_blocks(q8_rows, w[2 + k], w[8 + k], x, room, y, rows, cols, bf16);
+    else gemv_blocks(gemv_rows, w[2 + k], x, y, rows, cols);
+}
 
 // x, out [dim] (the residual into the first block and out of the last; may not alias); weights: n_layers x
 // LAYER_POINTERS pointers, per layer attention_norm and ffn_norm [dim], wqkv [(heads + 2 kv_heads) head_dim, dim] (q's
 // heads, then k's, then v's), wo [dim, heads head_dim], w13 [2 hidden, dim] (w1's rows, then w3's), w2 [dim, hidden],
 // keys_t [kv_heads, head_dim, stride] and values [kv_heads, stride, head_dim] (the row's cache: the token's key and
 // value go to position `pos`, and its query attends to positions [0, pos] with its scores scaled by `scale`);
-// cos_sin [head_dim / 2, 2] float32, the position's rotation.
-int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layers, const void *const *weights,
+// cos_sin [head_dim / 2, 2] float32, the position's rotation. q8: the matrices are Q8_0 copies, Q8_LAYER_POINTERS a
+// layer (int8 numbers in the matrices' places, their scales [rows, ceil(cols / 32)] after values).
+int decode_layers(int bf16, int level, int q8, const void *x, void *out, int64_t n_layers, const void *const *weights,
                   const float *cos_sin, int64_t pos, int64_t stride, int64_t dim, int64_t heads, int64_t kv_heads,
                   int64_t head_dim, int64_t hidden, float scale, float eps) {
-    const int best = gemv_level(bf16) < wide_level(bf16) ? gemv_level(bf16) : wide_level(bf16);
+    int best = gemv_level(bf16) < wide_level(bf16) ? gemv_level(bf16) : wide_level(bf16);
+    if (q8 && q8_level() < best) best = q8_level();
     if (level == 0) level = best;
     if (level < 1 || level > best || pos < 0 || pos >= stride || n_layers < 1 || heads % kv_heads) return -1;
     const int wide = level == 2;
     rows_fn *gemv_rows = gemv_kernel(bf16, level);
+    q8_rows_fn *q8_rows = q8_kernel(level);
     attend_fn *attend = attend_kernel(bf16, level);
     norm_fn *norm = norm_kernel(bf16, level);
     typedef void add_fn(const void *, const void *, void *, int64_t);
@@ -440,11 +588,14 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
     const size_t size = bf16 ? 2 : 4;
     const int64_t qkv_rows = (heads + 2 * kv_heads) * head_dim, len = pos + 1, group = heads / kv_heads;
     const int threads = omp_get_max_threads();
-    const int64_t slice = len + LANES;
+    const int64_t slice = len + LANES, per_layer = q8 ? Q8_LAYER_POINTERS : LAYER_POINTERS;
+    int64_t widest = dim > hidden ? dim : hidden;
+    widest = widest > heads * head_dim ? widest : heads * head_dim;
     // scratch: two residuals (between blocks), the normed input, q|k|v, the attention's output, h, g|u, silu(g) * u;
-    // each thread's attention scores
+    // each thread's attention scores and its quantized copy of a product's input (Q8_0)
     char *scratch = malloc(size * (4 * dim + qkv_rows + heads * head_dim + 3 * hidden));
-    float *scores = malloc(sizeof(float) * slice * threads);
+    const int64_t per_thread = sizeof(float) * slice + q8_input_bytes(widest);
+    char *scores = malloc(per_thread * threads);
     if (!scratch || !scores) {
         free(scratch);
         free(scores);
@@ -455,15 +606,16 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
     char *gu = h + size * dim, *act = gu + size * 2 * hidden;
 #pragma omp parallel num_threads(threads)
     {
-        float *own_scores = scores + slice * omp_get_thread_num();
+        float *own_scores = (float *)(scores + per_thread * omp_get_thread_num());
+        void *xf = own_scores + slice;
         for (int64_t layer = 0; layer < n_layers; layer++) {
-            const void *const *w = weights + layer * LAYER_POINTERS;
+            const void *const *w = weights + layer * per_layer;
             char *keys_t = (char *)w[6], *values = (char *)w[7];
             const void *in = layer == 0 ? x : residual[(layer - 1) % 2];
             void *next = layer == n_layers - 1 ? out : residual[layer % 2];
 #pragma omp single
             norm(in, w[0], normed, 1, dim, eps);
-            gemv_blocks(gemv_rows, w[2], normed, qkv, qkv_rows, dim);
+            product(w, 0, q8, gemv_rows, q8_rows, normed, xf, qkv, qkv_rows, dim, bf16);
 #pragma omp single
             {
                 rotate_pairs(qkv, cos_sin, heads + kv_heads, head_dim, bf16);  // q's heads, then k's
@@ -481,16 +633,17 @@ int decode_layers(int bf16, int level, const void *x, void *out, int64_t n_layer
                        values + size * kv * stride * head_dim, attended + size * t * head_dim, len, head_dim, stride,
                        scale, own_scores);
             }
-            gemv_blocks(gemv_rows, w[3], attended, next, dim, heads * head_dim);  // wo @ attended, then h = in + it
+            product(w, 1, q8, gemv_rows, q8_rows, attended, xf, next, dim, heads * head_dim, bf16);  // wo @ attended,
+            // then h = in + it
 #pragma omp single
             {
                 add(in, next, h, dim);
                 norm(h, w[1], normed, 1, dim, eps);
             }
-            gemv_blocks(gemv_rows, w[4], normed, gu, 2 * hidden, dim);
+            product(w, 2, q8, gemv_rows, q8_rows, normed, xf, gu, 2 * hidden, dim, bf16);
 #pragma omp single
             swiglu(gu, act, hidden);
-            gemv_blocks(gemv_rows, w[5], act, next, dim, hidden);
+            product(w, 3, q8, gemv_rows, q8_rows, act, xf, next, dim, hidden, bf16);
 #pragma omp single
             add(h, next, next, dim);
         }

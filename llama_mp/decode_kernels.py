@@ -10,6 +10,9 @@
   - `decode_layers`: every transformer block of a batch-1 decode step in one call, made of the three and the blocks'
     small ops (rotary embedding, cache write, residual adds, SwiGLU), each rounded as the model's ops round: torch's
     ~40 small ops a block and the Python between them were ~40% of a SmolLM2 batch-1 step (README "Benchmarks").
+  - Q8_0 weights (`quantize_q8_0`, `Q8Copies`, `matvec_q8`, decode_layers with Q8_0 matrices): int8 copies of the
+    matrices, 32 weights to a float32 scale, which a batch-1 step reads in 1.125 bytes a weight instead of bfloat16's
+    2 (the step's time is the weights' bytes over the memory's bandwidth). Opt-in (`--decode_weights q8_0`).
 All of them accumulate in float32, and each output element is one thread's fixed sequence of operations: the results
 do not depend on the thread count.
 
@@ -93,9 +96,11 @@ def library() -> Optional[ctypes.CDLL]:
                                            + [ctypes.c_int64] * 5 + [ctypes.c_float])
                 lib.rms_norm.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
                                          + [ctypes.c_float])
-                lib.decode_layers.argtypes = ([ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                lib.gemv_q8.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+                lib.decode_layers.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                                               + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7 + [ctypes.c_float] * 2)
-                for fn in (lib.gemv, lib.gemv_level, lib.attend_one, lib.rms_norm, lib.decode_layers):
+                for fn in (lib.gemv, lib.gemv_level, lib.gemv_q8, lib.q8_level, lib.attend_one, lib.rms_norm,
+                           lib.decode_layers):
                     fn.restype = ctypes.c_int
                 _state["cap"] = 1 if setting == "avx2" else 0
                 _state["levels"] = {dtype: min(_state["cap"] or 2, lib.gemv_level(int(dtype == torch.bfloat16)))
@@ -172,6 +177,57 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, level: Optional[
     return out if ok else None
 
 
+Q8_BLOCK = 32  # weights per Q8_0 scale
+
+
+def quantize_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 (llama.cpp's name) of a matrix [rows, cols]: each run of 32 consecutive weights of a row (the last one of a
+    row may be shorter) as int8 numbers q and one float32 scale s = max |w| / 127, w ~ s q with q = round(w / s):
+    -> (q int8 [rows, cols], scales float32 [rows, ceil(cols / 32)]). Each weight is off by at most s / 2 =
+    max |w| / 254 over its block, bfloat16's rounding (2^-9 of a weight) in size."""
+    rows, cols = weight.shape
+    blocks = -(-cols // Q8_BLOCK)
+    w = torch.nn.functional.pad(weight.detach().float(), (0, blocks * Q8_BLOCK - cols)).view(rows, blocks, Q8_BLOCK)
+    scales = w.abs().amax(dim=-1) / 127
+    inverse = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
+    q = (w * inverse[..., None]).round_().clamp_(-127, 127).to(torch.int8).view(rows, blocks * Q8_BLOCK)
+    return q[:, :cols].contiguous(), scales.contiguous()
+
+
+class Q8Copies:
+    """Q8_0 copies of a model's weights for its batch-1 decode steps, each made at its first use and made again once
+    its weight has changed in place (torch's version counter: an optimizer step, a load into the weights)."""
+
+    def __init__(self):
+        self.held: dict = {}  # id(weight) -> (weight, its version, q, scales)
+
+    def __call__(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        held = self.held.get(id(weight))
+        if held is None or held[0] is not weight or held[1] != weight._version:
+            held = self.held[id(weight)] = (weight, weight._version, *quantize_q8_0(weight))
+        return held[2], held[3]
+
+
+def _is_q8(q: torch.Tensor, scales: torch.Tensor, shape: tuple) -> bool:
+    return (q.dtype == torch.int8 and q.shape == shape and scales.dtype == torch.float32 and q.is_cpu and scales.is_cpu
+            and scales.shape == (shape[0], -(-shape[1] // Q8_BLOCK)) and q.is_contiguous() and scales.is_contiguous())
+
+
+def matvec_q8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+              level: Optional[int] = None) -> Optional[torch.Tensor]:
+    """(q, scales) (a Q8_0 matrix [rows, cols], quantize_q8_0's) @ x (cols numbers) -> [rows] in x's dtype: per row the
+    sum over its blocks of scale * (q . x), in float32; or None where the kernel does not apply (the caller then uses
+    its own product)."""
+    if (x.dtype not in (torch.bfloat16, torch.float32) or not x.is_cpu or not x.is_contiguous() or q.dim() != 2
+            or x.numel() != q.shape[1] or not _is_q8(q, scales, tuple(q.shape)) or torch.is_grad_enabled()
+            or library() is None):
+        return None
+    y = torch.empty(q.shape[0], dtype=x.dtype)
+    ok = _state["lib"].gemv_q8(int(x.dtype == torch.bfloat16), level or _state["cap"], q.data_ptr(),
+                               scales.data_ptr(), x.data_ptr(), y.data_ptr(), q.shape[0], q.shape[1]) == 0
+    return y if ok else None
+
+
 def decode_layers(x: torch.Tensor, layers: list, cos_sin: torch.Tensor, pos: int, heads: int, eps: float,
                   level: Optional[int] = None) -> Optional[torch.Tensor]:
     """Transformer blocks for one token of one row (a batch-1 decode step), all in one call; per block
@@ -181,16 +237,18 @@ def decode_layers(x: torch.Tensor, layers: list, cos_sin: torch.Tensor, pos: int
     heads, k's, v's), wo [dim, heads head_dim], w13 [2 hidden, dim] (w1's rows, w3's), w2 [dim, hidden], keys_t
     [kv_heads, head_dim, max_len], values [kv_heads, max_len, head_dim]: the row's own cache buffers, written at pos
     and read at [0, pos]); cos_sin [head_dim / 2, 2] float32 (the position's rotation: torch.view_as_real of its
-    freqs_cis row). -> the last block's output [dim] in x's dtype, every op rounded as the model's ops round
+    freqs_cis row). The four matrices may instead each be a Q8_0 pair (q, scales) (quantize_q8_0's), in every block
+    or in none. -> the last block's output [dim] in x's dtype, every op rounded as the model's ops round
     (llama_mp/decode_kernels.c); or None where the kernel does not apply (the caller then runs the blocks' own ops)."""
     dtype = x.dtype
     if (library() is None or torch.is_grad_enabled() or dtype not in (torch.bfloat16, torch.float32) or not layers
             or cos_sin.dtype != torch.float32 or not cos_sin.is_contiguous() or not cos_sin.is_cpu):
         return None
     attention_norm, ffn_norm, wqkv, wo, w13, w2, keys_t, values = layers[0]
-    if keys_t.dim() != 3 or w2.dim() != 2:
+    q8 = isinstance(w2, tuple)
+    if keys_t.dim() != 3 or (w2[0] if q8 else w2).dim() != 2:
         return None
-    dim, (kv_heads, head_dim, max_len), hidden = x.shape[-1], keys_t.shape, w2.shape[1]
+    dim, (kv_heads, head_dim, max_len), hidden = x.shape[-1], keys_t.shape, (w2[0] if q8 else w2).shape[1]
     shapes = ((dim,), (dim,), ((heads + 2 * kv_heads) * head_dim, dim), (dim, heads * head_dim), (2 * hidden, dim),
               (dim, hidden), (kv_heads, head_dim, max_len), (kv_heads, max_len, head_dim))
     if (x.numel() != dim or not x.is_contiguous() or not x.is_cpu or heads % kv_heads or cos_sin.numel() != head_dim
@@ -200,12 +258,20 @@ def decode_layers(x: torch.Tensor, layers: list, cos_sin: torch.Tensor, pos: int
     for weights in layers:  # (plain loops: this runs at every batch-1 decode step)
         if len(weights) != len(shapes):
             return None
-        for t, shape in zip(weights, shapes):
-            if t.dtype != dtype or t.shape != shape or not t.is_contiguous() or not t.is_cpu:
+        scales = []
+        for i, (t, shape) in enumerate(zip(weights, shapes)):
+            if 2 <= i < 6 and q8:  # a matrix's Q8_0 pair: its numbers here, its scales after values
+                if not (isinstance(t, tuple) and len(t) == 2 and _is_q8(t[0], t[1], shape)):
+                    return None
+                t, scale = t
+                scales.append(scale.data_ptr())
+            elif not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != shape or not t.is_contiguous() \
+                    or not t.is_cpu:
                 return None
             pointers.append(t.data_ptr())
+        pointers += scales
     out = torch.empty_like(x)
-    ok = _run("decode_layers", dtype, level, x.data_ptr(), out.data_ptr(), len(layers),
+    ok = _run("decode_layers", dtype, level, int(q8), x.data_ptr(), out.data_ptr(), len(layers),
               (ctypes.c_void_p * len(pointers))(*pointers), cos_sin.data_ptr(), pos, max_len, dim, heads, kv_heads,
               head_dim, hidden, head_dim ** -0.5, eps)
     return out if ok else None

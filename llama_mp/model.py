@@ -399,17 +399,20 @@ class TransformerBlock(nn.Module):
                                lengths)
         return h + self.feed_forward(self.ffn_norm(h, decode), fused=cache is not None)
 
-    def decode_weights(self, cache: KVCache) -> Optional[tuple]:
+    def decode_weights(self, cache: KVCache, q8: Optional[decode_kernels.Q8Copies] = None) -> Optional[tuple]:
         """This block's tensors for llama_mp/decode_kernels.py's decode_layers (a batch-1 decode step in one call: the
         same ops and roundings as forward's, without its ~40 small torch ops), or None where that does not apply: the
         projections not fused (Transformer.fuse_projections: not sampling, or adapters on q/k/v or w1/w3), tensor
-        parallelism, or hooks on wo or w2 (LoRA adapters)."""
+        parallelism, or hooks on wo or w2 (LoRA adapters). q8: the matrices' Q8_0 copies in their places."""
         attention, ffn = self.attention, self.feed_forward
         wqkv, w13, wo, w2 = attention.wqkv, ffn.w13, attention.wo, ffn.w2
         if wqkv is None or w13 is None or not (wo.single and w2.single) or wo._forward_hooks or w2._forward_hooks:
             return None
-        return (self.attention_norm.weight, self.ffn_norm.weight, wqkv, wo.weight, w13, w2.weight,
-                cache.keys[self.layer_id][0], cache.values[self.layer_id][0])
+        matrices = (wqkv, wo.weight, w13, w2.weight)
+        if q8 is not None:
+            matrices = tuple(q8(weight) for weight in matrices)
+        return (self.attention_norm.weight, self.ffn_norm.weight, *matrices, cache.keys[self.layer_id][0],
+                cache.values[self.layer_id][0])
 
 
 def no_init(tensor: torch.Tensor) -> torch.Tensor:
@@ -437,6 +440,19 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_rope(rope_frequencies(args), args.max_seq_len)
         # Training: keep only each block's input and recompute the block in the backward pass (set by the Trainer).
         self.activation_checkpointing = False
+        # Batch-1 decode steps reading Q8_0 copies of the matrices (set_decode_weights), else None: the weights
+        self.q8_copies: Optional[decode_kernels.Q8Copies] = None
+
+    def set_decode_weights(self, kind: str) -> None:
+        """What a batch-1 decode step on a CPU reads: "model", the weights themselves; "q8_0", int8 copies of the
+        blocks' matrices and the LM head, 32 weights to a float32 scale (llama_mp/decode_kernels.py), made at the first
+        such step and again after a weight changes. A step's time is the bytes it reads, 1.125 a weight against
+        bfloat16's 2; each weight is then rounded once more, by at most 1/254 of its block's largest (bfloat16
+        rounds by up to 2^-9 of the weight). Only where the one-call blocks apply (decode_one_row); elsewhere, and at
+        batch sizes above 1, the weights are read."""
+        if kind not in ("model", "q8_0"):
+            raise ValueError(f"decode_weights must be 'model' or 'q8_0', got {kind!r}")
+        self.q8_copies = decode_kernels.Q8Copies() if kind == "q8_0" else None
 
     def fuse_projections(self) -> None:
         """Store each layer's wq|wk|wv and w1|w3 weights in one buffer and make the weights views of it.
@@ -505,6 +521,10 @@ class Transformer(nn.Module):
         h = self.norm(h, decode=lengths is not None)
         if return_hidden:
             return h
+        if out is not None and self.q8_copies is not None and self.output.single:  # the head from its Q8_0 copy too
+            logits = decode_kernels.matvec_q8(h.view(-1), *self.q8_copies(self.output.weight))
+            if logits is not None:
+                return logits.view(*h.shape[:-1], -1).float()
         return self.output(h).float()
 
     def decode_one_row(self, h: torch.Tensor, freqs_cis: torch.Tensor, cache: KVCache,
@@ -512,7 +532,7 @@ class Transformer(nn.Module):
         """Every block of a batch-1 decode step in one call of llama_mp/decode_kernels.py's decode_layers (the blocks'
         own ops and roundings, without their ~40 small torch ops each), or None where it does not apply to some block
         (TransformerBlock.decode_weights) or here (autocast, no kernel): the blocks then run one by one."""
-        layers = [layer.decode_weights(cache) for layer in self.layers]
+        layers = [layer.decode_weights(cache, self.q8_copies) for layer in self.layers]
         if any(weights is None for weights in layers):
             return None
         out = decode_kernels.decode_layers(h.view(-1), layers, torch.view_as_real(freqs_cis).view(-1),

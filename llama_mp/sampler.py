@@ -118,9 +118,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 class Sampler:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch_size: int = 32,
-                 max_seq_len: Optional[int] = None, progress_every: float = 10.0):
+                 max_seq_len: Optional[int] = None, progress_every: float = 10.0, decode_weights: str = "model"):
         self.model = model.eval()
         model.fuse_projections()  # one matmul for q/k/v and one for w1/w3 at inference
+        model.set_decode_weights(decode_weights)  # batch-1 steps: the weights or their Q8_0 copies (model.py)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
