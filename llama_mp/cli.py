@@ -83,7 +83,7 @@ class ModelOptions(Layout):
     max_batch_size: PositiveInt = 32
     decode_weights: Literal["model", "q8_0"] = field(default="model", metadata={
         "help": "what a batch-1 decode step on a CPU reads: the weights, or q8_0 (int8 copies, 32 weights to a "
-                "scale, inputs quantized alike: ~1.6x as fast, logits off by about twice bfloat16's error)"})
+                "scale, inputs quantized alike: ~1.3-1.6x as fast, logits off by about twice bfloat16's error)"})
 
 
 def resolve_dtype(name: str, device):

@@ -12,8 +12,9 @@
     ~40 small ops a block and the Python between them were ~40% of a SmolLM2 batch-1 step (README "Benchmarks").
   - Q8_0 weights (`quantize_q8_0`, `Q8Copies`, `matvec_q8`, decode_layers with Q8_0 matrices): int8 copies of the
     matrices, 32 weights to a float32 scale, which a batch-1 step reads in 1.125 bytes a weight instead of bfloat16's
-    2 (the step's time is the weights' bytes over the memory's bandwidth). Opt-in (`--decode_weights q8_0`).
-All of them accumulate in float32, and each output element is one thread's fixed sequence of operations: the results
+    2 (the step's time is the weights' bytes over the memory's bandwidth); each product's input is quantized alike and
+    the products are integer dot products. Opt-in (`--decode_weights q8_0`).
+All of them accumulate in float32 (Q8_0: each block's dot product in integers), and each output element is one thread's fixed sequence of operations: the results
 do not depend on the thread count.
 
 The library is compiled once with the system's C compiler (`cc`, or $CC) into a cache directory ($LLAMA_MP_CACHE,
@@ -215,9 +216,10 @@ def _is_q8(q: torch.Tensor, scales: torch.Tensor, shape: tuple) -> bool:
 
 def matvec_q8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
               level: Optional[int] = None) -> Optional[torch.Tensor]:
-    """(q, scales) (a Q8_0 matrix [rows, cols], quantize_q8_0's) @ x (cols numbers) -> [rows] in x's dtype: per row the
-    sum over its blocks of scale * (q . x), in float32; or None where the kernel does not apply (the caller then uses
-    its own product)."""
+    """(q, scales) (a Q8_0 matrix [rows, cols], quantize_q8_0's) @ x (cols numbers) -> [rows] in x's dtype: x quantized
+    alike (per block of 32: xq = rint(x / t), t = max |x| / 127), per row the sum over its blocks of (scale t) (q . xq),
+    the dot products in integers, the sum in float32 (llama_mp/decode_kernels.c); or None where the kernel does not
+    apply (the caller then uses its own product)."""
     if (x.dtype not in (torch.bfloat16, torch.float32) or not x.is_cpu or not x.is_contiguous() or q.dim() != 2
             or x.numel() != q.shape[1] or not _is_q8(q, scales, tuple(q.shape)) or torch.is_grad_enabled()
             or library() is None):

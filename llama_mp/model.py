@@ -447,9 +447,9 @@ class Transformer(nn.Module):
         """What a batch-1 decode step on a CPU reads: "model", the weights themselves; "q8_0", int8 copies of the
         blocks' matrices and the LM head, 32 weights to a float32 scale (llama_mp/decode_kernels.py), made at the first
         such step and again after a weight changes. A step's time is the bytes it reads, 1.125 a weight against
-        bfloat16's 2; each weight is then rounded once more, by at most 1/254 of its block's largest (bfloat16
-        rounds by up to 2^-9 of the weight). Only where the one-call blocks apply (decode_one_row); elsewhere, and at
-        batch sizes above 1, the weights are read."""
+        bfloat16's 2; each weight, and each product's input, is then rounded once more, by at most 1/254 of its
+        block's largest (bfloat16 rounds by up to 2^-9 of the number). Only where the one-call blocks apply
+        (decode_one_row); elsewhere, and at batch sizes above 1, the weights are read."""
         if kind not in ("model", "q8_0"):
             raise ValueError(f"decode_weights must be 'model' or 'q8_0', got {kind!r}")
         self.q8_copies = decode_kernels.Q8Copies() if kind == "q8_0" else None
