@@ -56,26 +56,44 @@ class Completion:
     extra: dict = field(default_factory=dict)
 
 
+NUCLEUS_CANDIDATES = 256  # top-p looks among the most likely tokens first (see sample_next)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
                 uniform: Optional[torch.Tensor]) -> torch.Tensor:
     """One token per row from softmax(logits / T) restricted to top-k and the top-p nucleus; argmax when T == 0.
 
     `uniform` [B] holds one U(0, 1) number per row: the draw is the inverse CDF at it (torch.multinomial is an order of
-    magnitude slower here), so a row's token depends only on its logits and its own number."""
+    magnitude slower here), so a row's token depends only on its logits and its own number.
+
+    The nucleus is the shortest run of tokens, most likely first, whose probability before each token is at most top_p.
+    It is looked for among the NUCLEUS_CANDIDATES most likely tokens (torch.topk), then 4x as many, and so on, until
+    every row's candidates hold more than top_p: then no token beyond them can be in its nucleus, and the draw equals
+    one over the whole sorted vocabulary (the same cumulative sums), at a fraction of its cost (sorting SmolLM2's
+    49,152 probabilities took 59 ms a step at batch 32 on 2 cores, top-256 2.7 ms). Tokens of exactly equal
+    probability may come in another order than a full sort's: the same distribution."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     order = None
     if top_k > 0 or top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        if top_k > 0:
-            probs[:, top_k:] = 0.0
+        vocab = probs.shape[-1]
+        k = min(top_k, vocab) if top_k > 0 else min(NUCLEUS_CANDIDATES, vocab)
+        while True:
+            candidates, order = probs.topk(k, dim=-1)  # sorted, most likely first
+            total = candidates.cumsum(dim=-1)  # (a prefix of the whole sorted vocabulary's cumulative sums)
+            # done with top-k (its candidates are all there is to keep), or once every row holds more than top_p
+            if top_k > 0 or k == vocab or top_p >= 1.0 or bool((total[:, -1] > top_p).all()):
+                break
+            k = min(4 * k, vocab)
+        probs = candidates
         if top_p < 1.0:
-            mass_before = probs.cumsum(dim=-1) - probs
-            probs[mass_before > top_p] = 0.0
+            probs[total - candidates > top_p] = 0.0  # the probability before a token over top_p: not in the nucleus
     cdf = probs.cumsum(dim=-1)
     u = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)[:, 0]
+    # the last kept token at most (u * total rounds to the total itself once in ~2^24 draws)
+    kept = (probs > 0).sum(dim=-1, keepdim=True) - 1 if order is not None else cdf.shape[-1] - 1
+    choice = torch.minimum(torch.searchsorted(cdf, u, right=True), torch.as_tensor(kept))[:, 0]
     return choice if order is None else order.gather(-1, choice[:, None])[:, 0]
 
 

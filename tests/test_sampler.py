@@ -138,6 +138,38 @@ def test_sample_next_follows_the_distribution_and_truncations():
     assert sample_next(logits[:3], 0.0, 1.0, 0, None).tolist() == [0, 0, 0]
 
 
+def full_sort_draw(logits, temperature, top_p, top_k, uniform):
+    """The draw over the whole vocabulary sorted (what sample_next computes from its candidates): the nucleus
+    and top-k truncation on the sorted probabilities, the inverse CDF at `uniform`."""
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    if top_k > 0:
+        probs[:, top_k:] = 0.0
+    if top_p < 1.0:
+        probs[probs.cumsum(dim=-1) - probs > top_p] = 0.0
+    cdf = probs.cumsum(dim=-1)
+    choice = torch.searchsorted(cdf, uniform.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return order.gather(-1, choice.clamp(max=cdf.shape[-1] - 1)[:, None])[:, 0], probs
+
+
+@pytest.mark.parametrize("top_p, top_k", [(0.9, 0), (0.5, 0), (0.999, 0), (0.9, 1000), (1.0, 40)])
+def test_sample_next_draws_what_the_whole_sorted_vocabulary_gives(top_p, top_k):
+    """A 49,152-token vocabulary, rows from peaked (a nucleus of a few tokens) to flat (thousands: beyond the first
+    candidates, so sample_next widens them), in float64 (no ties): the same token as the draw over the whole sorted
+    vocabulary for every row and number; a number next to 1 still picks a kept token."""
+    gen = torch.Generator().manual_seed(7)
+    scale = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.01, 3.0] * 4, dtype=torch.float64)[:, None]
+    logits = torch.randn(32, 49152, generator=gen, dtype=torch.float64) * scale
+    for uniform in [torch.rand(32, generator=gen, dtype=torch.float64) for _ in range(3)]:
+        expected, _ = full_sort_draw(logits, 0.7, top_p, top_k, uniform)
+        assert torch.equal(sample_next(logits, 0.7, top_p, top_k, uniform), expected)
+    # float32: a number within 2^-25 of 1 rounds to 1, and 1 x the kept mass is the last cumulative sum itself
+    logits32, near_one = logits.float(), torch.full((32,), 1 - 2 ** -30, dtype=torch.float64)
+    _, kept = full_sort_draw(logits32, 0.7, top_p, top_k, near_one)
+    chosen = sample_next(logits32, 0.7, top_p, top_k, near_one)
+    probs = torch.softmax(logits32 / 0.7, dim=-1).gather(-1, chosen[:, None])[:, 0]
+    assert (probs >= kept.masked_fill(kept == 0, float("inf")).min(dim=-1).values).all()  # within the nucleus
+
+
 def test_per_prompt_seeds_make_samples_independent_of_the_batch(sampler, world1):
     seeds = [101, 202, 303, 404]
     together = sampler.generate(PROMPTS, 25, temperature=1.0, seed=seeds)
