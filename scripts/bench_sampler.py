@@ -3,7 +3,7 @@
   python scripts/bench_sampler.py [--ckpt_dir D --tokenizer_path T] [--batch_sizes 1 16 64] [--new_tokens 256]
   .venv-bench/bin/python scripts/bench_sampler.py --model smollm2 [--llama_cpp] [--quick]
 
-Every figure: sampling at T 0.7, top-p 1, top-k off, EOS ignored so that every row makes exactly --new_tokens tokens;
+Every figure: sampling at T 0.7, top-p 1 (smollm2: --top_p), top-k off, EOS ignored so that every row makes exactly --new_tokens tokens;
 best of --repeats after a warm-up, the contenders alternating within each repeat. --quick: a smoke test (batch 1 and 2,
 a few tokens, one repeat).
 
@@ -84,9 +84,9 @@ def no_cache_generate(model, prompt_ids: list[int], batch: int, new_tokens: int,
             tokens = torch.cat([tokens, sample_next(logits, TEMPERATURE, 1.0, 0, torch.rand(batch, generator=generator))[:, None]], dim=1)
 
 
-def hf_generate(hf, ids: torch.Tensor, n: int, pad_id: int) -> None:
+def hf_generate(hf, ids: torch.Tensor, n: int, pad_id: int, top_p: float = 1.0) -> None:
     with torch.inference_mode():
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE, top_p=1.0,
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=TEMPERATURE, top_p=top_p,
                     top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=pad_id)
 
 
@@ -156,7 +156,8 @@ def chat_prompts(tokenizer, prefill_tokens: int) -> tuple[list[int], list[int]]:
     return short, long
 
 
-def llama_cpp_figures(prompt_ids: list[int], prefill_ids: list[int], n: int, threads: int, repeats: int) -> dict:
+def llama_cpp_figures(prompt_ids: list[int], prefill_ids: list[int], n: int, threads: int, repeats: int,
+                      top_p: float = 1.0) -> dict:
     """llama.cpp (llama-cpp-python's high-level API) on the embedded GGUF: batch-1 decode and prefill tokens/s. The
     GGUF's vocabulary is the converted checkpoint's, so the same token ids go in."""
     from llama_cpp import Llama
@@ -167,7 +168,7 @@ def llama_cpp_figures(prompt_ids: list[int], prefill_ids: list[int], n: int, thr
     def decode():
         llm.reset()  # no reuse of an earlier call's prompt: every run prefills it
         made = 0
-        for _ in llm.generate(prompt_ids, temp=TEMPERATURE, top_k=0, top_p=1.0, min_p=0.0, reset=True):
+        for _ in llm.generate(prompt_ids, temp=TEMPERATURE, top_k=0, top_p=top_p, min_p=0.0, reset=True):
             made += 1
             if made == n:
                 break
@@ -208,9 +209,11 @@ def bench_precision(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids
         ids = torch.tensor([prompt_ids] * batch)
 
         def ours():
-            sampler.generate([prompt_ids] * batch, n, temperature=TEMPERATURE, seed=0, stop_at_eos=False)
+            sampler.generate([prompt_ids] * batch, n, temperature=TEMPERATURE, top_p=opts.top_p, seed=0,
+                             stop_at_eos=False)
 
-        contenders = {"ours": ours, **({"hf": lambda: hf_generate(hf, ids, n, pad_id)} if hf is not None else {})}
+        contenders = {"ours": ours,
+                      **({"hf": lambda: hf_generate(hf, ids, n, pad_id, opts.top_p)} if hf is not None else {})}
         if batch == 1:
             contenders["ours_q8_0"] = lambda: with_q8_0(model, q8_copies, ours)
         best = alternate(contenders, opts.repeats)
@@ -338,7 +341,7 @@ def bench_smollm2(opts) -> dict:
     skipped = skipped or missing_peers("transformers")
     hf_dir = None if skipped else export_hf(ckpt_dir)
     bandwidth = memory_bandwidth_gbps(opts.threads, gib=0.25 if opts.quick else 1.0)
-    result = {"model": SMOLLM2_NAME, "threads": opts.threads, "new_tokens": opts.new_tokens,
+    result = {"model": SMOLLM2_NAME, "threads": opts.threads, "new_tokens": opts.new_tokens, "top_p": opts.top_p,
               "prompt_tokens": len(prompt_ids), "prefill_tokens": len(prefill_ids), "batch_sizes": opts.batch_sizes,
               "memory_bandwidth_gbps": bandwidth, "precisions": {},
               "decode_kernels": decode_kernels.kernels(), "decode_kernels_unavailable": decode_kernels.unavailable()}
@@ -356,7 +359,7 @@ def bench_smollm2(opts) -> dict:
         else:
             try:
                 result["llama_cpp"] = llama_cpp_figures(prompt_ids, prefill_ids, opts.new_tokens, opts.threads,
-                                                        opts.repeats)
+                                                        opts.repeats, opts.top_p)
             except Exception as err:  # an optional peer: its failure is reported, not fatal
                 result["llama_cpp_skipped"] = f"llama.cpp failed: {type(err).__name__}: {err}"
     targets = []
@@ -394,6 +397,7 @@ def main() -> None:
     parser.add_argument("--prefill_tokens", type=int, default=512, help="smollm2: the prefill prompt's length")
     parser.add_argument("--repeats", type=int, default=None, help="default: 3 (stories260K), 2 (smollm2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top_p", type=float, default=1.0, help="smollm2: nucleus sampling for every contender")
     parser.add_argument("--no_hf", action="store_true")
     parser.add_argument("--llama_cpp", action="store_true", help="smollm2: also llama.cpp on the GGUF (if installed)")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 1 and 2, 8 tokens, one repeat")
