@@ -3,6 +3,8 @@
 //   attend_one: one query per row against a KV cache (every decode step): softmax(q K^T / sqrt(d)) V;
 //   rms_norm:   a decode step's RMSNorm;
 //   decode_layers: the transformer blocks for one token of one row (a batch-1 decode step), built of the three;
+//   gemv_q8:    gemv from a Q8_0 copy of W (int8, 32 weights to a scale), for --decode_weights q8_0 (also inside
+//               decode_layers);
 // in bfloat16 or float32, accumulated in float32.
 //
 // Why gemv: at batch 1 a decode step is bound by reading the weights once, and torch's kernels for one row read them at
@@ -633,8 +635,8 @@ int decode_layers(int bf16, int level, int q8, const void *x, void *out, int64_t
                        values + size * kv * stride * head_dim, attended + size * t * head_dim, len, head_dim, stride,
                        scale, own_scores);
             }
-            product(w, 1, q8, gemv_rows, q8_rows, attended, xf, next, dim, heads * head_dim, bf16);  // wo @ attended,
-            // then h = in + it
+            // wo @ attended, then h = in + it
+            product(w, 1, q8, gemv_rows, q8_rows, attended, xf, next, dim, heads * head_dim, bf16);
 #pragma omp single
             {
                 add(in, next, h, dim);
