@@ -382,9 +382,14 @@ typedef void q8_rows_fn(const int8_t *q, const float *scales, const int8_t *xq, 
 
 #define Q8_BLOCK 32
 
-static inline void store_row(void *y, int64_t r, float v, int bf16) {
-    if (bf16) ((uint16_t *)y)[r] = round_to_bf16(v);
-    else ((float *)y)[r] = v;
+// element i of a bfloat16 or float32 array, as float32; and a float32 stored rounded to the array's dtype
+static inline float load_as_float(const void *p, int64_t i, int bf16) {
+    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_rounded(void *p, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = round_to_bf16(v);
+    else ((float *)p)[i] = v;
 }
 
 static inline float q8_tail(const int8_t *q, const int8_t *xq, int64_t from, int64_t cols, float scale) {
@@ -400,7 +405,7 @@ static void quantize_input(const void *x, int8_t *xq, float *t, int64_t cols, in
         const int64_t n = cols - from < Q8_BLOCK ? cols - from : Q8_BLOCK;
         float v[Q8_BLOCK], top = 0.0f;
         for (int64_t i = 0; i < n; i++) {
-            v[i] = bf16 ? widen(((const uint16_t *)x)[from + i]) : ((const float *)x)[from + i];
+            v[i] = load_as_float(x, from + i, bf16);
             top = fabsf(v[i]) > top ? fabsf(v[i]) : top;
         }
         const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
@@ -448,7 +453,7 @@ AVX2 static inline __m256i block_dot_avx2(const int8_t *q, const int8_t *xq) {
                                      _mm256_set1_ps(sr[b] * xt[b]), a0);                                              \
             float sum = sum8(_mm256_add_ps(a0, a1));                                                                  \
             if (full < blocks) sum += q8_tail(qr, xq, full * Q8_BLOCK, cols, sr[full] * xt[full]);                    \
-            store_row(y, r, sum, bf16);                                                                               \
+            store_rounded(y, r, sum, bf16);                                                                           \
         }                                                                                                             \
     }
 
@@ -511,15 +516,6 @@ int gemv_q8(int bf16, int level, const int8_t *q, const float *scales, const voi
 // with the kernels above (gemv's rows, attend_one's row, rms_norm's rows) and the roundings of the model's own ops:
 // each op's result is rounded to the dtype as torch rounds it (the rotary product as ATen's complex multiply: two
 // rounded products, then their sum). Only the sigmoid's exp differs from torch's (Cody-Waite + Cephes, ~1e-7 relative).
-static inline float load_as_float(const void *p, int64_t i, int bf16) {
-    return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store_rounded(void *p, int64_t i, float v, int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = round_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
-
 __attribute__((optimize("fp-contract=off")))  // two rounded products, then one rounded sum, as ATen's complex multiply
 static void rotate_pairs(void *x, const float *cos_sin, int64_t heads, int64_t dim, int bf16) {
     for (int64_t h = 0; h < heads; h++)

@@ -264,11 +264,12 @@ def bench_precision(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids
     return out
 
 
-def with_q8_0(model, copies, run) -> None:
-    """run() with the model's batch-1 decode steps reading `copies` (Q8_0), then the weights again."""
+def with_q8_0(model, copies, run):
+    """run() with the model's batch-1 decode steps reading `copies` (Q8_0; None: the weights), then the weights
+    again; -> what run returned. (The copies are kept from run to run: made once, not timed again.)"""
     model.q8_copies = copies
     try:
-        run()
+        return run()
     finally:
         model.q8_copies = None
 
@@ -277,15 +278,11 @@ def q8_0_logits(model, copies, prompt_ids: list[int], steps: int) -> dict:
     """The prompt's first `steps` tokens as batch-1 decode steps (teacher-forced) with the weights and with their
     Q8_0 copies: mean KL(weights || q8_0) of the next-token distributions, the share of steps whose most likely
     token agrees, the largest logit difference."""
-    def logits(q8: bool) -> torch.Tensor:
-        model.q8_copies = copies if q8 else None
+    def decode() -> torch.Tensor:
         cache = KVCache(model.args, 1, steps + 1, dtype=next(model.parameters()).dtype)
-        try:
-            with torch.inference_mode():
-                return torch.cat([model(torch.tensor([[t]]), i, cache)[0] for i, t in enumerate(prompt_ids[:steps])])
-        finally:
-            model.q8_copies = None
-    plain, quantized = logits(False), logits(True)
+        with torch.inference_mode():
+            return torch.cat([model(torch.tensor([[t]]), i, cache)[0] for i, t in enumerate(prompt_ids[:steps])])
+    plain, quantized = with_q8_0(model, None, decode), with_q8_0(model, copies, decode)
     p, q = torch.log_softmax(plain.double(), -1), torch.log_softmax(quantized.double(), -1)
     return {"kl": round(float((p.exp() * (p - q)).sum(-1).mean()), 5),
             "top1_agree": round(float((plain.argmax(-1) == quantized.argmax(-1)).double().mean()), 3),

@@ -168,3 +168,22 @@ def test_batch_1_steps_read_the_q8_0_copies_of_blocks_and_head(world1, gqa_dir, 
     assert calls == []
     with pytest.raises(ValueError, match="decode_weights"):
         model.set_decode_weights("q4_0")
+
+
+@needs_kernel
+def test_a_sampler_set_to_q8_0_decodes_batch_1_from_the_copies(world1, stories_dir, tokenizer, monkeypatch):
+    """Sampler(decode_weights="q8_0") (what --decode_weights q8_0 builds): a one-prompt generation's decode steps take
+    the blocks' kernel with Q8_0 matrices and the head's Q8_0 product; the default sampler reads the weights."""
+    from llama_mp.sampler import Sampler
+    calls = []
+    real_layers, real_head = kernels.decode_layers, kernels.matvec_q8
+    monkeypatch.setattr(kernels, "decode_layers", lambda x, layers, *a, **k: calls.append(
+        ("blocks", isinstance(layers[0][2], tuple))) or real_layers(x, layers, *a, **k))
+    monkeypatch.setattr(kernels, "matvec_q8", lambda *a, **k: calls.append(("head", True)) or real_head(*a, **k))
+    for kind, expected in (("q8_0", {("blocks", True), ("head", True)}), ("model", {("blocks", False)})):
+        calls.clear()
+        sampler = Sampler(load_model(stories_dir), tokenizer, max_batch_size=1, decode_weights=kind)
+        sampler.generate(["Once upon a time"], 4, temperature=0)
+        assert calls and set(calls) == expected, (kind, calls)
+    with pytest.raises(ValueError, match="decode_weights"):
+        Sampler(load_model(stories_dir), tokenizer, decode_weights="q4_0")
