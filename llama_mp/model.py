@@ -25,7 +25,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama_mp import decode_kernels
+from llama_mp import causal_attention, decode_kernels
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
@@ -50,6 +50,9 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
 CACHED_ATTENTION_MAX_SCORES = 2 ** 22
 CACHED_ATTENTION_CHUNK_SCORES = 2 ** 18
 CACHED_ATTENTION_DTYPES = () if "amx_bf16" in cpu_flags() else (torch.bfloat16, torch.float16)
+# Causal self-attention without a cache (training forwards, teacher-forced scoring) on a CPU: the blocked matmuls of
+# llama_mp/causal_attention.py where they were measured to beat the fused kernel (no AMX; up to its MAX_LENGTH).
+BLOCK_ATTENTION_DTYPES = () if "amx_bf16" in cpu_flags() else (torch.bfloat16, torch.float32)
 
 
 @dataclass
@@ -330,6 +333,9 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask):
         """softmax(q k^T / sqrt(d) + mask) v; query head h reads kv head h // (n_heads / n_kv_heads). mask None: causal,
         or for a single query the whole cache (the fused kernel's causal mask is aligned to the first key)."""
+        if (mask is None and q.device.type == "cpu" and q.dtype in BLOCK_ATTENTION_DTYPES
+                and 1 < q.shape[2] == k.shape[2] <= causal_attention.MAX_LENGTH):
+            return causal_attention.block_causal_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                               enable_gqa=self.n_local_heads != self.n_local_kv_heads)
 
