@@ -51,7 +51,7 @@ CACHED_ATTENTION_MAX_SCORES = 2 ** 22
 CACHED_ATTENTION_CHUNK_SCORES = 2 ** 18
 CACHED_ATTENTION_DTYPES = () if "amx_bf16" in cpu_flags() else (torch.bfloat16, torch.float16)
 # Causal self-attention without a cache (training forwards, teacher-forced scoring) on a CPU: the blocked matmuls of
-# llama_mp/causal_attention.py where they were measured to beat the fused kernel (no AMX; up to its MAX_LENGTH).
+# llama_mp/causal_attention.py where they were measured to beat the fused kernel (no AMX).
 BLOCK_ATTENTION_DTYPES = () if "amx_bf16" in cpu_flags() else (torch.bfloat16, torch.float32)
 
 
@@ -334,7 +334,7 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(d) + mask) v; query head h reads kv head h // (n_heads / n_kv_heads). mask None: causal,
         or for a single query the whole cache (the fused kernel's causal mask is aligned to the first key)."""
         if (mask is None and q.device.type == "cpu" and q.dtype in BLOCK_ATTENTION_DTYPES
-                and 1 < q.shape[2] == k.shape[2] <= causal_attention.MAX_LENGTH):
+                and 1 < q.shape[2] == k.shape[2]):
             return causal_attention.block_causal_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                               enable_gqa=self.n_local_heads != self.n_local_kv_heads)

@@ -64,21 +64,23 @@ def test_one_token_attends_to_itself():
     assert dk.abs().max() < 1e-5 and dq.abs().max() < 1e-5  # softmax of one score: no gradient to it
 
 
-def test_bfloat16_stays_within_a_few_roundings_of_the_float64_attention():
-    """Scores and probabilities are rounded to bfloat16 once each (relative 2^-9): the outputs and gradients stay within
-    a few such roundings of the float64 attention of the same bfloat16 inputs, like torch's fused kernel."""
+def test_bfloat16_is_as_accurate_as_the_fused_kernel():
+    """Scores and softmax in float32; P, dP and dS rounded to bfloat16 once each (relative 2^-9) for their matmuls, and
+    each matmul's output once: outputs and gradients within 4 roundings of the float64 attention of the same bfloat16
+    inputs (measured 0.003-0.006 over seeds and shapes), and within 1.25x the fused kernel's error, which keeps S in
+    float32 and rounds P (measured 0.63-1.07x). Scores rounded to bfloat16 as well give 2-5x the fused kernel's."""
     q, k, v, d_out = inputs(torch.bfloat16, 2, 6, 2, 300, 32, seed=1)
     expected = values_and_grads(reference, q.double(), k.double(), v.double(), d_out)
     got = values_and_grads(causal_attention.block_causal_attention, q, k, v, d_out)
     fused = values_and_grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
         a, b, c, is_causal=True, enable_gqa=True), q, k, v, d_out)
-    assert max(relative_errors(got, expected)) < 8 * 2 ** -9
-    assert max(relative_errors(got, expected)) < 3 * max(relative_errors(fused, expected))
+    assert max(relative_errors(got, expected)) < 4 * 2 ** -9
+    assert max(relative_errors(got, expected)) < 1.25 * max(relative_errors(fused, expected))
 
 
 def test_the_training_forward_uses_the_blocks_on_a_cpu_and_equals_the_fused_kernel(monkeypatch, world1):
     """A model's causal forward and its gradients with the blocks equal the fused kernel's (float32), and the blocks
-    were the ones used; longer than MAX_LENGTH, or with the dtype not listed, the fused kernel runs."""
+    were the ones used; with the dtype not listed the fused kernel runs."""
     torch.manual_seed(0)
     args = ModelArgs(**GQA_ARGS)
     model = Transformer(args)
@@ -97,13 +99,9 @@ def test_the_training_forward_uses_the_blocks_on_a_cpu_and_equals_the_fused_kern
     monkeypatch.setattr(model_module, "BLOCK_ATTENTION_DTYPES", (torch.float32,))
     blocked = loss_and_grads()
     assert len(calls) == args.n_layers
-    monkeypatch.setattr(causal_attention, "MAX_LENGTH", 39)
+    monkeypatch.setattr(model_module, "BLOCK_ATTENTION_DTYPES", ())
     fused = loss_and_grads()
     assert len(calls) == args.n_layers
     assert blocked[0] == pytest.approx(fused[0], rel=1e-6)
     for a, b in zip(blocked[1], fused[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    monkeypatch.setattr(causal_attention, "MAX_LENGTH", 768)
-    monkeypatch.setattr(model_module, "BLOCK_ATTENTION_DTYPES", ())
-    loss_and_grads()
-    assert len(calls) == args.n_layers
