@@ -19,9 +19,11 @@ rounded the scores to bf16 too: 1.3x faster, but 2-5x the fused kernel's error, 
 away in 2 of 10 seeds where the fused kernel's did not (tests/test_ppo.py). float32 is float32 throughout.
 
 Measured on an AMD EPYC Zen 4 (AVX512-BF16, no AMX), bf16, forward + backward, ms a layer, fused kernel -> blocks:
-1 thread: 4 x 512 106 -> 62, 2 x 1024 130 -> 111; 2 threads: 8 x 256 33 -> 22, 8 x 512 110 -> 72, 2 x 1024 67 ->
-64, 1 x 2048 133 -> 124; float32: 1 thread 4 x 512 109 -> 82, 2 threads 2 x 1024 82 -> 76. So model.py uses it on
-CPUs without AMX, where the fused kernel runs on AMX tiles (not measured against it), and never on GPUs."""
+1 thread: 4 x 512 105 -> 61, 2 x 1024 130 -> 109; 2 threads: 8 x 256 33 -> 21, 8 x 512 109 -> 66, 2 x 1024 66 ->
+61, 1 x 2048 134 -> 120; float32: 1 thread 4 x 512 110 -> 79, 2 threads 2 x 1024 81 -> 74. (The rows of a block are
+split evenly over its matmuls: 6 rows as 5 + 1 left the second matmul one row for two threads, and 2 x 1024 at 80
+ms.) So model.py uses it on CPUs without AMX, where the fused kernel runs on AMX tiles (not measured against it), and
+never on GPUs."""
 
 import torch
 
@@ -29,20 +31,23 @@ BLOCK_SIZE = 64  # query rows per block: small enough to skip most of the causal
 BLOCK_SCORES = 2 ** 20  # scores per matmul: a few (sequence, kv head) rows of one block
 
 
-def _blocks(length: int, group: int):
-    """(start, end, step) per query block: step (sequence, kv head) rows per matmul, at least one."""
+def _blocks(q_float, k_float):
+    """Per query block and per few (sequence, kv head) rows: (rows a:b, block start:end, float32 P [b - a, group x
+    (end - start), end]), P = softmax of the block's scores over keys [0, end), the diagonal part's future keys masked.
+    The forward and the backward walk the same blocks and compute the same P (the backward recomputes it)."""
+    n, group, length, head_dim = q_float.shape
     for start in range(0, length, BLOCK_SIZE):
         end = min(start + BLOCK_SIZE, length)
-        yield start, end, max(1, BLOCK_SCORES // (group * (end - start) * end))
-
-
-def _probs(q_block, k_rows, start: int, end: int, group: int):
-    """float32 P of one block [n, group x rows, end] from float32 q and k: softmax over the keys, the diagonal part's
-    future keys masked."""
-    scores = torch.bmm(q_block, k_rows[:, :end].transpose(1, 2))
-    future = torch.ones(end - start, end - start, dtype=torch.bool, device=scores.device).triu(1)
-    scores.view(scores.shape[0], group, end - start, end)[..., start:].masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+        rows = end - start
+        future = torch.ones(rows, rows, dtype=torch.bool, device=q_float.device).triu(1)
+        most = max(1, BLOCK_SCORES // (group * rows * end))
+        step = -(-n // -(-n // most))  # as many rows per matmul as the fewest matmuls allow, evenly (6 in 5s: 3 and 3)
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            scores = torch.bmm(q_float[a:b, :, start:end].reshape(b - a, group * rows, head_dim),
+                               k_float[a:b, :end].transpose(1, 2))
+            scores.view(b - a, group, rows, end)[..., start:].masked_fill_(future, float("-inf"))
+            yield a, b, start, end, torch.softmax(scores, dim=-1)
 
 
 class BlockCausalAttention(torch.autograd.Function):
@@ -54,17 +59,11 @@ class BlockCausalAttention(torch.autograd.Function):
         group, n = heads // kv_heads, bsz * kv_heads
         q_scaled = (q * head_dim ** -0.5).reshape(n, group, length, head_dim)
         k_rows, v_rows = k.reshape(n, length, head_dim), v.reshape(n, length, head_dim)
-        q_float, k_float = q_scaled.float(), k_rows.float()
         out = torch.empty(n, group, length, head_dim, dtype=q.dtype, device=q.device)
-        for start, end, step in _blocks(length, group):
-            rows = end - start
-            for a in range(0, n, step):
-                b = min(a + step, n)
-                probs = _probs(q_float[a:b, :, start:end].reshape(b - a, group * rows, head_dim), k_float[a:b], start,
-                               end, group)
-                out[a:b, :, start:end] = torch.bmm(probs.to(q.dtype), v_rows[a:b, :end]).view(b - a, group, rows,
-                                                                                               head_dim)
-        ctx.save_for_backward(q_scaled, k_rows, v_rows)
+        for a, b, start, end, probs in _blocks(q_scaled.float(), k_rows.float()):
+            out[a:b, :, start:end] = torch.bmm(probs.to(q.dtype), v_rows[a:b, :end]).view(b - a, group, end - start,
+                                                                                           head_dim)
+        ctx.save_for_backward(q_scaled, k_rows, v_rows)  # (bf16 stays bf16: the float32 copies are made again)
         ctx.kv_heads = kv_heads
         return out.view(bsz, heads, length, head_dim)
 
@@ -72,27 +71,21 @@ class BlockCausalAttention(torch.autograd.Function):
     def backward(ctx, d_out):
         q_scaled, k_rows, v_rows = ctx.saved_tensors
         n, group, length, head_dim = q_scaled.shape
-        q_float, k_float = q_scaled.float(), k_rows.float()
         d_rows = d_out.reshape(n, group, length, head_dim)
         dq = torch.empty_like(q_scaled)
         dk = torch.zeros(k_rows.shape, device=k_rows.device)  # float32 sums over the blocks
         dv = torch.zeros(v_rows.shape, device=v_rows.device)
-        for start, end, step in _blocks(length, group):
-            rows = end - start
-            for a in range(0, n, step):
-                b = min(a + step, n)
-                q_block = q_scaled[a:b, :, start:end].reshape(b - a, group * rows, head_dim)
-                d_block = d_rows[a:b, :, start:end].reshape(b - a, group * rows, head_dim)
-                probs = _probs(q_float[a:b, :, start:end].reshape(b - a, group * rows, head_dim), k_float[a:b],
-                               start, end, group)
-                dv[a:b, :end] += torch.bmm(probs.to(q_block.dtype).transpose(1, 2), d_block)
-                d_probs = torch.bmm(d_block, v_rows[a:b, :end].transpose(1, 2)).float()
-                d_scores = torch._softmax_backward_data(d_probs, probs, -1, torch.float32).to(q_block.dtype)
-                dq[a:b, :, start:end] = torch.bmm(d_scores, k_rows[a:b, :end]).view(b - a, group, rows, head_dim)
-                dk[a:b, :end] += torch.bmm(d_scores.transpose(1, 2), q_block)
-        scale = head_dim ** -0.5
+        for a, b, start, end, probs in _blocks(q_scaled.float(), k_rows.float()):
+            rows = group * (end - start)
+            q_block = q_scaled[a:b, :, start:end].reshape(b - a, rows, head_dim)
+            d_block = d_rows[a:b, :, start:end].reshape(b - a, rows, head_dim)
+            dv[a:b, :end] += torch.bmm(probs.to(q_block.dtype).transpose(1, 2), d_block)
+            d_probs = torch.bmm(d_block, v_rows[a:b, :end].transpose(1, 2)).float()
+            d_scores = torch._softmax_backward_data(d_probs, probs, -1, torch.float32).to(q_block.dtype)
+            dq[a:b, :, start:end] = torch.bmm(d_scores, k_rows[a:b, :end]).view(b - a, group, end - start, head_dim)
+            dk[a:b, :end] += torch.bmm(d_scores.transpose(1, 2), q_block)
         shape = (n // ctx.kv_heads, ctx.kv_heads, length, head_dim)
-        return (dq.mul_(scale).view(shape[0], -1, length, head_dim), dk.view(shape).to(dq.dtype),
+        return (dq.mul_(head_dim ** -0.5).view(shape[0], -1, length, head_dim), dk.view(shape).to(dq.dtype),
                 dv.view(shape).to(dq.dtype))
 
 

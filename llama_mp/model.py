@@ -41,7 +41,8 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
 # llama_mp/decode_kernels.py (float32 arithmetic; each of torch's two tiny bfloat16 matmuls costs ~25 us a layer), else
 # the grouped matmul of Attention.attend_cached. Blocks of queries take the grouped matmul on a CPU in bfloat16 /
 # float16 while one row's scores (heads x new tokens x cached positions) stay within MAX, computed CHUNK scores at a
-# time (the chunk stays in cache); longer blocks take the fused kernel, which skips the causal half. Measured on
+# time (the chunk stays in cache); longer blocks take Attention.attend (the fused kernel, which skips the causal half;
+# from position 0 on a CPU without AMX, the blocked attention of llama_mp/causal_attention.py). Measured on
 # SmolLM2's shapes, 1-2 threads, bf16, on an AMD CPU with AVX512-BF16 and no AMX: a judge's 11 suffixes of 90 tokens
 # over 520 positions 22 -> 11 ms a layer, 4 x 256 over 512 17 -> 10 ms, 4 x 512 over 512 36 -> 31 ms, while 2 x 512
 # over 1024 is 35 vs 49 ms for the fused kernel. With AMX the fused kernel wins every block (2 threads: 11 x 90 over
