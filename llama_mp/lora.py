@@ -77,11 +77,11 @@ class ColumnLoRA(LoRA):
     """Adapter of a column-parallel W [out / mp, in]: A [r, in] replicated, B [out / mp, r] split like W."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A dropout(x) [.., r], the input of B (the same on every rank)."""
         x = _adapter_input(self, x)
         if self.training and self.dropout > 0:
             x = _dropout(x, self.dropout, x.shape[-1], slice(None))
-        z = F.linear(x, self.A)  # [.., r], the same on every rank
-        return F.linear(copy_to_model_parallel_region(z), self.B) * self.scale
+        return copy_to_model_parallel_region(F.linear(x, self.A))
 
 
 class RowLoRA(LoRA):
@@ -93,12 +93,20 @@ class RowLoRA(LoRA):
             width, rank = x.shape[-1], fs_init.get_model_parallel_rank()
             x = _dropout(x, self.dropout, width * fs_init.get_model_parallel_world_size(),
                          slice(rank * width, (rank + 1) * width))
-        z = reduce_from_model_parallel_region(F.linear(x, self.A))  # sum over the ranks' input slices: A x
-        return F.linear(z, self.B) * self.scale
+        return reduce_from_model_parallel_region(F.linear(x, self.A))  # sum over the ranks' input slices: A x
 
 
 def _add_adapter(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
-    return output + layer.lora(inputs[0]).to(output.dtype) if layer.lora.enabled else None
+    """output + scale * B z, z = A dropout(x). Where z and the output share a dtype (autocast, or a float32 base) as
+    one addmm: the scale and the sum ride on the matmul, where a product, its scaled copy and the sum were three
+    passes over an [.., out] tensor (and the scale a fourth in the backward)."""
+    lora = layer.lora
+    if not lora.enabled:
+        return None
+    z = lora(inputs[0])
+    if z.dtype != output.dtype:  # a bfloat16 base outside autocast: the adapter's product in its own dtype
+        return output + (F.linear(z, lora.B) * lora.scale).to(output.dtype)
+    return torch.addmm(output.flatten(0, -2), z.flatten(0, -2), lora.B.t(), alpha=lora.scale).view(output.shape)
 
 
 def _initial_a(name: str, rank: int, in_features: int, seed: int, device) -> torch.Tensor:

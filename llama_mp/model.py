@@ -8,8 +8,8 @@ One class serves inference and training:
   - `return_hidden=True` gives the final-norm hidden states instead of logits (scalar heads read them, and training
     losses take token log-probs from them through llama_mp/logprobs.py, never [batch, time, vocab] logits);
     `last_only=True` runs the output layer on the last position only (a sampler's prefill);
-  - under torch.autocast the residual stream stays float32; `activation_checkpointing` recomputes each block in the
-    backward pass.
+  - under torch.autocast the residual stream stays float32 and each block's two norm outputs go to the projections in
+    bfloat16 (cast once); `activation_checkpointing` recomputes each block in the backward pass.
 Tensor parallelism is expressed only by the layer classes: column-parallel wq/wk/wv/w1/w3/output, row-parallel wo/w2,
 and a parallel embedding (split along the embedding dim, or along the vocabulary when the output is tied to it).
 """
@@ -218,6 +218,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
+def matmul_input(x: torch.Tensor) -> torch.Tensor:
+    """A norm's float32 output as autocast's matmuls read it, cast once: autocast would cast it for every projection
+    and adapter that reads it (six in a LoRA attention), keep each copy for the backward and cast each gradient back.
+    The gradients of those readers are then summed in bfloat16 (rounding of the order of their own)."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """The inverse frequencies f_i = theta^(-2i/head_dim), [head_dim // 2] float32, as rescaled for long contexts."""
     head_dim = args.head_dim
@@ -402,9 +410,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, freqs_cis, start_pos, cache, mask, lengths=None):
         decode = lengths is not None
-        h = x + self.attention(self.attention_norm(x, decode), freqs_cis, start_pos, cache, self.layer_id, mask,
-                               lengths)
-        return h + self.feed_forward(self.ffn_norm(h, decode), fused=cache is not None)
+        h = x + self.attention(matmul_input(self.attention_norm(x, decode)), freqs_cis, start_pos, cache,
+                               self.layer_id, mask, lengths)
+        return h + self.feed_forward(matmul_input(self.ffn_norm(h, decode)), fused=cache is not None)
 
     def decode_weights(self, cache: KVCache, q8: Optional[decode_kernels.Q8Copies] = None) -> Optional[tuple]:
         """This block's tensors for llama_mp/decode_kernels.py's decode_layers (a batch-1 decode step in one call: the
