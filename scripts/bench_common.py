@@ -280,6 +280,17 @@ def release_memory() -> None:
         pass
 
 
+def memory_short(share: float = 0.25) -> bool:
+    """Less than `share` of the machine's memory available (/proc/meminfo's MemAvailable; False where it is not
+    readable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[1:2]}
+        return info["MemAvailable"] < share * info["MemTotal"]
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's resident high-water mark (VmHWM) to the current size: Linux's /proc/self/clear_refs "5"."""
     try:
