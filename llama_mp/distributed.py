@@ -79,28 +79,6 @@ _bound_to_launcher = False
 end_with_launcher()  # at import: before a worker does anything else
 
 
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep what this process frees for its next allocations, not give it back to the kernel.
-
-    By default every block above 32 MB is mmap'd and unmapped again when freed, and a large free top of the heap is
-    trimmed: each step of a training loop then faults its large tensors' pages in again, zeroed by the kernel (SmolLM2's
-    head-sized [49152, 576] gradients, 100-170 ms each here; the full bf16 SFT step at 8 x 512 ran 299 -> 349 tokens/s
-    without it, with the same peak memory). The resident size stays at the process's peak, which it needs anyway
-    (mallopt(3): M_MMAP_MAX 0 serves every request from the heap, M_TRIM_THRESHOLD -1 never trims; an explicit
-    malloc_trim still returns memory). Linux with glibc only; elsewhere nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, -1)
-    except (OSError, AttributeError):  # not glibc
-        return
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-
-
 def _environment() -> tuple[int, int, int, Optional[str]]:
     """(rank, world_size, local_rank, init_method) from torchrun, srun, or nothing (a world of one)."""
     env = os.environ
@@ -126,7 +104,6 @@ def global_rank() -> int:
 def init(model_parallel_size: Optional[int] = None, seed: int = 1, backend: Optional[str] = None) -> DistInfo:
     """Start (or join) the process group and the model-parallel groups; the model-parallel size defaults to the world."""
     rank, world, local_rank, init_method = _environment()
-    keep_freed_memory()
     use_cuda = torch.cuda.is_available()
     backend = backend or ("nccl" if use_cuda else "gloo")
     # local_rank modulo the visible devices: under srun's per-task GPU binding each task sees only its own GPU

@@ -147,10 +147,13 @@ def sft_examples(vocab_size: int, batch: int, seq_len: int) -> list[dict]:
 
 
 def build_ours(spec: dict, phases: StepPhases):
-    """The shared Trainer on step0's SFT loss: what `python -m step0_coldstart.train_sft` runs for one step."""
+    """The shared Trainer on step0's SFT loss: what `python -m step0_coldstart.train_sft` runs for one step (with the
+    allocator setting of every command's entry, llama_mp.cli.run)."""
+    from llama_mp.cli import keep_freed_memory
     from llama_mp.lora import load_model as load_trained
     from llama_mp.train import add_lora, backbone_dtype
     from step0_coldstart.train_sft import collate, response_loss
+    keep_freed_memory()
     info = distributed.init(1)
     config = TrainConfig(output_dir=scratch_dir("bench_train_out_"), lr=1e-5, warmup_ratio=0.0,
                          micro_batch_size=spec["batch"], epochs=1e6, log_every=0, precision=spec["precision"],
