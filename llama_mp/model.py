@@ -382,6 +382,28 @@ class Attention(nn.Module):
         return out
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward and recomputing silu(gate) there: autograd would keep
+    silu(gate) as well, a third [tokens, hidden] tensor per block (378 MB of SmolLM2's bf16 step at 8 x 512). The same
+    ops as autograd's, so the same roundings: d up = grad silu(gate), d gate = silu'(gate) grad up."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -396,7 +418,7 @@ class FeedForward(nn.Module):
         if fused and self.w13 is not None and not torch.is_grad_enabled():
             gate, up = linear(x, self.w13).chunk(2, dim=-1)
             return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

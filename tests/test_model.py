@@ -171,6 +171,27 @@ def test_training_forward_has_gradients_and_hidden_states(world1, gqa_dir):
     torch.testing.assert_close(model.output(hidden), logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_keeps_two_tensors_and_equals_autograd_bit_for_bit(dtype):
+    """The FFN's silu(gate) * up with its own backward: the values and gradients of autograd's two ops exactly, with
+    gate and up alone kept for the backward (autograd keeps silu(gate) as well)."""
+    gen = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(3, 5, 24, generator=gen, dtype=torch.float64).mul(3).to(dtype) for _ in range(3))
+    outs = []
+    for fn in (model_module.swiglu, lambda g, u: torch.nn.functional.silu(g) * u):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        y = fn(g, u)
+        y.backward(grad)
+        outs.append((y.detach(), g.grad, u.grad))
+    for ours, autograd in zip(*outs):
+        assert torch.equal(ours, autograd)
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    kept = model_module.swiglu(g, u).grad_fn.saved_tensors
+    assert len(kept) == 2 and kept[0] is g and kept[1] is u
+    with torch.no_grad():  # no graph: the plain ops
+        assert model_module.swiglu(g, u).grad_fn is None
+
+
 def test_fused_projections_sample_the_same_follow_in_place_updates_and_stay_out_of_uncached_forwards(world1, gqa_dir):
     model = load_model(gqa_dir)
     tokens = torch.randint(0, 64, (2, 9))
