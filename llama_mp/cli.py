@@ -23,10 +23,11 @@ def keep_freed_memory() -> None:
     pages in at the next allocation of the same size (mallopt(3): M_MMAP_MAX 0 serves every block from the heap,
     M_TRIM_THRESHOLD -1 never trims; an explicit malloc_trim still does). An inference loop whose tensor shapes vary
     from call to call (a judge's prompts, a sampler's ragged batches) spent 10-15% of its time in page faults otherwise:
-    SmolLM2's judge, one thread, 3.3-3.5 -> 2.85-2.9 s a pair. Blocks above 32 MB were still mapped afresh each time
-    while mmap served them: SmolLM2's head-sized [49152, 576] tensors of a full fine-tuning step, 100-170 ms each (the
-    bf16 SFT step at 8 x 512, 2 threads: 299 -> 349 tokens/s with the heap serving every block). The resident size no
-    longer shrinks after a peak; the peak is unchanged. Without glibc nothing is done."""
+    SmolLM2's judge, one thread, 3.3-3.5 -> 2.85-2.9 s a pair. Blocks above 32 MB (the largest mmap threshold glibc
+    takes) are served by the heap too: mapped afresh, SmolLM2's head-sized [49152, 576] tensors of a full fine-tuning
+    step cost 100-170 ms each (that bf16 step at 8 x 512 on 2 threads: 299 tokens/s with glibc's defaults, 349 with
+    this setting). The resident size no longer shrinks after a peak; the peak is unchanged. Without glibc nothing is
+    done."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
