@@ -399,6 +399,7 @@ class SwiGLU(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the plain ops where no gradient is taken."""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return SwiGLU.apply(gate, up)
     return F.silu(gate) * up
@@ -416,8 +417,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x, fused: bool = False):
         if fused and self.w13 is not None and not torch.is_grad_enabled():
-            gate, up = linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
+            return self.w2(swiglu(*linear(x, self.w13).chunk(2, dim=-1)))
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 

@@ -85,6 +85,31 @@ def one_lora_step(ckpt_dir: str, out_dir: str, model_parallel_size: int):
     return out
 
 
+@pytest.mark.parametrize("base_dtype, autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.bfloat16, True)])
+def test_an_adapted_layer_adds_scale_b_a_x(world1, gqa_dir, base_dtype, autocast):
+    """Each way the hook adds the adapter (one addmm where the output and A x share a dtype; the float32 product cast
+    to a bfloat16 base outside autocast) against W x + (alpha / r) B A x in float64, within the compute dtype's
+    rounding of the output."""
+    model = load_model(gqa_dir, dtype=base_dtype)
+    lora.apply_lora(model, rank=4, alpha=8, targets="w1", base_dir=gqa_dir)
+    random_b(model, seed=3)
+    layer = model.layers[0].feed_forward.w1
+    with torch.no_grad():
+        layer.lora.B.mul_(5)  # an adapter term of the base's size
+    x = torch.randn(2, 5, layer.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(base_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = layer(x)
+    a, b, w = (t.double() for t in (layer.lora.A, layer.lora.B, layer.weight))
+    expected = x.double() @ w.T + 2.0 * (x.double() @ a.T @ b.T)
+    bf16 = base_dtype == torch.bfloat16 or autocast
+    # one bf16 rounding of the output and of the products' inputs: ~3 ulp of 2^-8; float32: ~1e-6
+    tolerance = 3 * 2 ** -8 if bf16 else 1e-5
+    assert got.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < tolerance
+    assert (expected - x.double() @ w.T).abs().max() > 10 * tolerance * expected.abs().max()  # the adapter counts
+
+
 def test_model_parallel_2_equals_1_with_dropout(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     make_random_checkpoint(ckpt, seed=6, **GQA4_ARGS)

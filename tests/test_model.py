@@ -192,6 +192,22 @@ def test_swiglu_keeps_two_tensors_and_equals_autograd_bit_for_bit(dtype):
         assert model_module.swiglu(g, u).grad_fn is None
 
 
+def test_autocast_casts_a_norm_output_once_with_the_same_forward(world1, gqa_dir, monkeypatch):
+    """Under bf16 autocast a block's norm outputs reach its projections in bf16, cast once: the same logits, bit for
+    bit, as autocast casting the float32 outputs for each projection (its summed gradients round differently)."""
+    model = load_model(gqa_dir).train()
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    inputs = []
+    monkeypatch.setattr(model.layers[0].attention.wq, "forward", lambda x, f=model.layers[0].attention.wq.forward:
+                        inputs.append(x.dtype) or f(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once = model(tokens)
+        monkeypatch.setattr(model_module, "matmul_input", lambda x: x)
+        per_projection = model(tokens)
+    assert inputs == [torch.bfloat16, torch.float32]
+    assert torch.equal(once, per_projection)
+
+
 def test_fused_projections_sample_the_same_follow_in_place_updates_and_stay_out_of_uncached_forwards(world1, gqa_dir):
     model = load_model(gqa_dir)
     tokens = torch.randint(0, 64, (2, 9))
