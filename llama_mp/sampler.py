@@ -204,11 +204,26 @@ class Sampler:
         state [B, dim] of each one's last token.
 
         reuse_cache: a row computes only the tokens after the prefix it shares with what the row held after the
-        previous call (at least its last token, whose hidden state is returned)."""
+        previous call (at least its last token, whose hidden state is returned).
+
+        A prompt that comes several times (one prompt sampled num_repeat times) is computed once, when every row
+        starts from scratch, and its cache row is copied to its repeats."""
         cache = self._kv_cache(len(prompts), length)  # first: a new cache holds nothing
         held = self._held if reuse_cache else []
         starts = [min(common_prefix(p, held[row]), len(p) - 1) if row < len(held) else 0
                   for row, p in enumerate(prompts)]
+        slots: dict[tuple, int] = {}
+        slot = [slots.setdefault(tuple(p), len(slots)) for p in prompts] if not any(starts) else []
+        if slot and len(slots) < len(prompts):
+            distinct = [list(p) for p in slots]  # in order of first appearance: slot[row] <= row
+            hidden = self.model(right_pad(distinct, self.device), 0, cache, return_hidden=True)
+            hidden = hidden[torch.arange(len(distinct), device=self.device), last_positions(distinct, self.device)]
+            source, used = torch.tensor(slot, device=self.device), max(len(p) for p in distinct)
+            for keys, values in zip(cache.keys, cache.values):  # gathered before written: no row is read after
+                keys[:len(prompts), ..., :used] = keys[source, ..., :used]  # it was overwritten
+                values[:len(prompts), :, :used] = values[source, :, :used]
+            self._held = [list(p) for p in prompts]
+            return hidden[source]
         tails = [p[start:] for p, start in zip(prompts, starts)]
         start_pos = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=self.device)
         hidden = self.model(right_pad(tails, self.device), start_pos, cache, return_hidden=True)

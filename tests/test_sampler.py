@@ -309,3 +309,26 @@ def test_candidate_logprobs_follow_full_sequence_probabilities(sampler):
     torch.testing.assert_close(torch.tensor(reused), torch.tensor(got), atol=1e-4, rtol=0)
     with pytest.raises(PromptTooLongError):
         sampler.candidate_logprobs(["x " * 600], candidates)
+
+
+def test_a_repeated_prompt_is_computed_once_and_each_repeat_samples_as_it_would_alone(sampler, world1):
+    prompts = [PROMPTS[3], PROMPTS[0], PROMPTS[3], PROMPTS[3], PROMPTS[0]]  # a prompt drawn several times
+    seeds = [11, 12, 13, 14, 15]
+    rows = []
+    forward = sampler.model.forward
+    sampler.model.forward = lambda tokens, *a, **k: rows.append(tokens.shape[0]) or forward(tokens, *a, **k)
+    try:
+        together = sampler.generate(prompts, 20, temperature=1.0, seed=seeds)
+    finally:
+        del sampler.model.forward
+    assert rows[0] == 2 and rows[1:] == [5] * (len(rows) - 1)  # the prefill: the two distinct prompts only
+    small = Sampler(sampler.model, sampler.tokenizer, max_batch_size=1)
+    for prompt, seed, got in zip(prompts, seeds, together):
+        alone = small.generate([prompt], 20, temperature=1.0, seed=[seed])[0]
+        assert got.tokens == alone.tokens  # each repeat decodes from its own copy of the prompt's keys and values
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+    assert len({tuple(c.tokens) for c in together}) > 2  # the repeats drew different samples from one prompt
+    candidates = [" cat", " dog", " big red ball"]
+    repeated = sampler.candidate_logprobs(prompts, candidates)
+    separately = [small.candidate_logprobs([p], candidates)[0] for p in prompts]
+    torch.testing.assert_close(torch.tensor(repeated), torch.tensor(separately), atol=1e-4, rtol=0)
