@@ -13,7 +13,8 @@ the step is distributed):
   salmon_responses two responses per OASST1 prompt (seeds 42 and 43), in the policy's chat format
   salmon_judge     self-judging under the principles, both orders; aggregation into reward-model data and DPO pairs;
                    with salmon.judge_eval_pairs > 0, first the judge's agreement with OASST1 human rankings
-  reward_model     the principle-following reward model, evaluated on held-out synthetic and OASST1 human pairs
+  reward_model     the principle-following reward model, evaluated on held-out synthetic and OASST1 human pairs;
+                   with salmon.pmp_pairs > 0, first preference-model pre-training on OASST1 human pairs
   dpo              DPO of the policy on the step-1 pairs
   ppo              PPO of the policy against the reward model with the RL-time principles
   policy_eval      the DPO and PPO policies against the initial one on held-out prompts (OASST1 validation first
@@ -43,7 +44,7 @@ from llama_mp import cli  # noqa: E402
 from llama_mp.config import Arg, add_config_flags, load_config  # noqa: E402
 from llama_mp.stages import RunDir  # noqa: E402
 from llama_mp.jsonl import read_jsonl  # noqa: E402
-from llama_mp.output_dir import resume_args  # noqa: E402
+from llama_mp.output_dir import latest_checkpoint, resume_args  # noqa: E402
 from quickstart_report import write_report  # noqa: E402
 
 MODELS = {  # model -> (the policy checkpoint, relative to the run directory or absolute; its tokenizer)
@@ -65,7 +66,13 @@ class Salmon:
     judge_eval_pairs: int = 0  # > 0: OASST1 best-vs-worst human pairs judged before any training
     judge_max_seq_len: int = 1536
     eval_prompts: int = 0  # > 0: held-out prompts of the DPO/PPO evaluation (policy_eval)
+    # > 0: preference-model pre-training (SALMON's first reward-model stage) on this many OASST1 human pairs (best vs
+    # worst answer) of the prompts after the file's first pmp_skip_prompts, which the judge agreement and the held-out
+    # evaluation read; the reward model then trains on the synthetic pairs from it
+    pmp_pairs: int = 0
+    pmp_skip_prompts: int = 80
     rm_flags: list[Arg] = field(default_factory=list)
+    pmp_flags: list[Arg] = field(default_factory=list)  # the PMP run's: after rm_flags (a later flag wins)
     dpo_flags: list[Arg] = field(default_factory=list)
     ppo_flags: list[Arg] = field(default_factory=list)
     eval_flags: list[Arg] = field(default_factory=list)
@@ -151,6 +158,11 @@ def metrics(path: str) -> list[dict]:
 def count_lines(path: str) -> int:
     with open(path) as f:
         return sum(1 for line in f if line.strip())
+
+
+def count_json(path: str) -> int:
+    with open(path) as f:
+        return len(json.load(f))
 
 
 # ---- the stages: each runs its commands and returns its figures ---------------------------------------------------------
@@ -243,15 +255,27 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     same_pairs = []  # the human check on the pairs the judge's agreement was measured on: the figures compare
     if cfg.salmon.judge_eval_pairs:
         same_pairs = ["--human_eval_against", "worst", "--human_eval_max_pairs", str(cfg.salmon.judge_eval_pairs)]
-    run.step("reward_model", lambda: script("train_reward_model.sh", *same_pairs, *d["precision"], *cfg.salmon.rm_flags,
+    s, start, figures = cfg.salmon, d["policy"], {}
+    if s.pmp_pairs:  # preference-model pre-training on human pairs, then the synthetic pairs from its checkpoint
+        pairs, pmp = os.path.join(d["step1"], "pmp_pairs.json"), os.path.join(d["run"], "rm_pmp")
+        run.step("pmp_pairs", lambda: python(
+            "step2_reward_model.human_pairs", "--output_file", pairs, "--skip_prompts", str(s.pmp_skip_prompts),
+            "--max_pairs", str(s.pmp_pairs), "--overwrite"), None, [pairs])
+        run.step("reward_model_pmp", lambda: script("train_reward_model.sh", *same_pairs, *d["precision"], *s.rm_flags,
+                                                    *s.pmp_flags, *resume_args(pmp)),
+                 {"CKPT_DIR": d["policy"], "TRAIN_FILE": pairs, "OUTPUT_DIR": pmp})
+        start = latest_checkpoint(pmp)
+        with open(os.path.join(pmp, "eval.json")) as f:
+            figures["pmp"] = {"pairs": count_json(pairs), **json.load(f)}
+    run.step("reward_model", lambda: script("train_reward_model.sh", *same_pairs, *d["precision"], *s.rm_flags,
                                             *resume_args(out)),
-             {"CKPT_DIR": d["policy"], "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
+             {"CKPT_DIR": start, "TRAIN_FILE": os.path.join(d["step1"], "synthetic_preference.json"),
               "OUTPUT_DIR": out})
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
     curve = metrics(os.path.join(out, "metrics.jsonl"))
-    return {"outputs": [out], "steps": len(curve), "loss_first": curve[0]["loss"], "loss_last": curve[-1]["loss"],
-            "eval": evaluation}
+    return {"outputs": [out] + ([os.path.join(d["run"], "rm_pmp")] if s.pmp_pairs else []), "steps": len(curve),
+            "loss_first": curve[0]["loss"], "loss_last": curve[-1]["loss"], "eval": evaluation, **figures}
 
 
 def stage_dpo(run: Runner, d: dict, cfg: dict) -> dict:
@@ -286,7 +310,8 @@ def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
         "launch.sh", "step3_rl.evaluate_policy", "--initial_ckpt", d["policy"], "--tokenizer_path", d["tokenizer"],
         "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
         "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
-        "--judge_dtype", d["dtype"], *d["precision"], "--overwrite", *s.eval_flags),
+        "--judge_dtype", d["dtype"], *d["precision"], "--overwrite", *s.eval_flags,
+        *(["--exclude_prompts", os.path.join(d["step1"], "pmp_pairs.json")] if s.pmp_pairs else [])),
         {"NPROC_PER_NODE": "1"}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
     with open(out) as f:
         report = json.load(f)

@@ -70,6 +70,8 @@ def verdict_rm(f: dict, judge: dict) -> str:
             line += f" (judge {fmt(judge.get('agreement'), 2)}, length {fmt(judge.get('length_baseline'), 2)})"
     if e.get("heldout_flip_rate") is not None:
         line += f"; flips under negated principles {fmt(e['heldout_flip_rate'], 2)}"
+    if f.get("pmp", {}).get("human_accuracy") is not None:
+        line += f"; after PMP on {f['pmp']['pairs']} human pairs alone: humans {fmt(f['pmp']['human_accuracy'], 2)}"
     return line
 
 
@@ -181,14 +183,18 @@ def pictures(run_dir: str, report: dict) -> list[tuple[str, str]]:
         save(fig, "judge.png", "The self-judge against human rankings")
 
     rm = figures_of(report, "reward_model").get("eval", {})
+    pmp = figures_of(report, "reward_model").get("pmp", {})
     jf = figures_of(report, "salmon_judge").get("judge_agreement") or {}
-    bars = [("RM: held-out synthetic", rm.get("heldout_accuracy")), ("RM: OASST1 humans", rm.get("human_accuracy")),
-            ("judge: OASST1 humans", jf.get("agreement")), ("longer wins: OASST1", jf.get("length_baseline")),
-            ("RM: flips when negated", rm.get("heldout_flip_rate"))]
-    bars = [(n, v) for n, v in bars if v is not None]
+    bars = [("RM: held-out synthetic", rm.get("heldout_accuracy"), "C0"),
+            ("RM: OASST1 humans", rm.get("human_accuracy"), "C0"),
+            ("PMP alone: OASST1 humans", pmp.get("human_accuracy"), "C4"),
+            ("judge: OASST1 humans", jf.get("agreement"), "C1"),
+            ("longer wins: OASST1", jf.get("length_baseline"), "C3"),
+            ("RM: flips when negated", rm.get("heldout_flip_rate"), "C2")]
+    bars = [bar for bar in bars if bar[1] is not None]
     if bars:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        ax.bar([n for n, _ in bars], [v for _, v in bars], color=["C0", "C0", "C1", "C3", "C2"][:len(bars)])
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        ax.bar([n for n, _, _ in bars], [v for _, v, _ in bars], color=[c for _, _, c in bars])
         ax.axhline(0.5, color="gray", ls=":")
         ax.axhline(RM_ACCURACY_TARGET, color="C0", ls="--", lw=0.8)
         ax.set_ylim(0, 1)
@@ -281,7 +287,7 @@ def markdown(report: dict, drawn: list[tuple[str, str]], kl_target=None) -> str:
     if judge.get("judged_pairs") is not None:
         lines += ["", f"Step 1 judged {judge['judged_pairs']} (pair, principle) records and kept "
                       f"{judge['reward_model_pairs']} reward-model pairs and {judge['dpo_pairs']} DPO pairs."]
-    rm = figures_of(report, "reward_model").get("eval")
+    rm, pmp = figures_of(report, "reward_model").get("eval"), figures_of(report, "reward_model").get("pmp")
     if rm:
         lines += ["", "## Reward model", ""]
         lines += table(["figure", "value", "on"], [
@@ -291,6 +297,9 @@ def markdown(report: dict, drawn: list[tuple[str, str]], kl_target=None) -> str:
             ["held-out flip rate under negated principles", rm.get("heldout_flip_rate"),
              f"{rm.get('heldout_flip_pairs')} pairs"],
             ["OASST1 human-pair accuracy", rm.get("human_accuracy"), f"{rm.get('human_pairs')} pairs"],
+            *([["the same after preference-model pre-training alone", pmp.get("human_accuracy"),
+                f"{pmp.get('human_pairs')} pairs (pre-trained on {pmp['pairs']} human pairs of other prompts)"]]
+              if pmp else []),
             ["the judge's agreement with humans", (judge.get("judge_agreement") or {}).get("agreement"),
              "judge-agreement pairs"],
             ["length baseline (longer wins)", (judge.get("judge_agreement") or {}).get("length_baseline"),

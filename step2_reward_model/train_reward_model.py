@@ -205,6 +205,11 @@ def main() -> None:
     human = (oasst_human_pairs(opts.human_eval_file, [p["definition"] for p in ordered[:opts.default_principles]],
                                opts.human_eval_against) if opts.human_eval_file else [])
     human = human[:opts.human_eval_max_pairs] if opts.human_eval_max_pairs > 0 else human
+    trained_on = {e["id"] for e in examples} & {h["id"] for h in human}
+    if trained_on:  # the pairs step2_reward_model.human_pairs writes for PMP carry their prompts' message ids
+        raise ValueError(f"{opts.train_file}: trains on {len(trained_on)} prompts of the human check "
+                         f"({opts.human_eval_file}); take the training pairs from other prompts (human_pairs "
+                         f"--skip_prompts) or check fewer (--human_eval_max_pairs)")
 
     info = distributed.init(layout.model_parallel_size, seed=train_cfg.seed)
     rm = load_reward_model(opts.ckpt_dir, info.model_parallel_size, info.model_parallel_rank, opts.max_seq_len,

@@ -75,6 +75,8 @@ class EvaluateOptions(cli.Layout):
     output_file: Optional[str] = None
     messages_file: str = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
     prompts_file: Optional[str] = field(default=None, metadata={"help": "prompt records instead of messages_file"})
+    exclude_prompts: Optional[str] = field(default=None, metadata={
+        "help": "records (e.g. a reward model's training pairs) whose prompts, by id or instruction, are left out"})
     num_prompts: PositiveInt = 64
     max_prompt_len: PositiveInt = field(default=192, metadata={"help": "longer queries are left out"})
     max_gen_len: PositiveInt = 128
@@ -112,11 +114,18 @@ def parse_policy(text: str) -> tuple[str, str]:
 
 def heldout_prompts(opts) -> tuple[list[dict], str]:
     if opts.prompts_file:
-        return load_prompts(opts.prompts_file), opts.prompts_file
-    prompts = [{"id": pid, "instruction": text, "input": ""} for pid, text in first_turn_prompts(opts.messages_file)]
-    if not prompts:
-        raise ValueError(f"{opts.messages_file}: no first-turn prompts")
-    return prompts, f"{opts.messages_file} (first user turns)"
+        prompts, source = load_prompts(opts.prompts_file), opts.prompts_file
+    else:
+        prompts = [{"id": pid, "instruction": text, "input": ""} for pid, text in first_turn_prompts(opts.messages_file)]
+        if not prompts:
+            raise ValueError(f"{opts.messages_file}: no first-turn prompts")
+        source = f"{opts.messages_file} (first user turns)"
+    if opts.exclude_prompts:  # held out from what trained the models too (the quickstart: the reward model's PMP pairs)
+        trained = load_prompts(opts.exclude_prompts)
+        ids, texts = {p["id"] for p in trained}, {p["instruction"] for p in trained}
+        prompts = [p for p in prompts if p["id"] not in ids and p["instruction"] not in texts]
+        source += f" without the prompts of {opts.exclude_prompts}"
+    return prompts, source
 
 
 def gather(info, rows: list) -> list:

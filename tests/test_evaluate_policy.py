@@ -155,3 +155,19 @@ def test_bf16_evaluation_computes_lora_policies_as_their_training_did(tmp_path, 
             # a head of norm ~8 (dim 64) on final-norm states of norm ~8 with a relative error of ~1%: ~0.6
             # (measured: at most 0.22)
             assert math.isclose(r[name]["reward"], rewards[name], abs_tol=0.6), (name, r[name]["reward"], rewards)
+
+
+def test_held_out_prompts_leave_out_the_prompts_a_model_trained_on(tmp_path):
+    from step2_reward_model.human_pairs import MESSAGES, first_turn_prompts, pmp_pairs
+    from step3_rl.evaluate_policy import EvaluateOptions, heldout_prompts
+
+    every = [pid for pid, _ in first_turn_prompts(MESSAGES)]
+    assert [p["id"] for p in heldout_prompts(EvaluateOptions())[0]] == every
+    trained = pmp_pairs(MESSAGES, 2, 3)  # after the first 2 prompts, the next 3 with a ranked pair (message ids)
+    by_id, by_text = tmp_path / "by_id.json", tmp_path / "by_text.json"
+    by_id.write_text(json.dumps(trained))
+    by_text.write_text(json.dumps([{"instruction": r["instruction"]} for r in trained]))  # another id scheme
+    for path in (by_id, by_text):
+        prompts, source = heldout_prompts(EvaluateOptions(exclude_prompts=str(path)))
+        assert [p["id"] for p in prompts] == [pid for pid in every if pid not in {r["id"] for r in trained}]
+        assert len(prompts) == len(every) - 3 and str(path) in source

@@ -12,7 +12,7 @@ from llama_mp.tokenizer import Tokenizer
 from llama_mp.jsonl import read_text
 from step1_synthetic_preference.judge_agreement import agreement_report, judge_pairs
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, judge_chunk
-from step2_reward_model.human_pairs import oasst_human_pairs
+from step2_reward_model.human_pairs import first_turn_prompts, oasst_human_pairs, pmp_pairs
 
 OASST = os.path.join(ROOT, "data/oasst1/oasst1_en_validation_messages.jsonl")
 
@@ -47,6 +47,30 @@ def test_human_pairs_best_against_worst_or_all(messages_file):
         ("p4", "An apple a day.", "Pear")]
     assert [p["rejected"] for p in oasst_human_pairs(messages_file, [], "all")] == [
         "Red.", "Hi you", "Hi.", "It is five, I think.", "Pear"]
+
+
+def test_pmp_pairs_skip_the_evaluations_prompts_and_hide_the_label_in_a_seeded_position(messages_file, tmp_path):
+    records = pmp_pairs(messages_file, skip_prompts=1, max_pairs=0)  # p1 left to the evaluations; p5 has no pair
+    better = {"p2": "Hello there!", "p3": "4", "p4": "An apple a day."}
+    worse = {"p2": "Hi.", "p3": "It is five, I think.", "p4": "Pear"}
+    assert [r["id"] for r in records] == ["p2", "p3", "p4"]
+    for r in records:  # what the reward-model trainer reads: the human's better answer is the preferred output
+        chosen, rejected = (r["output_1"], r["output_2"]) if r["preference"] == 1 else (r["output_2"], r["output_1"])
+        assert (chosen, rejected) == (better[r["id"]], worse[r["id"]]) and r["input"] == ""
+    assert [r["id"] for r in pmp_pairs(messages_file, skip_prompts=2, max_pairs=1)] == ["p3"]
+    assert pmp_pairs(messages_file, 1, 0, seed=0) == records  # seeded
+    positions = {seed: [r["preference"] for r in pmp_pairs(OASST, 80, 64, seed)] for seed in (0, 1)}
+    assert positions[0] != positions[1] and 16 < sum(p == 1 for p in positions[0]) < 48  # ~half each way
+    first = {pid for pid, _ in first_turn_prompts(OASST)[:80]}
+    assert len(pmp_pairs(OASST, 80, 64)) == 64 and not first & {r["id"] for r in pmp_pairs(OASST, 80, 0)}
+    out = tmp_path / "pmp.json"
+    done = run_cli("-m", "step2_reward_model.human_pairs", "--messages_file", messages_file, "--output_file", str(out),
+                   "--skip_prompts", "1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == records
+    failed = run_cli("-m", "step2_reward_model.human_pairs", "--messages_file", messages_file, "--output_file",
+                     str(tmp_path / "none.json"), "--skip_prompts", "4")
+    assert failed.returncode != 0 and "no ranked pair after its first 4 prompts" in failed.stderr
 
 
 def test_human_pairs_are_the_reward_models_355_on_the_shipped_file():

@@ -170,10 +170,14 @@ def test_the_smollm2_chain_runs_end_to_end(tmp_path):
     assert len(responses) == 4 and all(r["finish_reason"] in ("eos", "length", "prompt_too_long") for r in responses)
     judge = report["stages"]["salmon_judge"]["figures"]["judge_agreement"]
     assert 0.0 <= judge["agreement"] <= 1.0 and 0.0 <= judge["length_baseline"] <= 1.0
-    for sub in ("rm", "dpo", "ppo"):  # LoRA runs: adapters pointing to the real base, the tokenizer carried along
+    for sub in ("rm_pmp", "rm", "dpo", "ppo"):  # LoRA runs: adapters pointing to their base, the tokenizer carried
         ckpt = final_checkpoint(os.path.join(run_dir, sub))
         assert os.path.isfile(os.path.join(ckpt, "adapter_config.json")), sub
         assert os.path.isfile(os.path.join(ckpt, "tokenizer.json")), sub
+    # the reward model trained its synthetic pairs on top of the PMP run (SALMON's two stages), PPO read that chain
+    rm_base = json.load(open(os.path.join(final_checkpoint(os.path.join(run_dir, "rm")), "adapter_config.json")))["base"]
+    assert rm_base == final_checkpoint(os.path.join(run_dir, "rm_pmp"))
+    assert report["stages"]["reward_model"]["figures"]["pmp"]["pairs"] == 2
     assert "abalone" in report["stages"]["tabular"]["figures"]["ml_efficiency"]
     evaluation = report["stages"]["policy_eval"]["figures"]  # held-out prompts: the trained policies against the start
     assert evaluation["prompts"] == 2 and set(evaluation["policies"]) == {"initial", "dpo", "ppo"}

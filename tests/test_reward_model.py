@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
-from conftest import TOK512, run_cli, run_distributed
+from conftest import ROOT, TOK512, run_cli, run_distributed
 from llama_mp import distributed
 from llama_mp.checkpoint import load_model
 from llama_mp.tokenizer import Tokenizer
 from llama_mp.train import TrainConfig, Trainer
+from step2_reward_model.human_pairs import pmp_pairs
 from step2_reward_model.reward_model import PromptBuilder, RewardModel, load_reward_model, pad_batch, pairwise_loss
 
 TEMPLATE = "Response: {Output}\nQuestion: {Input}\nRules:\n{Dimensions}\nThe quality of the output is"
@@ -177,6 +178,9 @@ def test_bad_training_input_fails_with_one_line(stories_dir, tmp_path):
     result = train([{**good, "dimensions": "('Concise', 'Nonexistent')", "negative_definitions": "(0, 1)"}])
     assert result.returncode == 2 and "principle 'Nonexistent' is not in" in result.stderr
     assert "Traceback" not in result.stderr
+    first_human_pair = pmp_pairs(os.path.join(ROOT, "data/oasst1/oasst1_en_validation_messages.jsonl"), 0, 1)
+    result = train(first_human_pair + [good], "--human_eval_against", "worst", "--human_eval_max_pairs", "1")
+    assert result.returncode == 2 and "pairs.json: trains on 1 prompts of the human check" in result.stderr
 
 
 def test_score_cli_equals_the_model_on_the_built_prompt(world1, stories_dir, tokenizer, tmp_path):
