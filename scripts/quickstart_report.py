@@ -185,12 +185,12 @@ def pictures(run_dir: str, report: dict) -> list[tuple[str, str]]:
     rm = figures_of(report, "reward_model").get("eval", {})
     pmp = figures_of(report, "reward_model").get("pmp", {})
     jf = figures_of(report, "salmon_judge").get("judge_agreement") or {}
-    bars = [("RM: held-out synthetic", rm.get("heldout_accuracy"), "C0"),
-            ("RM: OASST1 humans", rm.get("human_accuracy"), "C0"),
-            ("PMP alone: OASST1 humans", pmp.get("human_accuracy"), "C4"),
-            ("judge: OASST1 humans", jf.get("agreement"), "C1"),
-            ("longer wins: OASST1", jf.get("length_baseline"), "C3"),
-            ("RM: flips when negated", rm.get("heldout_flip_rate"), "C2")]
+    bars = [("RM:\nheld-out synthetic", rm.get("heldout_accuracy"), "C0"),
+            ("RM:\nOASST1 humans", rm.get("human_accuracy"), "C0"),
+            ("PMP alone:\nOASST1 humans", pmp.get("human_accuracy"), "C4"),
+            ("judge:\nOASST1 humans", jf.get("agreement"), "C1"),
+            ("longer wins:\nOASST1 humans", jf.get("length_baseline"), "C3"),
+            ("RM: flips\nwhen negated", rm.get("heldout_flip_rate"), "C2")]
     bars = [bar for bar in bars if bar[1] is not None]
     if bars:
         fig, ax = plt.subplots(figsize=(8, 3.2))
