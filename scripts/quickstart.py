@@ -98,10 +98,34 @@ class QuickstartConfig:
     tabular: Tabular = field(default_factory=Tabular)
 
 
+def check_pmp(cfg, config_file: str) -> None:
+    """PMP trains on human pairs: the reward model's human check must read other prompts. Checked before any stage
+    runs (the trainer refuses the overlap too, but only when its turn comes)."""
+    s = cfg.salmon
+    if not s.pmp_pairs or flag_value(s.rm_flags + s.pmp_flags, "--human_eval_file") == "":  # no human check
+        return
+    if not s.judge_eval_pairs:  # the trainer's default human check reads every OASST1 pair, PMP's among them
+        raise ValueError(f"{config_file}: salmon.pmp_pairs needs salmon.judge_eval_pairs > 0 (the reward model's "
+                         f"human check then reads those pairs only) or --human_eval_file \"\" in salmon.rm_flags")
+    from step2_reward_model.human_pairs import MESSAGES, oasst_human_pairs, pmp_pairs
+    checked = {p["id"] for p in oasst_human_pairs(MESSAGES, [], "worst")[:s.judge_eval_pairs]}
+    shared = checked & {p["id"] for p in pmp_pairs(MESSAGES, s.pmp_skip_prompts, s.pmp_pairs)}
+    if shared:
+        raise ValueError(f"{config_file}: PMP would train on {len(shared)} of the {s.judge_eval_pairs} prompts the "
+                         f"human check reads; raise salmon.pmp_skip_prompts ({s.pmp_skip_prompts}) or lower "
+                         f"salmon.judge_eval_pairs")
+
+
+def flag_value(flags: list, name: str):
+    """The value of the last `name` among a command's flags (a later flag wins), or None."""
+    at = [i for i, f in enumerate(flags) if f == name]
+    return flags[at[-1] + 1] if at and at[-1] + 1 < len(flags) else None
+
+
 def kl_target(cfg: dict):
     """PPO's --kl_target among the config's ppo_flags (None when PPO runs with a fixed coefficient)."""
-    flags = cfg.salmon.ppo_flags
-    return float(flags[flags.index("--kl_target") + 1]) if "--kl_target" in flags else None
+    value = flag_value(cfg.salmon.ppo_flags, "--kl_target")
+    return None if value is None else float(value)
 
 
 def sampling_dtype(choice: str) -> str:
@@ -274,7 +298,8 @@ def stage_reward_model(run: Runner, d: dict, cfg: dict) -> dict:
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
     curve = metrics(os.path.join(out, "metrics.jsonl"))
-    return {"outputs": [out] + ([os.path.join(d["run"], "rm_pmp")] if s.pmp_pairs else []), "steps": len(curve),
+    return {"outputs": [out] + ([os.path.join(d["step1"], "pmp_pairs.json"), os.path.join(d["run"], "rm_pmp")]
+                                if s.pmp_pairs else []), "steps": len(curve),
             "loss_first": curve[0]["loss"], "loss_last": curve[-1]["loss"], "eval": evaluation, **figures}
 
 
@@ -353,6 +378,7 @@ def main() -> None:
     cfg = load_config(QuickstartConfig, opts, config_file)
     if cfg.model not in MODELS:
         raise ValueError(f"{config_file}: model {cfg.model!r} is not one of {', '.join(MODELS)}")
+    check_pmp(cfg, config_file)
     run_dir = os.path.abspath(os.path.join(ROOT, cfg.run_dir))
     rd = RunDir(run_dir, fresh=opts.fresh)
     policy, tokenizer = MODELS[cfg.model]

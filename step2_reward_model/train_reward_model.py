@@ -205,9 +205,13 @@ def main() -> None:
     human = (oasst_human_pairs(opts.human_eval_file, [p["definition"] for p in ordered[:opts.default_principles]],
                                opts.human_eval_against) if opts.human_eval_file else [])
     human = human[:opts.human_eval_max_pairs] if opts.human_eval_max_pairs > 0 else human
-    trained_on = {e["id"] for e in examples} & {h["id"] for h in human}
-    if trained_on:  # the pairs step2_reward_model.human_pairs writes for PMP carry their prompts' message ids
-        raise ValueError(f"{opts.train_file}: trains on {len(trained_on)} prompts of the human check "
+    # human pairs as training pairs (PMP) must come from other prompts than the human check's: by message id (what
+    # step2_reward_model.human_pairs writes) or by instruction. (Only this run's file: a run started from a PMP
+    # checkpoint should pass the same bounded human check, as the quickstart does.)
+    ids, texts = {e["id"] for e in examples}, {e["instruction"] for e in examples}
+    shared = [h for h in human if h["id"] in ids or h["instruction"] in texts]
+    if shared:
+        raise ValueError(f"{opts.train_file}: holds {len(shared)} prompts of the human check "
                          f"({opts.human_eval_file}); take the training pairs from other prompts (human_pairs "
                          f"--skip_prompts) or check fewer (--human_eval_max_pairs)")
 

@@ -124,6 +124,8 @@ def heldout_prompts(opts) -> tuple[list[dict], str]:
         trained = load_prompts(opts.exclude_prompts)
         ids, texts = {p["id"] for p in trained}, {p["instruction"] for p in trained}
         prompts = [p for p in prompts if p["id"] not in ids and p["instruction"] not in texts]
+        if not prompts:
+            raise ValueError(f"{opts.exclude_prompts}: leaves out every prompt of {source}")
         source += f" without the prompts of {opts.exclude_prompts}"
     return prompts, source
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -114,24 +115,25 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
                                f"cut {json.dumps(other, sort_keys=True)[:600]}")
     # final files identical byte for byte, final weights bit for bit
     for rel in ("step1/oasst1_response0.jsonl", "step1/oasst1_response1.jsonl", "step1/oasst1_preference.jsonl",
-                "step1/synthetic_preference.json", "step1/synthetic_preference_pairs.jsonl", "rm/eval.json",
+                "step1/synthetic_preference.json", "step1/synthetic_preference_pairs.jsonl", "step1/pmp_pairs.json",
+                "rm_pmp/eval.json", "rm/eval.json",
                 "ppo/rollouts/step_1.jsonl", "ppo/rollouts/step_2.jsonl", "tabular/r1/abalone.raw.jsonl",
                 "tabular/r1/abalone.score.jsonl", "tabular/report.json"):
         if open(os.path.join(whole, rel), "rb").read() != open(os.path.join(cut, rel), "rb").read():
             differences.append(f"file {rel}")
-    for sub in ("rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):
+    for sub in ("rm_pmp", "rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):
         a, b = final_checkpoint(os.path.join(whole, sub)), final_checkpoint(os.path.join(cut, sub))
         if not same_weights(os.path.join(a, "consolidated.00.pth"), os.path.join(b, "consolidated.00.pth")):
             # with both runs' first records: a first step that already differs was computed from the same inputs
             # in both runs (no kill carries state into it), so it points at the arithmetic, not at the resume
             first = [open(os.path.join(d, sub, "metrics.jsonl")).readline().strip() for d in (whole, cut)]
             differences.append(f"weights {sub}; first records: whole {first[0]} cut {first[1]}")
-    for sub in ("rm", "dpo", "ppo"):  # curves read as if never stopped
+    for sub in ("rm_pmp", "rm", "dpo", "ppo"):  # curves read as if never stopped
         steps = [[json.loads(line)["step"] for line in open(os.path.join(d, sub, "metrics.jsonl"))] for d in (whole, cut)]
         if steps[0] != steps[1]:
             differences.append(f"curve steps {sub}: {steps}")
     assert not differences, "\n".join(differences)
-    for sub in ("rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):  # the config's dtype float32 reaches every trainer
+    for sub in ("rm_pmp", "rm", "dpo", "ppo", "tabular/sft", "tabular/dpo1"):  # float32 reaches every trainer
         with open(os.path.join(whole, sub, "metrics.jsonl")) as f:
             assert {json.loads(line)["precision"] for line in f} == {"fp32"}, sub
     markdown = open(os.path.join(whole, "report.md")).read()
@@ -187,6 +189,28 @@ def test_the_smollm2_chain_runs_end_to_end(tmp_path):
     for picture in report["plots"]:  # every picture drawn is embedded in the page
         assert os.path.isfile(os.path.join(run_dir, picture)) and f"]({picture})" in markdown
     assert {"plots/judge.png", "plots/policies.png", "plots/tabular.png"} <= set(report["plots"])
+
+
+def test_a_pmp_set_up_whose_human_check_reads_pmps_prompts_fails_before_any_stage():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        from quickstart import QuickstartConfig, Salmon, check_pmp
+    finally:
+        sys.path.remove(os.path.join(ROOT, "scripts"))
+
+    def check(**salmon):
+        check_pmp(QuickstartConfig(salmon=Salmon(**salmon)), "q.yaml")
+
+    check(pmp_pairs=64, judge_eval_pairs=40, pmp_skip_prompts=80)  # the shipped sizes
+    check(pmp_pairs=0)  # no PMP
+    check(pmp_pairs=64, rm_flags=["--human_eval_file", ""])  # no human check at all
+    with pytest.raises(ValueError, match="q.yaml: salmon.pmp_pairs needs salmon.judge_eval_pairs > 0"):
+        check(pmp_pairs=64, judge_eval_pairs=0)  # the trainer's default check reads every pair
+    with pytest.raises(ValueError, match="q.yaml: PMP would train on 20 of the 40 prompts the human check reads"):
+        check(pmp_pairs=64, judge_eval_pairs=40, pmp_skip_prompts=20)
+    with pytest.raises(ValueError, match="PMP would train on"):  # a later flag wins: the check is back on
+        check(pmp_pairs=64, judge_eval_pairs=40, pmp_skip_prompts=20, rm_flags=["--human_eval_file", ""],
+              pmp_flags=["--human_eval_file", "x.jsonl"])
 
 
 def test_tabular_verdict_compares_the_generators_with_naive_at_their_own_size():

@@ -180,7 +180,10 @@ def test_bad_training_input_fails_with_one_line(stories_dir, tmp_path):
     assert "Traceback" not in result.stderr
     first_human_pair = pmp_pairs(os.path.join(ROOT, "data/oasst1/oasst1_en_validation_messages.jsonl"), 0, 1)
     result = train(first_human_pair + [good], "--human_eval_against", "worst", "--human_eval_max_pairs", "1")
-    assert result.returncode == 2 and "pairs.json: trains on 1 prompts of the human check" in result.stderr
+    assert result.returncode == 2 and "pairs.json: holds 1 prompts of the human check" in result.stderr
+    by_text = [{k: v for k, v in first_human_pair[0].items() if k != "id"}, good]  # another id scheme
+    result = train(by_text, "--human_eval_against", "worst", "--human_eval_max_pairs", "1")
+    assert result.returncode == 2 and "pairs.json: holds 1 prompts of the human check" in result.stderr
 
 
 def test_score_cli_equals_the_model_on_the_built_prompt(world1, stories_dir, tokenizer, tmp_path):
