@@ -336,7 +336,8 @@ def stage_policy_eval(run: Runner, d: dict, cfg: dict) -> dict:
         "--policy", "dpo=" + os.path.join(d["run"], "dpo"), "--policy", "ppo=" + os.path.join(d["run"], "ppo"),
         "--reward_ckpt", os.path.join(d["run"], "rm"), "--output_file", out, "--num_prompts", str(s.eval_prompts),
         "--judge_dtype", d["dtype"], *d["precision"], "--overwrite", *s.eval_flags,
-        *(["--exclude_prompts", os.path.join(d["step1"], "pmp_pairs.json")] if s.pmp_pairs else [])),
+        "--exclude_prompts", os.path.join(ROOT, "data/oasst1/oasst1_prompts.json"),  # step 1's and PPO's prompts
+        *([os.path.join(d["step1"], "pmp_pairs.json")] if s.pmp_pairs else [])),  # and PMP's
         {"NPROC_PER_NODE": "1"}, [out, os.path.splitext(out)[0] + ".samples.jsonl"])
     with open(out) as f:
         report = json.load(f)

@@ -25,7 +25,9 @@ steps) holds: step, train_loss, train_accuracy (the last training step's);
 The heldout_* keys are absent when no pair is held out, the human_* keys when --human_eval_file is empty.
 
 Preference-model pre-training (the reference's two stages): train on a general pair file first, then run again with
---ckpt_dir pointing at that run's checkpoint (its head.pth is loaded) and the synthetic pairs as --train_file.
+--ckpt_dir pointing at that run's checkpoint (its head.pth is loaded) and the synthetic pairs as --train_file. Human
+pairs as training pairs must come from other prompts than the human check reads (step2_reward_model.human_pairs
+--skip_prompts): a training file holding any of them, by id or by instruction, is refused.
 """
 
 import argparse

@@ -75,8 +75,10 @@ class EvaluateOptions(cli.Layout):
     output_file: Optional[str] = None
     messages_file: str = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
     prompts_file: Optional[str] = field(default=None, metadata={"help": "prompt records instead of messages_file"})
-    exclude_prompts: Optional[str] = field(default=None, metadata={
-        "help": "records (e.g. a reward model's training pairs) whose prompts, by id or instruction, are left out"})
+    exclude_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "files of records (prompts, training pairs) whose prompts, by id or instruction, are left out: what "
+                "trained the policies and the reward model (two OASST1 validation first turns repeat prompts of "
+                "data/oasst1/oasst1_prompts.json, step 1's and PPO's default prompts, word for word)"})
     num_prompts: PositiveInt = 64
     max_prompt_len: PositiveInt = field(default=192, metadata={"help": "longer queries are left out"})
     max_gen_len: PositiveInt = 128
@@ -120,13 +122,13 @@ def heldout_prompts(opts) -> tuple[list[dict], str]:
         if not prompts:
             raise ValueError(f"{opts.messages_file}: no first-turn prompts")
         source = f"{opts.messages_file} (first user turns)"
-    if opts.exclude_prompts:  # held out from what trained the models too (the quickstart: the reward model's PMP pairs)
-        trained = load_prompts(opts.exclude_prompts)
-        ids, texts = {p["id"] for p in trained}, {p["instruction"] for p in trained}
-        prompts = [p for p in prompts if p["id"] not in ids and p["instruction"] not in texts]
+    for path in opts.exclude_prompts:  # held out from what trained the models too (PPO's prompts, PMP's pairs)
+        trained = load_prompts(path)
+        ids, texts = {p["id"] for p in trained}, {p["instruction"].strip() for p in trained}
+        prompts = [p for p in prompts if p["id"] not in ids and p["instruction"].strip() not in texts]
         if not prompts:
-            raise ValueError(f"{opts.exclude_prompts}: leaves out every prompt of {source}")
-        source += f" without the prompts of {opts.exclude_prompts}"
+            raise ValueError(f"{path}: leaves out every prompt of {source}")
+        source += f" without the prompts of {path}"
     return prompts, source
 
 

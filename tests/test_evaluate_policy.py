@@ -2,11 +2,12 @@
 
 import json
 import math
+import os
 import statistics
 
 import torch
 
-from conftest import TOK512, run_cli
+from conftest import ROOT, TOK512, run_cli
 from llama_mp import distributed, lora
 from llama_mp.checkpoint import load_model, load_state, save_checkpoint, split_state
 from llama_mp.tokenizer import Tokenizer
@@ -163,11 +164,20 @@ def test_held_out_prompts_leave_out_the_prompts_a_model_trained_on(tmp_path):
 
     every = [pid for pid, _ in first_turn_prompts(MESSAGES)]
     assert [p["id"] for p in heldout_prompts(EvaluateOptions())[0]] == every
+    # step 1's and PPO's prompts: two validation first turns repeat one of them word for word
+    train_file = os.path.join(ROOT, "data/oasst1/oasst1_prompts.json")
+    train = {p["instruction"].strip() for p in json.load(open(train_file))}
+    repeated = [pid for pid, text in first_turn_prompts(MESSAGES) if text.strip() in train]
+    assert len(repeated) == 2
+    kept = heldout_prompts(EvaluateOptions(exclude_prompts=[train_file]))[0]
+    assert [p["id"] for p in kept] == [pid for pid in every if pid not in repeated]
     trained = pmp_pairs(MESSAGES, 2, 3)  # after the first 2 prompts, the next 3 with a ranked pair (message ids)
     by_id, by_text = tmp_path / "by_id.json", tmp_path / "by_text.json"
     by_id.write_text(json.dumps(trained))
     by_text.write_text(json.dumps([{"instruction": r["instruction"]} for r in trained]))  # another id scheme
     for path in (by_id, by_text):
-        prompts, source = heldout_prompts(EvaluateOptions(exclude_prompts=str(path)))
+        prompts, source = heldout_prompts(EvaluateOptions(exclude_prompts=[str(path)]))
         assert [p["id"] for p in prompts] == [pid for pid in every if pid not in {r["id"] for r in trained}]
         assert len(prompts) == len(every) - 3 and str(path) in source
+    prompts, _ = heldout_prompts(EvaluateOptions(exclude_prompts=[train_file, str(by_id)]))
+    assert len(prompts) == len(every) - 5
