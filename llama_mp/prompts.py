@@ -32,3 +32,14 @@ def load_prompts(path: str) -> list[dict]:
     if not prompts:
         raise ValueError(f"{path}: no prompt records")
     return prompts
+
+
+def prompt_keys(records) -> set:
+    """What names the records' prompts across files whose ids follow different schemes (OASST1 message ids, prompt_id
+    hashes): each one's id and its instruction text (shares_prompt matches either)."""
+    return {("id", r["id"]) for r in records if r.get("id")} | {("text", r["instruction"].strip()) for r in records}
+
+
+def shares_prompt(record: dict, keys: set) -> bool:
+    """Whether the record's prompt is among prompt_keys' prompts, by id or by instruction."""
+    return ("id", record.get("id")) in keys or ("text", record["instruction"].strip()) in keys

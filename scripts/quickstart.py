@@ -107,9 +107,10 @@ def check_pmp(cfg, config_file: str) -> None:
     if not s.judge_eval_pairs:  # the trainer's default human check reads every OASST1 pair, PMP's among them
         raise ValueError(f"{config_file}: salmon.pmp_pairs needs salmon.judge_eval_pairs > 0 (the reward model's "
                          f"human check then reads those pairs only) or --human_eval_file \"\" in salmon.rm_flags")
+    from llama_mp.prompts import prompt_keys, shares_prompt
     from step2_reward_model.human_pairs import MESSAGES, oasst_human_pairs, pmp_pairs
-    checked = {p["id"] for p in oasst_human_pairs(MESSAGES, [], "worst")[:s.judge_eval_pairs]}
-    shared = checked & {p["id"] for p in pmp_pairs(MESSAGES, s.pmp_skip_prompts, s.pmp_pairs)}
+    trained = prompt_keys(pmp_pairs(MESSAGES, s.pmp_skip_prompts, s.pmp_pairs))  # the trainer's own rule
+    shared = [p for p in oasst_human_pairs(MESSAGES, [], "worst")[:s.judge_eval_pairs] if shares_prompt(p, trained)]
     if shared:
         raise ValueError(f"{config_file}: PMP would train on {len(shared)} of the {s.judge_eval_pairs} prompts the "
                          f"human check reads; raise salmon.pmp_skip_prompts ({s.pmp_skip_prompts}) or lower "

@@ -30,10 +30,9 @@ from llama_mp.config import parse_config, require
 from llama_mp.jsonl import read_jsonl, write_json_atomic
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, half_credit, judge_chunk
 from llama_mp.jsonl import read_text
-from step1_synthetic_preference.common import DATA
-from step2_reward_model.human_pairs import oasst_human_pairs
+from step2_reward_model.human_pairs import MESSAGES, oasst_human_pairs
 
-DEFAULT_PAIRS = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
+DEFAULT_PAIRS = MESSAGES
 
 
 @dataclass

@@ -29,11 +29,9 @@ MESSAGES = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
 AGAINST = ("all", "worst")
 
 
-def oasst_human_pairs(messages_file: str, principles: list[str], against: str = "all") -> list[dict]:
-    """For each first-turn prompt, its best-ranked answer against each lower-ranked sibling (`all`) or against the
-    lowest-ranked one only (`worst`). In the file's order of prompts."""
-    if against not in AGAINST:
-        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
+def read_messages(messages_file: str) -> tuple[dict[str, str], dict[str, list[tuple[int, str]]]]:
+    """(first user turns: message id -> text, in the file's order; ranked answers: parent id -> [(rank, text)]), deleted
+    messages left out. A malformed message is an error naming its line."""
     prompts, answers = {}, {}
     for line, m in iter_jsonl(messages_file):
         if m.get("deleted"):
@@ -45,8 +43,16 @@ def oasst_human_pairs(messages_file: str, principles: list[str], against: str = 
             raise ValueError(f"{messages_file}:{line}: \"rank\" must be an integer or null, got {rank!r}")
         if m.get("role") == "prompter" and m.get("parent_id") is None:
             prompts[m["message_id"]] = m["text"]
-        elif m.get("role") == "assistant" and m.get("rank") is not None:
-            answers.setdefault(m["parent_id"], []).append((m["rank"], m["text"]))
+        elif m.get("role") == "assistant" and rank is not None:
+            answers.setdefault(m["parent_id"], []).append((rank, m["text"]))
+    return prompts, answers
+
+
+def human_pairs(prompts: dict[str, str], answers: dict, principles: list[str], against: str = "all") -> list[dict]:
+    """For each first-turn prompt (read_messages), its best-ranked answer against each lower-ranked sibling (`all`) or
+    against the lowest-ranked one only (`worst`). In the file's order of prompts."""
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {AGAINST}, got {against!r}")
     pairs = []
     for pid, text in prompts.items():
         ranked = sorted(answers.get(pid, []))
@@ -56,24 +62,23 @@ def oasst_human_pairs(messages_file: str, principles: list[str], against: str = 
     return pairs
 
 
+def oasst_human_pairs(messages_file: str, principles: list[str], against: str = "all") -> list[dict]:
+    """human_pairs of the file."""
+    return human_pairs(*read_messages(messages_file), principles, against)
+
+
 def first_turn_prompts(messages_file: str) -> list[tuple[str, str]]:
     """(message id, text) of every first user turn (a prompter message without parent), in the file's order."""
-    prompts = []
-    for line, m in iter_jsonl(messages_file):
-        if m.get("deleted") or m.get("role") != "prompter" or m.get("parent_id") is not None:
-            continue
-        if not isinstance(m.get("message_id"), str) or not isinstance(m.get("text"), str):
-            raise ValueError(f"{messages_file}:{line}: an OASST1 message needs \"message_id\" and \"text\" strings")
-        prompts.append((m["message_id"], m["text"]))
-    return prompts
+    return list(read_messages(messages_file)[0].items())
 
 
 def pmp_pairs(messages_file: str, skip_prompts: int, max_pairs: int, seed: int = 0) -> list[dict]:
     """Best-vs-worst pairs of the first-turn prompts after the file's first `skip_prompts` (whatever their answers),
     at most `max_pairs` (0: all), as reward-model training records; output_1 is the human's better answer or its worse
     one by a seeded coin per pair, so that a position carries no label."""
-    skipped = {pid for pid, _ in first_turn_prompts(messages_file)[:skip_prompts]}
-    pairs = [p for p in oasst_human_pairs(messages_file, [], "worst") if p["id"] not in skipped]
+    prompts, answers = read_messages(messages_file)
+    skipped = set(list(prompts)[:skip_prompts])
+    pairs = [p for p in human_pairs(prompts, answers, [], "worst") if p["id"] not in skipped]
     rng = random.Random(seed)
     records = []
     for p in pairs[:max_pairs] if max_pairs > 0 else pairs:

@@ -42,11 +42,12 @@ import torch
 from llama_mp import cli, distributed
 from llama_mp.chat import load_principles
 from llama_mp.jsonl import read_records, write_json_atomic
+from llama_mp.prompts import prompt_keys, shares_prompt
 from llama_mp.tokenizer import load_tokenizer
 from llama_mp.config import require
 from llama_mp.train import (Trainer, add_lora, backbone_dtype, compute_context, parse_task_args,
                             resolve_precision)
-from step2_reward_model.human_pairs import oasst_human_pairs
+from step2_reward_model.human_pairs import MESSAGES, oasst_human_pairs
 from step2_reward_model.instructability import flip_rate
 from step2_reward_model.reward_model import (DATA, DEFAULT_RM_PROMPT, PromptBuilder, load_reward_model, pad_batch,
                                              pairwise_loss)
@@ -59,7 +60,7 @@ class RewardModelOptions:
     train_file: str = ""
     principle_file: str = os.path.join(DATA, "salmon/principle_collection_rm.json")
     prompt_template: str = DEFAULT_RM_PROMPT
-    human_eval_file: str = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
+    human_eval_file: str = MESSAGES
     human_eval_against: str = "all"  # all: best vs every lower-ranked answer (355 pairs); worst: vs the worst (186)
     human_eval_max_pairs: int = 0  # > 0: the first N pairs (with `worst`: the pairs step 1's judge agreement reads)
     eval_fraction: float = 0.1
@@ -210,8 +211,8 @@ def main() -> None:
     # human pairs as training pairs (PMP) must come from other prompts than the human check's: by message id (what
     # step2_reward_model.human_pairs writes) or by instruction. (Only this run's file: a run started from a PMP
     # checkpoint should pass the same bounded human check, as the quickstart does.)
-    ids, texts = {e["id"] for e in examples}, {e["instruction"] for e in examples}
-    shared = [h for h in human if h["id"] in ids or h["instruction"] in texts]
+    trained = prompt_keys(examples)
+    shared = [h for h in human if shares_prompt(h, trained)]
     if shared:
         raise ValueError(f"{opts.train_file}: holds {len(shared)} prompts of the human check "
                          f"({opts.human_eval_file}); take the training pairs from other prompts (human_pairs "

@@ -55,11 +55,11 @@ from llama_mp.jsonl import read_text, write_json_atomic, write_jsonl_atomic
 from llama_mp.judge import DEFAULT_JUDGE_PRINCIPLES, DEFAULT_JUDGE_PROMPT, answer_token_ids, half_credit, judge_chunk
 from llama_mp.lora import load_model
 from llama_mp.progress import Progress
-from llama_mp.prompts import load_prompts, prompt_id
+from llama_mp.prompts import load_prompts, prompt_id, prompt_keys, shares_prompt
 from llama_mp.sampler import Sampler, derive_seed
 from llama_mp.tokenizer import load_tokenizer
 from llama_mp.train import compute_context, resolve_precision
-from step2_reward_model.human_pairs import first_turn_prompts
+from step2_reward_model.human_pairs import MESSAGES, first_turn_prompts
 from step2_reward_model.reward_model import PromptBuilder, RewardModel, RewardScorer, load_head
 from step3_rl.train_ppo import weighted_sample
 
@@ -73,7 +73,7 @@ class EvaluateOptions(cli.Layout):
         "help": "a reward model checkpoint or its training output dir"})
     tokenizer_path: Optional[str] = field(default=None, metadata={"help": "default: the one initial_ckpt carries"})
     output_file: Optional[str] = None
-    messages_file: str = os.path.join(DATA, "oasst1/oasst1_en_validation_messages.jsonl")
+    messages_file: str = MESSAGES
     prompts_file: Optional[str] = field(default=None, metadata={"help": "prompt records instead of messages_file"})
     exclude_prompts: list[str] = field(default_factory=list, metadata={
         "help": "files of records (prompts, training pairs) whose prompts, by id or instruction, are left out: what "
@@ -123,9 +123,8 @@ def heldout_prompts(opts) -> tuple[list[dict], str]:
             raise ValueError(f"{opts.messages_file}: no first-turn prompts")
         source = f"{opts.messages_file} (first user turns)"
     for path in opts.exclude_prompts:  # held out from what trained the models too (PPO's prompts, PMP's pairs)
-        trained = load_prompts(path)
-        ids, texts = {p["id"] for p in trained}, {p["instruction"].strip() for p in trained}
-        prompts = [p for p in prompts if p["id"] not in ids and p["instruction"].strip() not in texts]
+        trained = prompt_keys(load_prompts(path))
+        prompts = [p for p in prompts if not shares_prompt(p, trained)]
         if not prompts:
             raise ValueError(f"{path}: leaves out every prompt of {source}")
         source += f" without the prompts of {path}"
