@@ -1,6 +1,7 @@
 """The main job at a tiny size: killed (SIGKILL, whole process group) at several points and rerun, it ends with the same
 outputs as an uninterrupted run; and its report holds every stage."""
 
+import bisect
 import json
 import os
 import signal
@@ -16,24 +17,35 @@ from conftest import ROOT
 CONFIG = os.path.join(ROOT, "tests/data/quickstart_tiny.yaml")
 
 
-def quickstart(run_dir, kill_after=None, stop_at_rename=None, counter=None):
-    """Run the quickstart; SIGKILL its whole process group after kill_after seconds, or right after the run's
-    atomic rename number stop_at_rename (counted in `counter` across runs; the renaming process stops itself there).
-    True if it was killed; a killed run leaves no process behind."""
+def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=None, delay=0.0, stamps=None):
+    """Run the quickstart. With `counter`, the run's atomic renames are counted in that file across runs. Kill its whole
+    process group (SIGKILL) right after rename number stop_at_rename (the renaming process stops itself there), or
+    `delay` seconds after the count reaches kill_after_rename (mid-command: a kill placed by the run's progress, not
+    by the clock from its start, lands wherever the machine's speed changes between runs). stamps: a list that gets
+    the seconds from the start at which each rename was seen. True if it was killed; a killed run leaves no process
+    behind."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     if counter:
         env["LLAMA_MP_RENAME_COUNTER"] = counter
     if stop_at_rename:
         env["LLAMA_MP_STOP_AT_RENAME"] = str(stop_at_rename)
     with open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".out"), "a") as out:
+        start = time.perf_counter()
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config", CONFIG,
                                     "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        deadline = time.time() + (kill_after or 900)
+        reached = None  # when the count reached kill_after_rename
         while process.poll() is None:
-            if time.time() > deadline or (stop_at_rename and renames(counter) >= stop_at_rename):
+            now, count = time.perf_counter(), renames(counter)
+            if stamps is not None:
+                stamps.extend([now - start] * (count - len(stamps)))
+            if reached is None and kill_after_rename and count >= kill_after_rename:
+                reached = now
+            hung = now - start > 900
+            if hung or (stop_at_rename and count >= stop_at_rename) or (reached is not None and now - reached >= delay):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+                assert not hung, f"the run took over 900 s: {open(out.name).read()[-3000:]}"
                 assert no_process_uses(run_dir)
                 return True
             time.sleep(0.02)
@@ -42,7 +54,7 @@ def quickstart(run_dir, kill_after=None, stop_at_rename=None, counter=None):
 
 
 def renames(counter):
-    return os.path.getsize(counter) if os.path.exists(counter) else 0
+    return os.path.getsize(counter) if counter and os.path.exists(counter) else 0
 
 
 def no_process_uses(run_dir, wait=10.0):
@@ -81,24 +93,24 @@ def final_checkpoint(directory):
 
 def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    start = time.perf_counter()
-    quickstart(whole, counter=str(tmp_path / "whole.renames"))
-    full_seconds = time.perf_counter() - start
-    total_renames = renames(str(tmp_path / "whole.renames"))
-    # 10 kills spread over the whole run, each rerun itself killed again: 5 right after an atomic rename of a final
-    # file or record (a fraction of the uninterrupted run's renames; the count goes on across reruns, which redo
-    # some), 5 after a tenth of the run's time from the rerun's start (mid-command: sampling, training)
-    # (time kills only while much of the run is left, so that each lands before the run ends)
-    at_renames = [max(1, int(total_renames * f)) for f in (0.1, 0.3, 0.5, 0.7, 0.85)]
-    plan = [("rename", at_renames[0]), ("time", 0.1), ("rename", at_renames[1]), ("time", 0.1), ("time", 0.1),
-            ("rename", at_renames[2]), ("time", 0.1), ("time", 0.1), ("rename", at_renames[3]),
-            ("rename", at_renames[4])]
+    stamps = []  # the uninterrupted run's renames, seconds from its start
+    quickstart(whole, counter=str(tmp_path / "whole.renames"), stamps=stamps)
+    # 10 kills spread over the whole run, each rerun itself killed again, at the points 8%, 16%, .. 80% of the
+    # uninterrupted run's time, placed by its progress there (the renames it had made and the seconds since its last
+    # one), not by the clock from a rerun's start, which misses where the machine's speed changes between runs:
+    # alternately right after that last rename (an atomic rename of a final file or record) and mid-command
+    # (sampling, training) those seconds after it. The count goes on across reruns, which redo some renames: a kill
+    # whose rename the count has passed waits for the next one.
     kills, counter = 0, str(tmp_path / "cut.renames")
-    for kind, value in plan:
-        if kind == "time":
-            kills += quickstart(cut, kill_after=max(3.0, value * full_seconds), counter=counter)
-        else:  # the next rename at or after the planned one (reruns redo some, so the count may be past it)
-            kills += quickstart(cut, stop_at_rename=max(value, renames(counter) + 1), counter=counter)
+    for i in range(1, 11):
+        done = bisect.bisect_right(stamps, 0.08 * i * stamps[-1])
+        # (at most 3% of the run: after a long wait a faster rerun would be far past that point)
+        since = min(0.08 * i * stamps[-1] - (stamps[done - 1] if done else 0.0), 0.03 * stamps[-1])
+        after = max(done, renames(counter) + 1)
+        if i % 2:
+            kills += quickstart(cut, counter=counter, stop_at_rename=after)
+        else:
+            kills += quickstart(cut, counter=counter, kill_after_rename=after, delay=since)
     quickstart(cut)
     assert kills >= 10  # it really was interrupted, all over the run
     report = {name: json.load(open(os.path.join(d, "report.json"))) for name, d in (("whole", whole), ("cut", cut))}
