@@ -71,6 +71,8 @@ class LoRA(nn.Module):
         self.A = nn.Parameter(a)
         self.B = nn.Parameter(torch.zeros(out_features, a.shape[0], device=a.device))
         self.scale, self.dropout, self.enabled = scale, dropout, True
+        # model-parallel size 1: fairscale's region mappings are identities, whose autograd wrappers cost ~13 us a call
+        self.single = fs_init.get_model_parallel_world_size() == 1
 
 
 class ColumnLoRA(LoRA):
@@ -81,7 +83,8 @@ class ColumnLoRA(LoRA):
         x = _adapter_input(self, x)
         if self.training and self.dropout > 0:
             x = _dropout(x, self.dropout, x.shape[-1], slice(None))
-        return copy_to_model_parallel_region(F.linear(x, self.A))
+        z = F.linear(x, self.A)
+        return z if self.single else copy_to_model_parallel_region(z)
 
 
 class RowLoRA(LoRA):
@@ -93,7 +96,8 @@ class RowLoRA(LoRA):
             width, rank = x.shape[-1], fs_init.get_model_parallel_rank()
             x = _dropout(x, self.dropout, width * fs_init.get_model_parallel_world_size(),
                          slice(rank * width, (rank + 1) * width))
-        return reduce_from_model_parallel_region(F.linear(x, self.A))  # sum over the ranks' input slices: A x
+        z = F.linear(x, self.A)
+        return z if self.single else reduce_from_model_parallel_region(z)  # sum over the ranks' input slices: A x
 
 
 def _add_adapter(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
@@ -107,6 +111,62 @@ def _add_adapter(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> Optio
     if z.dtype != output.dtype:  # a bfloat16 base outside autocast: the adapter's product in its own dtype
         return output + (F.linear(z, lora.B) * lora.scale).to(output.dtype)
     return torch.addmm(output.flatten(0, -2), z.flatten(0, -2), lora.B.t(), alpha=lora.scale).view(output.shape)
+
+
+class StackedAdapters:
+    """The adapters of column-parallel layers that read one input and whose weights Transformer.fuse_projections stacks
+    (wq|wk|wv, w1|w3), added at sampling to the fused matmul's output [.., sum of the layers' outputs] in two matmuls:
+    z = [A_1; A_2; ..] x, then output + scale * blockdiag(B_1, B_2, ..) z, where the layers' hooks ran two small
+    matmuls each (and the base three or two): PPO's rollouts and the evaluation sample from adapted policies. The
+    stacked matrices are built again when an adapter changes (an optimizer step between rollouts: a parameter's
+    _version) or is switched off (adapters_off). (apply_lora gives every adapter one scale.) Under dropout in training
+    mode, each adapter runs as its hook does, its mask drawn in the same order."""
+
+    def __init__(self, layers: list):
+        self.layers = layers  # in the order their weights are stacked
+        self.held: Optional[tuple] = None  # (key, A stacked [sum r, in], blockdiag B [sum out, sum r], scale)
+
+    def __call__(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        adapters = [getattr(layer, "lora", None) for layer in self.layers]
+        on = [a for a in adapters if a is not None and a.enabled]
+        if not on:
+            return output
+        if any(a.training and a.dropout > 0 for a in on):
+            return self._one_by_one(output, x, adapters)
+        x = _adapter_input(on[0], x)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        a_stacked, b_blocks, scale = self._stacked(adapters, dtype)
+        z = F.linear(x, a_stacked)
+        z = z if on[0].single else copy_to_model_parallel_region(z)
+        if z.dtype != output.dtype:  # a bfloat16 base outside autocast: the adapters' product in their own dtype
+            return output + (F.linear(z, b_blocks) * scale).to(output.dtype)
+        return torch.addmm(output.flatten(0, -2), z.flatten(0, -2), b_blocks.t(), alpha=scale).view(output.shape)
+
+    def _stacked(self, adapters: list, dtype: torch.dtype) -> tuple:
+        """A stacked and B's blocks in the dtype the matmuls run in (autocast's: held, where autocast would cast the
+        float32 adapters at every call, the same numbers)."""
+        key = (dtype, *(None if a is None else (a.enabled, *((t.data_ptr(), t._version) for t in (a.A, a.B)))
+                        for a in adapters))
+        if self.held is None or self.held[0] != key:
+            on = [a for a in adapters if a is not None and a.enabled]
+            a_stacked = torch.cat([a.A.detach() for a in on])
+            b_blocks = torch.zeros(sum(layer.weight.shape[0] for layer in self.layers), len(a_stacked),
+                                   dtype=on[0].B.dtype, device=on[0].B.device)
+            row = col = 0
+            for layer, a in zip(self.layers, adapters):
+                if a is not None and a.enabled:
+                    b_blocks[row:row + a.B.shape[0], col:col + a.B.shape[1]] = a.B.detach()
+                    col += a.B.shape[1]
+                row += layer.weight.shape[0]
+            self.held = (key, a_stacked.to(dtype), b_blocks.to(dtype), on[0].scale)
+        return self.held[1:]
+
+    def _one_by_one(self, output: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
+        parts = list(output.split([layer.weight.shape[0] for layer in self.layers], dim=-1))
+        for i, (layer, a) in enumerate(zip(self.layers, adapters)):
+            if a is not None and a.enabled:
+                parts[i] = _add_adapter(layer, (x,), parts[i].contiguous())
+        return torch.cat(parts, dim=-1)
 
 
 def _initial_a(name: str, rank: int, in_features: int, seed: int, device) -> torch.Tensor:
@@ -141,7 +201,6 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets: st
     mp = fs_init.get_model_parallel_world_size()
     mp_rank = fs_init.get_model_parallel_rank()
     for block in model.layers:
-        block.attention.wqkv = block.feed_forward.w13 = None  # fused projections would bypass the adapters
         for parent in (block.attention, block.feed_forward):
             for leaf in names:
                 layer = getattr(parent, leaf, None)
@@ -158,6 +217,11 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets: st
                     layer.lora = RowLoRA(full[:, mp_rank * in_features:(mp_rank + 1) * in_features].contiguous(),
                                          out_features, alpha / rank, dropout)
                 layer.register_forward_hook(_add_adapter)
+        attention, ffn = block.attention, block.feed_forward  # at sampling, with the fused projections
+        if any(hasattr(layer, "lora") for layer in (attention.wq, attention.wk, attention.wv)):
+            attention.qkv_adapters = StackedAdapters([attention.wq, attention.wk, attention.wv])
+        if any(hasattr(layer, "lora") for layer in (ffn.w1, ffn.w3)):
+            ffn.w13_adapters = StackedAdapters([ffn.w1, ffn.w3])
     model.lora_config = {"base": os.path.abspath(base_dir) if base_dir else "", "base_params": architecture(model.args),
                          "rank": rank, "alpha": alpha, "dropout": dropout, "targets": ",".join(names)}
 

@@ -292,6 +292,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
                                     init_method=init_method)
         self.wqkv: Optional[torch.Tensor] = None  # wq|wk|wv in one buffer, see Transformer.fuse_projections
+        self.qkv_adapters: Optional[Callable] = None  # their LoRA adapters at sampling (lora.StackedAdapters)
 
     def forward(self, x, freqs_cis, start_pos, cache: Optional[KVCache], layer: int, mask,
                 lengths: Optional[torch.Tensor] = None):
@@ -300,7 +301,10 @@ class Attention(nn.Module):
         positions each row attends to, for the decode-step kernel."""
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None and cache is not None and not torch.is_grad_enabled():  # sampling: one matmul
-            qkv = linear(x, self.wqkv).view(bsz, seqlen, -1, self.head_dim)  # heads: q's, then k's, then v's
+            qkv = linear(x, self.wqkv)
+            if self.qkv_adapters is not None:
+                qkv = self.qkv_adapters(qkv, x)
+            qkv = qkv.view(bsz, seqlen, -1, self.head_dim)  # heads: q's, then k's, then v's
             # q and k rotated in one call (elementwise: the same numbers as two calls, in half the small ops)
             qk = apply_rope(qkv[:, :, :self.n_local_heads + self.n_local_kv_heads], freqs_cis)
             q, k = qk.split([self.n_local_heads, self.n_local_kv_heads], dim=2)
@@ -414,10 +418,14 @@ class FeedForward(nn.Module):
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=init_method)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=init_method)
         self.w13: Optional[torch.Tensor] = None  # w1|w3 in one buffer, see Transformer.fuse_projections
+        self.w13_adapters: Optional[Callable] = None  # their LoRA adapters at sampling (lora.StackedAdapters)
 
     def forward(self, x, fused: bool = False):
         if fused and self.w13 is not None and not torch.is_grad_enabled():
-            return self.w2(swiglu(*linear(x, self.w13).chunk(2, dim=-1)))
+            gate_up = linear(x, self.w13)
+            if self.w13_adapters is not None:
+                gate_up = self.w13_adapters(gate_up, x)
+            return self.w2(swiglu(*gate_up.chunk(2, dim=-1)))
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
@@ -439,11 +447,13 @@ class TransformerBlock(nn.Module):
     def decode_weights(self, cache: KVCache, q8: Optional[decode_kernels.Q8Copies] = None) -> Optional[tuple]:
         """This block's tensors for llama_mp/decode_kernels.py's decode_layers (a batch-1 decode step in one call: the
         same ops and roundings as forward's, without its ~40 small torch ops), or None where that does not apply: the
-        projections not fused (Transformer.fuse_projections: not sampling, or adapters on q/k/v or w1/w3), tensor
-        parallelism, or hooks on wo or w2 (LoRA adapters). q8: the matrices' Q8_0 copies in their places."""
+        projections not fused (Transformer.fuse_projections: not sampling), tensor parallelism, or LoRA adapters (on
+        the fused projections, or hooks on wo or w2). q8: the matrices' Q8_0 copies in their places."""
         attention, ffn = self.attention, self.feed_forward
         wqkv, w13, wo, w2 = attention.wqkv, ffn.w13, attention.wo, ffn.w2
         if wqkv is None or w13 is None or not (wo.single and w2.single) or wo._forward_hooks or w2._forward_hooks:
+            return None
+        if attention.qkv_adapters is not None or ffn.w13_adapters is not None:
             return None
         matrices = (wqkv, wo.weight, w13, w2.weight)
         if q8 is not None:
@@ -502,10 +512,9 @@ class Transformer(nn.Module):
         tensors and would break the link)."""
         for layer in self.layers:
             attention, ffn = layer.attention, layer.feed_forward
-            if not any(hasattr(m, "lora") for m in (attention.wq, attention.wk, attention.wv)):  # adapters: keep
-                attention.wqkv = _share_storage([attention.wq, attention.wk, attention.wv])  # the layers' own calls
-            if not any(hasattr(m, "lora") for m in (ffn.w1, ffn.w3)):
-                ffn.w13 = _share_storage([ffn.w1, ffn.w3])
+            # (LoRA adapters of these layers join the fused matmuls at sampling: lora.StackedAdapters)
+            attention.wqkv = _share_storage([attention.wq, attention.wk, attention.wv])  # the layers' own calls
+            ffn.w13 = _share_storage([ffn.w1, ffn.w3])
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0, cache: Optional[KVCache] = None,
                 return_hidden: bool = False, last_only: bool = False) -> torch.Tensor:

@@ -129,6 +129,8 @@ def precisions() -> list[str]:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+LORA_RANK, LORA_ALPHA = 16, 16.0  # the LoRA benchmarks' adapters: every projection, ours and PEFT's
+HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = ours, all 7
 
 
 def autocast(precision: str):

@@ -2,6 +2,7 @@
 
   python scripts/bench_sampler.py [--ckpt_dir D --tokenizer_path T] [--batch_sizes 1 16 64] [--new_tokens 256]
   .venv-bench/bin/python scripts/bench_sampler.py --model smollm2 [--llama_cpp] [--quick]
+  .venv-bench/bin/python scripts/bench_sampler.py --model smollm2 --lora [--batch_sizes 1 8]
 
 Every figure: sampling at T 0.7, top-p 1 (smollm2: --top_p), top-k off, EOS ignored so that every row makes exactly --new_tokens tokens;
 best of --repeats after a warm-up, the contenders alternating within each repeat. --quick: a smoke test (batch 1 and 2,
@@ -35,6 +36,10 @@ by `python -m llama_mp.convert to_hf`; a chat-template prompt) prints one JSON o
       embedded GGUF (Q4_1: quantized weights, not the same numbers), else null with "llama_cpp_skipped"
   decode_kernels: the instruction set of the C decode kernels per dtype (llama_mp/decode_kernels.py; None: torch's
       kernels, with decode_kernels_unavailable saying why; LLAMA_MP_KERNELS=0 compares without them)
+  --lora: instead of the above, sampling from a LoRA policy (PPO's rollouts, the held-out evaluation) per precision:
+      lora: {decode_tok_s: {batch size: {"ours", "ours_no_adapters" (the same base without them), "peft" (PEFT's
+      LoRA on the HF model)}}, adapters_cost: ours' time with adapters over without, less 1, peft_ratio: ours / peft}
+      (rank 16 on all seven projections, B random; no target in the issue)
   targets: ours / hf >= 2 at batch 64 and at batch 1 in every precision, and the batch-1 step within 2x of the
       weight-read time; with llama.cpp, batch-1 decode at least llama.cpp's (ours with the weights, and with q8_0);
       "reason" names each one missed and its measured cause (where our step's time goes)
@@ -50,13 +55,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llama_mp import decode_kernels, distributed  # noqa: E402
+from llama_mp import decode_kernels, distributed, lora  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.model import KVCache, linear  # noqa: E402
 from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
-from bench_common import (DTYPES, MODELS, SMOLLM2_NAME, CallTimer, alternate, default_checkpoint, emit,  # noqa: E402
-                          export_hf, hf_from_export, hf_model, memory_bandwidth_gbps, missing_peers, precisions,
+from bench_common import (DTYPES, HF_LORA_TARGETS, LORA_ALPHA, LORA_RANK, MODELS, SMOLLM2_NAME,  # noqa: E402
+                          CallTimer, alternate, autocast, default_checkpoint, emit, export_hf, hf_from_export, hf_model,
+                          memory_bandwidth_gbps, missing_peers, precisions,
                           release_memory, smollm2_checkpoint, target, with_reason)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,6 +270,55 @@ def bench_precision(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids
     return out
 
 
+def bench_lora(precision: str, ckpt_dir: str, hf_dir, tokenizer, prompt_ids, opts) -> dict:
+    """Sampling from a LoRA policy, as PPO's rollouts and the held-out evaluation do: rank-16 adapters on all seven
+    projections (float32, B drawn at std 0.01 so that they change the samples), the base in the precision's dtype under
+    its autocast; beside the same model without adapters and PEFT's LoRA of the same rank and targets on the HF model
+    (its adapters unmerged, float32; its base in the same dtype, under the same autocast), alternating."""
+    n = opts.new_tokens
+    dtype = DTYPES[precision]
+    models = {name: load_model(ckpt_dir, max_seq_len=len(prompt_ids) + n + 8, dtype=dtype)
+              for name in ("ours", "ours_no_adapters")}
+    lora.apply_lora(models["ours"], LORA_RANK, LORA_ALPHA)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in models["ours"].modules():
+            if isinstance(module, lora.LoRA):
+                module.B.copy_(0.01 * torch.randn(module.B.shape, generator=generator))
+    samplers = {name: Sampler(model, tokenizer, max_batch_size=max(opts.batch_sizes), progress_every=1e9)
+                for name, model in models.items()}
+    peft = None
+    if hf_dir and not missing_peers("peft"):
+        from peft import LoraConfig, get_peft_model
+        peft = get_peft_model(hf_from_export(hf_dir, dtype), LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=HF_LORA_TARGETS,
+            init_lora_weights=False)).eval()  # (B random as well)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    out = {"rank": LORA_RANK, "targets": "all 7 projections", "decode_tok_s": {}, "adapters_cost": {},
+           "peft_ratio": {}, "peft_skipped": None if peft is not None else (missing_peers("peft") or "no HF export")}
+    for batch in opts.batch_sizes:
+        ids = torch.tensor([prompt_ids] * batch)
+
+        def ours(name):
+            with autocast(precision):
+                samplers[name].generate([prompt_ids] * batch, n, temperature=TEMPERATURE, top_p=opts.top_p, seed=0,
+                                        stop_at_eos=False)
+
+        def peft_generate():
+            with autocast(precision):
+                hf_generate(peft, ids, n, pad_id, opts.top_p)
+
+        contenders = {name: (lambda name=name: ours(name)) for name in samplers}
+        if peft is not None:
+            contenders["peft"] = peft_generate
+        best = alternate(contenders, opts.repeats)
+        out["decode_tok_s"][str(batch)] = {name: round(batch * n / seconds, 1) for name, seconds in best.items()}
+        out["adapters_cost"][str(batch)] = round(best["ours"] / best["ours_no_adapters"] - 1, 3)
+        if peft is not None:
+            out["peft_ratio"][str(batch)] = round(best["peft"] / best["ours"], 2)
+    return out
+
+
 def with_q8_0(model, copies, run):
     """run() with the model's batch-1 decode steps reading `copies` (Q8_0; None: the weights), then the weights
     again; -> what run returned. (The copies are kept from run to run: made once, not timed again.)"""
@@ -344,6 +399,12 @@ def bench_smollm2(opts) -> dict:
               "decode_kernels": decode_kernels.kernels(), "decode_kernels_unavailable": decode_kernels.unavailable()}
     if skipped:
         result["hf_skipped"] = skipped
+    if opts.lora:
+        for precision in precisions():
+            result["precisions"][precision] = {"lora": bench_lora(precision, ckpt_dir, hf_dir, tokenizer, prompt_ids,
+                                                                  opts)}
+            release_memory()
+        return result
     for precision in precisions():
         result["precisions"][precision] = bench_precision(precision, ckpt_dir, hf_dir, tokenizer, prompt_ids,
                                                           prefill_ids, opts, bandwidth)
@@ -397,9 +458,12 @@ def main() -> None:
     parser.add_argument("--top_p", type=float, default=1.0, help="smollm2: nucleus sampling for every contender")
     parser.add_argument("--no_hf", action="store_true")
     parser.add_argument("--llama_cpp", action="store_true", help="smollm2: also llama.cpp on the GGUF (if installed)")
+    parser.add_argument("--lora", action="store_true", help="smollm2: sampling from a LoRA policy instead (see above)")
     parser.add_argument("--quick", action="store_true", help="smoke test: batch 1 and 2, 8 tokens, one repeat")
     opts = parser.parse_args()
     smollm2 = opts.model == "smollm2"
+    if opts.lora and not smollm2:
+        parser.error("--lora needs --model smollm2")
     if opts.quick:
         opts.batch_sizes, opts.new_tokens, opts.repeats, opts.prefill_tokens = [1, 2], 8, 1, 32
     opts.new_tokens = opts.new_tokens or (128 if smollm2 else 256)

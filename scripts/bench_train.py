@@ -50,15 +50,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (MODELS, SMOLLM2_NAME, StepPhases, default_checkpoint, emit, export_hf,  # noqa: E402
-                          hf_model, matmul_peak_gflops, memory_short, missing_peers, peak_rss_mb, precisions, r,
+from bench_common import (HF_LORA_TARGETS, LORA_ALPHA, LORA_RANK, MODELS, SMOLLM2_NAME, StepPhases,  # noqa: E402
+                          default_checkpoint, emit, export_hf, hf_model, matmul_peak_gflops, memory_short, missing_peers, peak_rss_mb, precisions, r,
                           release_memory, reset_peak_rss, rss_mb, scratch_dir, smollm2_checkpoint, target, with_reason)
 from llama_mp import distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.train import TrainConfig, Trainer  # noqa: E402
-
-LORA_RANK, LORA_ALPHA = 16, 16.0
-HF_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = ours, all 7
 
 
 def matmul_gflops(threads: int) -> float:
