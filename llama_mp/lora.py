@@ -158,8 +158,10 @@ class StackedAdapters:
                     b_blocks[row:row + a.B.shape[0], col:col + a.B.shape[1]] = a.B.detach()
                     col += a.B.shape[1]
                 row += layer.weight.shape[0]
-            self.held = (key, a_stacked.to(dtype), b_blocks.to(dtype), on[0].scale)
-        return self.held[1:]
+            # (the adapters' tensors held too: their storage cannot be freed and its address handed to new values)
+            self.held = (key, a_stacked.to(dtype), b_blocks.to(dtype), on[0].scale,
+                         [t.detach() for a in on for t in (a.A, a.B)])
+        return self.held[1:4]
 
     def _one_by_one(self, output: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
         parts = list(output.split([layer.weight.shape[0] for layer in self.layers], dim=-1))

@@ -49,6 +49,8 @@ def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=Non
                 assert no_process_uses(run_dir)
                 return True
             time.sleep(0.02)
+    if stamps is not None:  # renames in the last poll interval
+        stamps.extend([time.perf_counter() - start] * (renames(counter) - len(stamps)))
     assert process.returncode == 0, open(out.name).read()[-3000:]
     return False
 
@@ -100,13 +102,14 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     # one), not by the clock from a rerun's start, which misses where the machine's speed changes between runs:
     # alternately right after that last rename (an atomic rename of a final file or record) and mid-command
     # (sampling, training) those seconds after it. The count goes on across reruns, which redo some renames: a kill
-    # whose rename the count has passed waits for the next one.
+    # whose rename the count has passed comes right after the next one.
     kills, counter = 0, str(tmp_path / "cut.renames")
     for i in range(1, 11):
         done = bisect.bisect_right(stamps, 0.08 * i * stamps[-1])
         # (at most 3% of the run: after a long wait a faster rerun would be far past that point)
         since = min(0.08 * i * stamps[-1] - (stamps[done - 1] if done else 0.0), 0.03 * stamps[-1])
         after = max(done, renames(counter) + 1)
+        since = since if after == done else 0.0  # (a later rename than planned: right after it, wherever it is)
         if i % 2:
             kills += quickstart(cut, counter=counter, stop_at_rename=after)
         else:
