@@ -1,5 +1,6 @@
 """LoRA: fresh adapters leave the model unchanged, TP=2 equals TP=1, merged weights equal the adapter model, only the
-adapters train, adapter checkpoints resume bit-exactly in bf16, and PPO's reference is the base with adapters off."""
+adapters train, adapter checkpoints resume bit-exactly in bf16, PPO's reference is the base with adapters off, and
+sampling, which stacks the adapters into the fused projections, computes what the layers' hooks compute."""
 
 import json
 import os
