@@ -11,7 +11,9 @@ unchanged and starts from the same point at any model-parallel size. Dropout mas
 from torch's generator (the same on every rank of a group) and cut the same way, so TP = N computes what TP = 1 does.
 
 An adapter is attached to its layer as `layer.lora` with a forward hook that adds its output: the base keeps its
-Meta-layout keys (`layers.0.attention.wq.weight`), the adapters add `layers.0.attention.wq.lora.A` / `.lora.B`.
+Meta-layout keys (`layers.0.attention.wq.weight`), the adapters add `layers.0.attention.wq.lora.A` / `.lora.B`. At
+sampling, where the model runs wq|wk|wv and w1|w3 as one matmul each (Transformer.fuse_projections), those layers'
+adapters join the fused matmul instead (StackedAdapters, set on the block's attention and feed-forward).
 
 The adapter checkpoint (what a LoRA run's checkpoint-N/ holds instead of consolidated.NN.pth):
   adapter_config.json   {"base": the base checkpoint directory, "base_params": its params, "rank", "alpha",
@@ -124,7 +126,7 @@ class StackedAdapters:
 
     def __init__(self, layers: list):
         self.layers = layers  # in the order their weights are stacked
-        self.held: Optional[tuple] = None  # (key, A stacked [sum r, in], blockdiag B [sum out, sum r], scale)
+        self.held: Optional[tuple] = None  # (key, A stacked [sum r, in], blockdiag B [sum out, sum r], their sources)
 
     def __call__(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         adapters = [getattr(layer, "lora", None) for layer in self.layers]
@@ -135,20 +137,20 @@ class StackedAdapters:
             return self._one_by_one(output, x, adapters)
         x = _adapter_input(on[0], x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        a_stacked, b_blocks, scale = self._stacked(adapters, dtype)
+        a_stacked, b_blocks = self._stacked(adapters, on, dtype)
+        scale = on[0].scale
         z = F.linear(x, a_stacked)
         z = z if on[0].single else copy_to_model_parallel_region(z)
         if z.dtype != output.dtype:  # a bfloat16 base outside autocast: the adapters' product in their own dtype
             return output + (F.linear(z, b_blocks) * scale).to(output.dtype)
         return torch.addmm(output.flatten(0, -2), z.flatten(0, -2), b_blocks.t(), alpha=scale).view(output.shape)
 
-    def _stacked(self, adapters: list, dtype: torch.dtype) -> tuple:
+    def _stacked(self, adapters: list, on: list, dtype: torch.dtype) -> tuple:
         """A stacked and B's blocks in the dtype the matmuls run in (autocast's: held, where autocast would cast the
         float32 adapters at every call, the same numbers)."""
         key = (dtype, *(None if a is None else (a.enabled, *((t.data_ptr(), t._version) for t in (a.A, a.B)))
                         for a in adapters))
         if self.held is None or self.held[0] != key:
-            on = [a for a in adapters if a is not None and a.enabled]
             a_stacked = torch.cat([a.A.detach() for a in on])
             b_blocks = torch.zeros(sum(layer.weight.shape[0] for layer in self.layers), len(a_stacked),
                                    dtype=on[0].B.dtype, device=on[0].B.device)
@@ -159,9 +161,8 @@ class StackedAdapters:
                     col += a.B.shape[1]
                 row += layer.weight.shape[0]
             # (the adapters' tensors held too: their storage cannot be freed and its address handed to new values)
-            self.held = (key, a_stacked.to(dtype), b_blocks.to(dtype), on[0].scale,
-                         [t.detach() for a in on for t in (a.A, a.B)])
-        return self.held[1:4]
+            self.held = (key, a_stacked.to(dtype), b_blocks.to(dtype), [t.detach() for a in on for t in (a.A, a.B)])
+        return self.held[1:3]
 
     def _one_by_one(self, output: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
         parts = list(output.split([layer.weight.shape[0] for layer in self.layers], dim=-1))
