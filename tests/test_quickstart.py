@@ -24,7 +24,7 @@ def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=Non
     by the clock from its start, lands wherever the machine's speed changes between runs). stamps: a list that gets
     the seconds from the start at which each rename was seen. True if it was killed; a killed run leaves no process
     behind."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT}
     if counter:
         env["LLAMA_MP_RENAME_COUNTER"] = counter
     if stop_at_rename:
@@ -33,7 +33,7 @@ def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=Non
         start = time.perf_counter()
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config", CONFIG,
                                     "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=on_core(CORES[0]))
         reached = None  # when the count reached kill_after_rename
         while process.poll() is None:
             now, count = time.perf_counter(), renames(counter)
@@ -53,6 +53,16 @@ def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=Non
         stamps.extend([time.perf_counter() - start] * (renames(counter) - len(stamps)))
     assert process.returncode == 0, open(out.name).read()[-3000:]
     return False
+
+
+# The kill test's runs on the first core, the SmolLM2 chain beside them on the last one: the quickstart gives each
+# command the cores it may use (one thread a process here), so the two never run more threads than there are cores,
+# and every run of the kill test computes with the same thread count.
+CORES = sorted(os.sched_getaffinity(0))
+
+
+def on_core(core):
+    return lambda: os.sched_setaffinity(0, {core})
 
 
 def renames(counter):
@@ -91,6 +101,29 @@ def same_weights(a, b):
 def final_checkpoint(directory):
     with open(os.path.join(directory, "latest")) as f:
         return os.path.join(directory, f.read().strip())
+
+
+SMOLLM2_TINY = os.path.join(ROOT, "tests/data/quickstart_smollm2_tiny.yaml")
+SMOLLM2_TEST = "test_the_smollm2_chain_runs_end_to_end"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smollm2_chain(request, tmp_path_factory):
+    """The SmolLM2 chain, started in the background on its own core before this module's first test when its test
+    is selected: (process, run_dir, its output file). It runs beside the kill test instead of after it."""
+    if not any(getattr(item, "originalname", item.name) == SMOLLM2_TEST for item in request.session.items):
+        yield None
+        return
+    run_dir = str(tmp_path_factory.mktemp("smollm2") / "smol")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    with open(run_dir + ".out", "w") as out:
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config",
+                                    SMOLLM2_TINY, "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=on_core(CORES[-1]))
+    yield process, run_dir, out.name
+    if process.poll() is None:  # its test failed early or was not reached
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
@@ -170,17 +203,15 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     assert set(generators) == {"real", "naive", "sft", "dpo1", f"real@{few}", f"naive@{few}"}
 
 
-SMOLLM2_TINY = os.path.join(ROOT, "tests/data/quickstart_smollm2_tiny.yaml")
-
-
-def test_the_smollm2_chain_runs_end_to_end(tmp_path):
+def test_the_smollm2_chain_runs_end_to_end(smollm2_chain):
     """The real model through the same stages at a tiny budget (so the real path cannot rot): ChatML responses, the
     judge's agreement with human pairs, judging in the template, a LoRA reward model, DPO and PPO, the tabular round."""
-    run_dir = str(tmp_path / "smol")
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config", SMOLLM2_TINY,
-                             "--run_dir", run_dir], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    process, run_dir, out = smollm2_chain
+    try:
+        process.wait(timeout=1500)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the SmolLM2 chain took over 1500 s: {open(out).read()[-3000:]}")
+    assert process.returncode == 0, open(out).read()[-6000:]
     report = json.load(open(os.path.join(run_dir, "report.json")))
     assert [s["status"] for s in report["stages"].values()] == ["done"] * 8
     responses = [json.loads(line) for line in open(os.path.join(run_dir, "step1", "oasst1_response0.jsonl"))]
