@@ -11,6 +11,7 @@
 # Environment: NPROC_PER_NODE (default: the GPU count, else 1), MASTER_PORT (default: 29500 + job id % 1000),
 # PYTHON_BIN (default: $VENV/bin/python, VENV defaulting to the project's .venv, else python3),
 # OMP_NUM_THREADS (default: cores / processes).
+# torchrun runs as llama_mp.torchrun: the same launcher, reporting a failed worker in one line, not a traceback.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: bash scripts/launch.sh MODULE [ARGS...]   e.g. bash scripts/launch.sh llama_mp.generate --help" >&2
@@ -42,10 +43,10 @@ if [ -n "${SLURM_PROCID:-}" ] && [ -n "${SLURM_STEP_NUM_TASKS:-}" ]; then
     exec "$PYTHON_BIN" -m "$MODULE" "$@"
   fi
   # one task per node here, so the task's rank is the node's rank within this step
-  exec "$PYTHON_BIN" -m torch.distributed.run --nnodes "$nodes" --node_rank "$SLURM_PROCID" \
+  exec "$PYTHON_BIN" -m llama_mp.torchrun --nnodes "$nodes" --node_rank "$SLURM_PROCID" \
     --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m "$MODULE" "$@"
 fi
 if [ "$NPROC_PER_NODE" = 1 ]; then  # one process: no launcher to start (torchrun's own start-up is ~2.4 s on CPU)
   exec "$PYTHON_BIN" -m "$MODULE" "$@"
 fi
-exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nproc_per_node "$NPROC_PER_NODE" -m "$MODULE" "$@"
+exec "$PYTHON_BIN" -m llama_mp.torchrun --standalone --nproc_per_node "$NPROC_PER_NODE" -m "$MODULE" "$@"

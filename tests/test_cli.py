@@ -3,10 +3,12 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import STORIES_BIN, STORIES_REFERENCE, TOK512, run_cli, run_clis
+from conftest import ROOT, STORIES_BIN, STORIES_REFERENCE, TOK512, run_cli, run_clis
 
 
 def assert_one_line_error(result, *fragments):
@@ -112,3 +114,31 @@ def test_convert_under_torchrun_writes_once(tmp_path):
                      "llama2c", "--input", STORIES_BIN, "--output_dir", out, "--model_parallel_size", "2")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+
+
+def test_launcher_reports_a_worker_of_bad_input_in_its_own_lines(converted, tmp_path):
+    """scripts/launch.sh with two processes (torchrun): the workers' `error:` lines are the whole report (torchrun's
+    own answer to a failed worker is a traceback and log lines)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n")
+    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PYTHON_BIN": sys.executable}
+    env.pop("LLAMA_MP_DEBUG", None)
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/launch.sh"), "llama_mp.generate", "--ckpt_dir",
+                             converted, "--tokenizer_path", TOK512, "--prompts_file", str(prompts), "--output_file",
+                             str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error") and str(prompts) in line for line in lines), result.stderr
+
+
+@pytest.mark.parametrize("script, code, lines", [
+    ("exit 2", 2, []),  # bad input: the workers said it
+    ("[ $RANK = 1 ] && exit 2; sleep 30", 2, []),  # (rank 0 then ended by torchrun's SIGTERM: a consequence)
+    ("exit $(( RANK == 1 ? 3 : 0 ))", 3, ["error: bash: rank 1 ended with exit code 3"]),
+    ("[ $RANK = 1 ] && kill -9 $BASHPID; sleep 30", 137, ["error: bash: rank 1 ended with signal 9 (SIGKILL)"]),
+])
+def test_launcher_reports_any_other_worker_failure_in_one_line_a_rank(script, code, lines):
+    result = run_cli("-m", "llama_mp.torchrun", "--standalone", "--nproc_per_node", "2", "--no_python", "bash", "-c",
+                     script, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.splitlines() == lines, result.stderr
