@@ -3,38 +3,53 @@
   python -m llama_mp.torchrun TORCHRUN_ARGS... -m MODULE ARGS...      (the arguments of `torchrun`)
 
 A worker that meets bad input prints one `error:` line naming the file and exits 2 (llama_mp.cli.run). torchrun
-answers any worker's non-zero exit with its own error log lines and a ChildFailedError traceback, so the one line
-would drown. Here the launcher's process-failure log is off; the failed ranks that torchrun did not end itself (its
-SIGTERM to the others once one fails) are the causes; causes that all exited 2 add nothing to the workers' own lines,
-any others get one line per rank (an exit code, or the signal that ended it); the launcher exits with the first
-cause's code (128 + the signal number for a signal, as a shell reports it).
+answers any worker's non-zero exit with its own log lines and a ChildFailedError traceback, so the one line would
+drown. Here:
+- torchrun's two routine lines about a failure ("failed (exitcode ...", "Sending process ... closing signal") are
+  dropped; its other log lines (a worker that will not stop, ...) stay;
+- a rank that exited 2 met bad input and said so: the launcher adds nothing and exits 2, whatever the other ranks did
+  (they end by torchrun's SIGTERM, its SIGKILL after a grace period, or an error of their own once a peer left);
+- otherwise the causes are the failed ranks torchrun did not end itself (its SIGTERM, or SIGKILL when another rank has
+  a cause of its own), one line each (an exit code, or the signal that ended it), and the launcher exits with the
+  lowest such rank's code (128 + the signal number for a signal, as a shell reports it).
 """
 
 import logging
 import signal
+import socket
 import sys
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-# after the import above, which creates the logger (with the level of LOGLEVEL, default WARNING)
-PROCESS_LOG = "torch.distributed.elastic.multiprocessing.api"
+ROUTINE = ("failed (exitcode", "Sending process")  # torchrun's lines about a failure this module reports itself
+
+
+def not_routine(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ROUTINE)
+
+
+def causes(failures: dict) -> list:
+    """(rank, failure) of the ranks that failed of themselves, lowest rank first."""
+    failed = sorted(failures.items())
+    own = [(rank, f) for rank, f in failed if f.exitcode not in (-signal.SIGTERM, -signal.SIGKILL)]
+    killed = [(rank, f) for rank, f in failed if f.exitcode == -signal.SIGKILL]
+    return own or killed or failed
 
 
 def main(argv: list[str]) -> int:
-    logging.getLogger(PROCESS_LOG).setLevel(logging.CRITICAL)  # "failed (exitcode: 2) ...", "Sending process ..."
+    # (the import above created this logger)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(not_routine)
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as err:
-        failures = sorted(err.failures.items())
-        # torchrun ends the other workers with SIGTERM once one fails: those are not causes
-        causes = [(rank, f) for rank, f in failures if f.exitcode != -signal.SIGTERM] or failures
-        if any(failure.exitcode != 2 for _, failure in causes):
-            for rank, failure in causes:
-                how = (f"signal {-failure.exitcode} ({failure.signal_name()})" if failure.exitcode < 0
-                       else f"exit code {failure.exitcode}")
-                print(f"error: {err.name}: rank {rank} ended with {how}", file=sys.stderr)
-        code = causes[0][1].exitcode
+        if any(f.exitcode == 2 for f in err.failures.values()):
+            return 2
+        found = causes(err.failures)
+        for rank, f in found:
+            how = f"signal {-f.exitcode} ({f.signal_name()})" if f.exitcode < 0 else f"exit code {f.exitcode}"
+            print(f"error: {err.name}: rank {rank} on {socket.gethostname()} ended with {how}", file=sys.stderr)
+        code = found[0][1].exitcode
         return 128 - code if code < 0 else code
     return 0
 

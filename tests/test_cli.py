@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -121,8 +122,8 @@ def test_launcher_reports_a_worker_of_bad_input_in_its_own_lines(converted, tmp_
     own answer to a failed worker is a traceback and log lines)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n")
-    env = {**os.environ, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1", "PYTHON_BIN": sys.executable}
-    env.pop("LLAMA_MP_DEBUG", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "LLAMA_MP_DEBUG"}
+    env.update(NPROC_PER_NODE="2", OMP_NUM_THREADS="1", PYTHON_BIN=sys.executable)  # one node, torchrun
     result = subprocess.run(["bash", os.path.join(ROOT, "scripts/launch.sh"), "llama_mp.generate", "--ckpt_dir",
                              converted, "--tokenizer_path", TOK512, "--prompts_file", str(prompts), "--output_file",
                              str(tmp_path / "out.jsonl")], env=env, capture_output=True, text=True, timeout=120)
@@ -134,11 +135,12 @@ def test_launcher_reports_a_worker_of_bad_input_in_its_own_lines(converted, tmp_
 @pytest.mark.parametrize("script, code, lines", [
     ("exit 2", 2, []),  # bad input: the workers said it
     ("[ $RANK = 1 ] && exit 2; sleep 30", 2, []),  # (rank 0 then ended by torchrun's SIGTERM: a consequence)
-    ("exit $(( RANK == 1 ? 3 : 0 ))", 3, ["error: bash: rank 1 ended with exit code 3"]),
-    ("[ $RANK = 1 ] && kill -9 $BASHPID; sleep 30", 137, ["error: bash: rank 1 ended with signal 9 (SIGKILL)"]),
+    ("[ $RANK = 1 ] && exit 2; sleep 0.5; exit 1", 2, []),  # (rank 0 failing after its peer left: a consequence)
+    ("exit $(( RANK == 1 ? 3 : 0 ))", 3, ["error: bash: rank 1 on HOST ended with exit code 3"]),
+    ("[ $RANK = 1 ] && kill -9 $BASHPID; sleep 30", 137, ["error: bash: rank 1 on HOST ended with signal 9 (SIGKILL)"]),
 ])
 def test_launcher_reports_any_other_worker_failure_in_one_line_a_rank(script, code, lines):
     result = run_cli("-m", "llama_mp.torchrun", "--standalone", "--nproc_per_node", "2", "--no_python", "bash", "-c",
                      script, timeout=60)
     assert result.returncode == code, result.stderr
-    assert result.stderr.splitlines() == lines, result.stderr
+    assert result.stderr.splitlines() == [line.replace("HOST", socket.gethostname()) for line in lines], result.stderr

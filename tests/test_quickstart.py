@@ -2,6 +2,7 @@
 outputs as an uninterrupted run; and its report holds every stage."""
 
 import bisect
+import contextlib
 import json
 import os
 import signal
@@ -31,9 +32,10 @@ def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=Non
         env["LLAMA_MP_STOP_AT_RENAME"] = str(stop_at_rename)
     with open(os.path.join(os.path.dirname(run_dir), os.path.basename(run_dir) + ".out"), "a") as out:
         start = time.perf_counter()
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config", CONFIG,
-                                    "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=on_core(CORES[0]))
+        with on_core(CORES[0]):
+            process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config",
+                                        CONFIG, "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         reached = None  # when the count reached kill_after_rename
         while process.poll() is None:
             now, count = time.perf_counter(), renames(counter)
@@ -61,8 +63,16 @@ def quickstart(run_dir, counter=None, stop_at_rename=None, kill_after_rename=Non
 CORES = sorted(os.sched_getaffinity(0))
 
 
+@contextlib.contextmanager
 def on_core(core):
-    return lambda: os.sched_setaffinity(0, {core})
+    """Processes started inside run on `core` alone: a child inherits the CPU affinity of the thread that starts it
+    (no code between fork and exec, where this process's other threads may hold locks)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def renames(counter):
@@ -107,23 +117,33 @@ SMOLLM2_TINY = os.path.join(ROOT, "tests/data/quickstart_smollm2_tiny.yaml")
 SMOLLM2_TEST = "test_the_smollm2_chain_runs_end_to_end"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def smollm2_chain(request, tmp_path_factory):
-    """The SmolLM2 chain, started in the background on its own core before this module's first test when its test
-    is selected: (process, run_dir, its output file). It runs beside the kill test instead of after it."""
-    if not any(getattr(item, "originalname", item.name) == SMOLLM2_TEST for item in request.session.items):
-        yield None
-        return
+def start_smollm2_chain(tmp_path_factory):
+    """The SmolLM2 chain's quickstart, started on the last core: (process, run_dir, its output file)."""
     run_dir = str(tmp_path_factory.mktemp("smollm2") / "smol")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    with open(run_dir + ".out", "w") as out:
+    with on_core(CORES[-1]), open(run_dir + ".out", "w") as out:
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts/quickstart.py"), "--config",
-                                    SMOLLM2_TINY, "--run_dir", run_dir], cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=on_core(CORES[-1]))
-    yield process, run_dir, out.name
-    if process.poll() is None:  # its test failed early or was not reached
+                                    SMOLLM2_TINY, "--run_dir", run_dir], cwd=ROOT,
+                                   env={**os.environ, "PYTHONPATH": ROOT}, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return process, run_dir, out.name
+
+
+def end(process):
+    if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smollm2_chain(request, tmp_path_factory):
+    """The SmolLM2 chain, started in the background before this module's first test when its test is selected, so
+    that it runs beside the kill test instead of after it. Under pytest-xdist (where every worker sees every test) its
+    test starts it itself."""
+    selected = any(getattr(item, "originalname", item.name) == SMOLLM2_TEST for item in request.session.items)
+    chain = start_smollm2_chain(tmp_path_factory) if selected and "PYTEST_XDIST_WORKER" not in os.environ else None
+    yield chain
+    if chain:  # its test failed early or was not reached
+        end(chain[0])
 
 
 def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
@@ -203,14 +223,16 @@ def test_killed_quickstart_ends_like_an_uninterrupted_one(tmp_path):
     assert set(generators) == {"real", "naive", "sft", "dpo1", f"real@{few}", f"naive@{few}"}
 
 
-def test_the_smollm2_chain_runs_end_to_end(smollm2_chain):
+def test_the_smollm2_chain_runs_end_to_end(smollm2_chain, tmp_path_factory):
     """The real model through the same stages at a tiny budget (so the real path cannot rot): ChatML responses, the
     judge's agreement with human pairs, judging in the template, a LoRA reward model, DPO and PPO, the tabular round."""
-    process, run_dir, out = smollm2_chain
+    process, run_dir, out = smollm2_chain or start_smollm2_chain(tmp_path_factory)
     try:
         process.wait(timeout=1500)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the SmolLM2 chain took over 1500 s: {open(out).read()[-3000:]}")
+    finally:
+        end(process)
     assert process.returncode == 0, open(out).read()[-6000:]
     report = json.load(open(os.path.join(run_dir, "report.json")))
     assert [s["status"] for s in report["stages"].values()] == ["done"] * 8
