@@ -126,18 +126,18 @@ class StackedAdapters:
 
     def __init__(self, layers: list):
         self.layers = layers  # in the order their weights are stacked
+        self.adapters = [getattr(layer, "lora", None) for layer in layers]  # (None: a layer without one)
         self.held: Optional[tuple] = None  # (key, A stacked [sum r, in], blockdiag B [sum out, sum r], their sources)
 
     def __call__(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        adapters = [getattr(layer, "lora", None) for layer in self.layers]
-        on = [a for a in adapters if a is not None and a.enabled]
+        on = [a for a in self.adapters if a is not None and a.enabled]
         if not on:
             return output
         if any(a.training and a.dropout > 0 for a in on):
-            return self._one_by_one(output, x, adapters)
+            return self._one_by_one(output, x)
         x = _adapter_input(on[0], x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        a_stacked, b_blocks = self._stacked(adapters, on, dtype)
+        a_stacked, b_blocks = self._stacked(on, dtype)
         scale = on[0].scale
         z = F.linear(x, a_stacked)
         z = z if on[0].single else copy_to_model_parallel_region(z)
@@ -145,17 +145,17 @@ class StackedAdapters:
             return output + (F.linear(z, b_blocks) * scale).to(output.dtype)
         return torch.addmm(output.flatten(0, -2), z.flatten(0, -2), b_blocks.t(), alpha=scale).view(output.shape)
 
-    def _stacked(self, adapters: list, on: list, dtype: torch.dtype) -> tuple:
+    def _stacked(self, on: list, dtype: torch.dtype) -> tuple:
         """A stacked and B's blocks in the dtype the matmuls run in (autocast's: held, where autocast would cast the
         float32 adapters at every call, the same numbers)."""
         key = (dtype, *(None if a is None else (a.enabled, *((t.data_ptr(), t._version) for t in (a.A, a.B)))
-                        for a in adapters))
+                        for a in self.adapters))
         if self.held is None or self.held[0] != key:
             a_stacked = torch.cat([a.A.detach() for a in on])
             b_blocks = torch.zeros(sum(layer.weight.shape[0] for layer in self.layers), len(a_stacked),
                                    dtype=on[0].B.dtype, device=on[0].B.device)
             row = col = 0
-            for layer, a in zip(self.layers, adapters):
+            for layer, a in zip(self.layers, self.adapters):
                 if a is not None and a.enabled:
                     b_blocks[row:row + a.B.shape[0], col:col + a.B.shape[1]] = a.B.detach()
                     col += a.B.shape[1]
@@ -164,9 +164,9 @@ class StackedAdapters:
             self.held = (key, a_stacked.to(dtype), b_blocks.to(dtype), [t.detach() for a in on for t in (a.A, a.B)])
         return self.held[1:3]
 
-    def _one_by_one(self, output: torch.Tensor, x: torch.Tensor, adapters: list) -> torch.Tensor:
+    def _one_by_one(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         parts = list(output.split([layer.weight.shape[0] for layer in self.layers], dim=-1))
-        for i, (layer, a) in enumerate(zip(self.layers, adapters)):
+        for i, (layer, a) in enumerate(zip(self.layers, self.adapters)):
             if a is not None and a.enabled:
                 parts[i] = _add_adapter(layer, (x,), parts[i].contiguous())
         return torch.cat(parts, dim=-1)

@@ -62,8 +62,8 @@ from llama_mp.sampler import Sampler, sample_next  # noqa: E402
 from llama_mp.tokenizer import Tokenizer  # noqa: E402
 from bench_common import (DTYPES, HF_LORA_TARGETS, LORA_ALPHA, LORA_RANK, MODELS, SMOLLM2_NAME,  # noqa: E402
                           CallTimer, alternate, autocast, default_checkpoint, emit, export_hf, hf_from_export, hf_model,
-                          memory_bandwidth_gbps, missing_peers, precisions,
-                          release_memory, smollm2_checkpoint, target, with_reason)
+                          memory_bandwidth_gbps, missing_peers, precisions, release_memory, smollm2_checkpoint, target,
+                          with_reason)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Once upon a time"

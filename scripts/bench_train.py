@@ -51,8 +51,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import (HF_LORA_TARGETS, LORA_ALPHA, LORA_RANK, MODELS, SMOLLM2_NAME, StepPhases,  # noqa: E402
-                          default_checkpoint, emit, export_hf, hf_model, matmul_peak_gflops, memory_short, missing_peers, peak_rss_mb, precisions, r,
-                          release_memory, reset_peak_rss, rss_mb, scratch_dir, smollm2_checkpoint, target, with_reason)
+                          default_checkpoint, emit, export_hf, hf_model, matmul_peak_gflops, memory_short,
+                          missing_peers, peak_rss_mb, precisions, r, release_memory, reset_peak_rss, rss_mb,
+                          scratch_dir, smollm2_checkpoint, target, with_reason)
 from llama_mp import distributed  # noqa: E402
 from llama_mp.checkpoint import load_model  # noqa: E402
 from llama_mp.train import TrainConfig, Trainer  # noqa: E402

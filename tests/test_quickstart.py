@@ -1,5 +1,6 @@
 """The main job at a tiny size: killed (SIGKILL, whole process group) at several points and rerun, it ends with the same
-outputs as an uninterrupted run; and its report holds every stage."""
+outputs as an uninterrupted run; and its report holds every stage. The SmolLM2 chain through every stage runs in the
+background beside the kill test (each on a core of its own)."""
 
 import bisect
 import contextlib
