@@ -51,7 +51,9 @@ class RoundsConfig:
     max_seq_len: int = 1536
     prompts_per_dataset: int = 100
     num_examples: int = 5
+    heldout_examples: Optional[PositiveInt] = None  # in-context rows of the held-out prompts (default: num_examples)
     heldout_prompts: int = 16
+    sample_batch_size: PositiveInt = 8  # rows sampled at once per process (the same rows at any size)
     sft_lr: float = 2e-3  # the cold-start SFT learning rate (scripts/r0_s1_gen_synsft.sh reads it from here)
     sft_epochs: float = 3  # TrainConfig.epochs is a float: 0.5 is half an epoch
     dpo_lr: float = 1e-4
@@ -117,7 +119,8 @@ def main() -> None:
     step("r0_s1", [os.path.join(r0, n) for n in ("sft_train.jsonl", f"{name}_prompts.jsonl", "lengths.json")],
          ["-m", "step0_coldstart.sft_generator", "--datasets", *cfg.datasets, "--heldout", cfg.heldout,
              "--output_dir", r0, "--splits_dir", splits_dir, "--prompts_per_dataset", str(cfg.prompts_per_dataset),
-             "--heldout_prompts", str(cfg.heldout_prompts), "--num_examples", str(cfg.num_examples), *common])
+             "--heldout_prompts", str(cfg.heldout_prompts), "--num_examples", str(cfg.num_examples),
+             *(["--heldout_examples", str(cfg.heldout_examples)] if cfg.heldout_examples else []), *common])
     sft_dir = os.path.join(work, "sft")
     train(rd, "sft", sft_dir, ["-m", "step0_coldstart.train_sft", *model_flags, "--ckpt_dir", cfg.ckpt_dir,
                                "--train_file", os.path.join(r0, "sft_train.jsonl"), "--output_dir", sft_dir,
@@ -141,8 +144,8 @@ def main() -> None:
         raw, syn_csv, score = (os.path.join(out, f"{name}.{kind}") for kind in ("raw.jsonl", "syn.csv", "score.jsonl"))
         step(f"r{k}_s1", [raw], ["-m", "step0_coldstart.syn_addprompt", *model_flags, "--dataset", cfg.heldout, "--ckpt_dir", ckpt, "--prompt_file",
                  os.path.join(r0, f"{name}_prompts.jsonl"), "--anchor_file", anchors, "--output_dir", out,
-                 "--splits_dir", splits_dir, "--max_batch_size", "8", "--config", cfg.syn_config, *common,
-                  "--dtype", cfg.dtype],
+                 "--splits_dir", splits_dir, "--max_batch_size", str(cfg.sample_batch_size),
+                 "--config", cfg.syn_config, *common, "--dtype", cfg.dtype],
              launch=True)
         step(f"r{k}_s2", [syn_csv], ["-m", "step0_coldstart.convert_raw_to_csv", "--dataset", cfg.heldout,
                                      "--raw_file", raw, "--output_file", syn_csv])

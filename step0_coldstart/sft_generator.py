@@ -7,8 +7,8 @@ For each of the training data sets (A, B, C), --prompts_per_dataset rows of its 
 prompt shows in-context rows of the same split: the most similar and the least similar to the answer row by cosine
 similarity (standardised numbers, one-hot categories). For the held-out data set D, prompts (without answers) are made
 the same way from D's training split only: D's test split, on which quality is measured, appears in no prompt.
-The number of in-context rows is the largest k <= --num_examples for which prompt + answer fit --max_seq_len tokens
-with the given tokenizer; token lengths are reported. Outputs:
+The number of in-context rows is the largest k <= --num_examples (for D's prompts --heldout_examples, default the same)
+for which prompt + answer fit --max_seq_len tokens with the given tokenizer; token lengths are reported. Outputs:
   <output_dir>/sft_train.jsonl      {"dataset", "prompt", "response"} for train_sft
   <output_dir>/<D>_prompts.jsonl    {"dataset", "prompt_id", "prompt", "context": the in-context rows} for round 1
   <output_dir>/lengths.json         token lengths per data set (max, mean) and k used
@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from llama_mp import cli, outputs
-from llama_mp.config import parse_config, require
+from llama_mp.config import PositiveInt, parse_config, require
 from llama_mp.jsonl import write_json_atomic, write_jsonl_atomic
 from llama_mp.tokenizer import Tokenizer, load_tokenizer
 from step0_coldstart.tabular import ANSWER_LEAD, Encoder, Schema, load_rows, load_schema, row_to_text, splits
@@ -45,7 +45,11 @@ class SftGeneratorOptions:
     splits_dir: str = "runs/tabular/splits"
     prompts_per_dataset: int = 200
     heldout_prompts: int = 50
-    num_examples: int = 5
+    num_examples: PositiveInt = 5
+    # more rows at sampling than in training: a generator SFT'd on 3 rows writes more coherent rows from 8 nearest
+    # neighbours (SmolLM2 on abalone, step0's README)
+    heldout_examples: Optional[PositiveInt] = field(default=None, metadata={
+        "help": "in-context rows of the held-out prompts (default: num_examples)"})
     max_seq_len: int = 2048
     seed: int = 0
 
@@ -124,8 +128,9 @@ def main() -> None:
         sft.extend(records)
     rows = load_rows(heldout)
     train = [rows[i] for i in splits(heldout, len(rows), opts.splits_dir)["train"]]  # never the test split
-    held_records, report[heldout.name] = dataset_prompts(heldout, train, opts.heldout_prompts, opts.num_examples,
-                                                         tokenizer, opts.max_seq_len, opts.seed, with_answers=False)
+    held_k = opts.num_examples if opts.heldout_examples is None else opts.heldout_examples
+    held_records, report[heldout.name] = dataset_prompts(heldout, train, opts.heldout_prompts, held_k, tokenizer,
+                                                         opts.max_seq_len, opts.seed, with_answers=False)
     outputs.claim([train_file, prompts_file, lengths_file], outputs.command_settings(opts), args.overwrite)
     write_jsonl_atomic(train_file, sft)
     write_jsonl_atomic(prompts_file, held_records)

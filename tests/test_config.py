@@ -288,8 +288,10 @@ def test_the_commands_config_files_load_as_written():
     assert load_config(SynConfig, None, at("configs/syn_addprompt.yaml")) == SynConfig(temperature=0.8, top_p=0.9,
                                                                                        max_value_tokens=16)
     assert load_config(SynConfig, None, at("configs/syn_addprompt_smollm2.yaml")) == SynConfig(
-        temperature=0.8, top_p=0.9, guided=True, max_value_tokens=8)
+        temperature=0.5, top_p=0.9, guided=True, max_value_tokens=8)
     assert smol.syn_config == "configs/syn_addprompt_smollm2.yaml"
+    assert (smol.num_examples, smol.heldout_examples, smol.heldout_prompts) == (3, 8, 32)
+    assert tiny.heldout_examples is None and tiny.sample_batch_size == RoundsConfig().sample_batch_size == 8
     assert load_config(SynConfig, None, at("configs/syn_addprompt_tiny.yaml")) == SynConfig(guided=True,
                                                                                             max_value_tokens=8)
     assert load_config(SynConfig, None, at("tests/data/syn_addprompt_tiny.yaml")) == SynConfig(

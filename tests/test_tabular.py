@@ -199,6 +199,36 @@ def test_cold_start_prompts_fit_and_never_show_the_test_split(loaded, tokenizer,
         dataset_prompts(schema, train, 1, 5, tokenizer, 100, 0, with_answers=False)
 
 
+def test_heldout_prompts_take_their_own_number_of_rows(tmp_path, monkeypatch):
+    """--heldout_examples sets the held-out prompts' in-context rows, --num_examples the SFT prompts' (and the held-out
+    ones' where it is not given); every held-out prompt shows exactly the rows its `context` lists."""
+    import sys
+    from step0_coldstart import sft_generator
+    from conftest import TOK512
+
+    def run(out, *extra):
+        monkeypatch.setattr(sys, "argv", [
+            "sft_generator", "--datasets", os.path.join(ROOT, "configs/tabular/buddy.yaml"), "--heldout",
+            os.path.join(ROOT, "configs/tabular/abalone.yaml"), "--tokenizer_path", TOK512, "--output_dir", str(out),
+            "--splits_dir", str(tmp_path / "splits"), "--prompts_per_dataset", "3", "--heldout_prompts", "4",
+            "--num_examples", "2", "--max_seq_len", "4096", *extra])
+        sft_generator.main()
+        with open(out / "lengths.json") as f:
+            lengths = json.load(f)
+        with open(out / "abalone_prompts.jsonl") as f:
+            held = [json.loads(line) for line in f]
+        return lengths, held
+
+    lengths, held = run(tmp_path / "six", "--heldout_examples", "6")
+    assert lengths["buddy"]["min_examples"] == lengths["buddy"]["mean_examples"] == 2
+    assert lengths["abalone"]["min_examples"] == lengths["abalone"]["mean_examples"] == 6
+    for record in held:
+        assert len(record["context"]) == 6 and record["prompt"].startswith("Here are six entries")
+        assert record["prompt"].count("\nsample ") == 6
+    lengths, held = run(tmp_path / "default")
+    assert lengths["abalone"]["mean_examples"] == 2 and all(len(r["context"]) == 2 for r in held)
+
+
 def test_preference_pairs_follow_the_reference_rules():
     from step0_coldstart.convert_score_to_prefer import preference_pairs
 
