@@ -53,7 +53,7 @@ class RoundsConfig:
     num_examples: int = 5
     heldout_examples: Optional[PositiveInt] = None  # in-context rows of the held-out prompts (default: num_examples)
     heldout_prompts: int = 16
-    sample_batch_size: PositiveInt = 8  # rows sampled at once per process (the same rows at any size)
+    sample_batch_size: PositiveInt = 8  # rows sampled at once per process (in float32 the same rows at any size)
     sft_lr: float = 2e-3  # the cold-start SFT learning rate (scripts/r0_s1_gen_synsft.sh reads it from here)
     sft_epochs: float = 3  # TrainConfig.epochs is a float: 0.5 is half an epoch
     dpo_lr: float = 1e-4

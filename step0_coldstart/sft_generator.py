@@ -46,8 +46,8 @@ class SftGeneratorOptions:
     prompts_per_dataset: int = 200
     heldout_prompts: int = 50
     num_examples: PositiveInt = 5
-    # more rows at sampling than in training: a generator SFT'd on 3 rows writes more coherent rows from 8 nearest
-    # neighbours (SmolLM2 on abalone, step0's README)
+    # more rows at sampling than in training: a generator SFT'd on prompts of 3 rows writes rows whose target follows
+    # their measurements more often from 8 (SmolLM2 on abalone, step0's README)
     heldout_examples: Optional[PositiveInt] = field(default=None, metadata={
         "help": "in-context rows of the held-out prompts (default: num_examples)"})
     max_seq_len: int = 2048
