@@ -85,7 +85,8 @@ def dataset_prompts(schema: Schema, rows: list[dict], n_prompts: int, num_exampl
     for index in picks:
         answer = ANSWER_LEAD + row_to_text(rows[int(index)], schema)
         for k in range(num_examples, 0, -1):
-            prompt = build_prompt(schema, [rows[i] for i in neighbours(matrix, int(index), k)])
+            examples = [rows[i] for i in neighbours(matrix, int(index), k)]
+            prompt = build_prompt(schema, examples)
             total = len(tokenizer.encode(prompt + answer, bos=True, eos=True))
             if total <= max_seq_len:
                 break
@@ -98,7 +99,7 @@ def dataset_prompts(schema: Schema, rows: list[dict], n_prompts: int, num_exampl
         if with_answers:
             record["response"] = answer
         else:  # round 1 scores a sample against the real rows its prompt showed (the contrast rows)
-            record["context"] = [rows[i] for i in neighbours(matrix, int(index), k)]
+            record["context"] = examples
         records.append(record)
     return records, {"max_tokens": max(lengths), "mean_tokens": round(float(np.mean(lengths)), 1),
                      "min_examples": min(used_k), "mean_examples": round(float(np.mean(used_k)), 2)}

@@ -250,6 +250,8 @@ def test_the_smollm2_chain_runs_end_to_end(smollm2_chain, tmp_path_factory):
     assert rm_base == final_checkpoint(os.path.join(run_dir, "rm_pmp"))
     assert report["stages"]["reward_model"]["figures"]["pmp"]["pairs"] == 2
     assert "abalone" in report["stages"]["tabular"]["figures"]["ml_efficiency"]
+    lengths = json.load(open(os.path.join(run_dir, "tabular", "r0", "lengths.json")))  # heldout_examples 2, SFT 1
+    assert (lengths["buddy"]["mean_examples"], lengths["abalone"]["mean_examples"]) == (1, 2)
     evaluation = report["stages"]["policy_eval"]["figures"]  # held-out prompts: the trained policies against the start
     assert evaluation["prompts"] == 2 and set(evaluation["policies"]) == {"initial", "dpo", "ppo"}
     assert evaluation["policies"]["initial"]["kl"] == 0.0 and evaluation["policies"]["initial"]["reward_gain"] == 0.0
